@@ -1,0 +1,76 @@
+"""Sampling a trained model for grids, raw samples and evaluation (shared by the loop,
+``fewstep.sample`` and ``fewstep.eval``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fewstep.data.base import cond_select, cond_to
+from fewstep.logging.grids import save_samples
+
+
+@torch.no_grad()
+def sample_in_chunks(sampler, model_fn, noise, cond, steps, null_cond=None, chunk: int = 500, autocast=None):
+    """Run ``sampler`` over ``noise`` in chunks; returns samples on the CPU in float32."""
+    outs = []
+    device = noise.device
+    for start in range(0, noise.shape[0], chunk):
+        idx = torch.arange(start, min(start + chunk, noise.shape[0]))
+        c = cond_select(cond, idx.to(device) if isinstance(cond, torch.Tensor) else idx)
+        nc = cond_select(null_cond, idx) if null_cond is not None else None
+        ctx = autocast() if autocast is not None else torch.autocast("cpu", enabled=False)
+        with ctx:
+            outs.append(sampler.sample(model_fn, noise[idx], c, steps, null_cond=nc).float().cpu())
+    return torch.cat(outs)
+
+
+def sample_methods(sampler, nfes, baseline_steps: int) -> list[tuple[str, object, int]]:
+    """The (name, sampler, steps) list evaluated at the end of a run: the run's sampler at each NFE,
+    plus the multi-step Euler baseline."""
+    from fewstep.samplers.euler import EulerSampler
+
+    methods = [(f"nfe_{n}", sampler, int(n)) for n in nfes]
+    if baseline_steps > 0:
+        methods.append((f"euler_{baseline_steps}", EulerSampler(), int(baseline_steps)))
+    return methods
+
+
+def final_outputs(
+    run_dir: Path,
+    model_fn,
+    sampler,
+    data,
+    nfes,
+    baseline_steps: int,
+    device,
+    evaluate: bool = True,
+    grid_size: int = 100,
+    autocast=None,
+    log=print,
+) -> dict:
+    """Grids (``samples/nfe_<n>.png``), raw samples (``samples/nfe_<n>.npz``) and, where the data has an
+    evaluator, metrics keyed by method name."""
+    run_dir = Path(run_dir)
+    samples_dir = run_dir / "samples"
+    evaluator = data.evaluator() if evaluate and hasattr(data, "evaluator") else None
+    grid_gen = torch.Generator().manual_seed(0)
+    grid_noise = torch.randn(grid_size, *data.shape, generator=grid_gen).to(device)
+    grid_cond = cond_to(data.grid_conds(grid_size), device)
+    if evaluator is not None:
+        eval_noise, eval_labels = data.eval_inputs()
+        eval_noise, eval_cond = eval_noise.to(device), cond_to(eval_labels, device)
+    results = {}
+    for name, smp, steps in sample_methods(sampler, nfes, baseline_steps):
+        grid = sample_in_chunks(smp, model_fn, grid_noise, grid_cond, steps, autocast=autocast)
+        save_samples(grid, samples_dir / f"{name}.png", title=f"{name} ({steps} steps)", nrow=10)
+        if evaluator is None:
+            continue
+        x = sample_in_chunks(smp, model_fn, eval_noise, eval_cond, steps, autocast=autocast).clamp(-1, 1)
+        np.savez_compressed(samples_dir / f"{name}.npz", x=x.numpy(), y=eval_labels.numpy())
+        metrics = {k: float(v) for k, v in evaluator.evaluate(x, eval_labels).items()}
+        results[name] = metrics
+        log(f"eval {name}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    return results

@@ -1,0 +1,107 @@
+"""The Objective interface and the pieces every objective shares.
+
+``Objective.loss(student, teacher, batch, step) -> (loss, logs)`` is all the
+training loop knows. ``logs`` holds floats, plus ``"times"``: the (t, tt)
+pairs the step trained on, for the trajectory record (SPEC §1, W&B scatter).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from fewstep.data.base import Batch
+
+
+def l2_distance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean squared error, (B,)."""
+    return (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+
+
+def barron_distance(pred: torch.Tensor, target: torch.Tensor, alpha: float = 1.0, c: float = 1e-3) -> torch.Tensor:
+    """Barron-reweighted L2 (SPEC §2): ``mse·sg((mse/c²)/|α−2| + 1)^((α−2)/2) / c``, (B,)."""
+    mse = l2_distance(pred, target)
+    if abs(alpha - 2.0) < 1e-8:
+        return mse / c
+    weight = ((mse.detach() / c**2) / abs(alpha - 2.0) + 1.0).pow((alpha - 2.0) / 2.0)
+    return mse * weight / c
+
+
+@dataclass
+class LossConfig:
+    type: str = "barron"  # l2 | barron
+    alpha: float = 1.0
+    c: float = 1e-3
+
+
+def make_distance(cfg) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    kind = cfg["type"] if isinstance(cfg, dict) else cfg.type
+    if kind == "l2":
+        return l2_distance
+    if kind == "barron":
+        alpha, c = (cfg["alpha"], cfg["c"]) if isinstance(cfg, dict) else (cfg.alpha, cfg.c)
+        return lambda p, t: barron_distance(p, t, alpha=alpha, c=c)
+    raise ValueError(f"objective.loss.type={kind!r} is unknown; use 'l2' or 'barron'")
+
+
+def time_weight(t: torch.Tensor, tt: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-sample weight ``tan((1 − (|t| − |tt|))·π/2.5) + 1`` ("tan") or 1 ("none")."""
+    if kind == "none":
+        return torch.ones_like(t, dtype=torch.float32)
+    if kind == "tan":
+        return torch.tan((1 - (t.abs() - tt.abs())).float() * math.pi / 2.5) + 1
+    raise ValueError(f"objective.time_weighting={kind!r} is unknown; use 'tan' or 'none'")
+
+
+def sample_time(n: int, time_dist: list[float] | tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
+    """``t ~ Beta(a, b)·c`` on ``like``'s device (drawn on the CPU generator, then moved)."""
+    a, b, c = (float(v) for v in time_dist)
+    t = torch.distributions.Beta(torch.tensor(a), torch.tensor(b)).sample((n,)).clamp_(0, 1) * c
+    return t.to(device=like.device, dtype=torch.float32)
+
+
+@dataclass
+class EvalCounter:
+    """Network evaluations of one step: forward calls and rows, with and without grad."""
+
+    calls_grad: int = 0
+    calls_nograd: int = 0
+    rows_grad: int = 0
+    rows_nograd: int = 0
+    batch: int = 0
+    by_pass: dict[str, int] = field(default_factory=dict)
+
+    def add(self, name: str, rows: int, grad: bool) -> None:
+        if grad:
+            self.calls_grad += 1
+            self.rows_grad += rows
+        else:
+            self.calls_nograd += 1
+            self.rows_nograd += rows
+        self.by_pass[name] = self.by_pass.get(name, 0) + rows
+
+    def logs(self) -> dict[str, float]:
+        b = max(self.batch, 1)
+        return {
+            "nfe/calls_grad": self.calls_grad,
+            "nfe/calls_nograd": self.calls_nograd,
+            "nfe/rows_grad": self.rows_grad,
+            "nfe/rows_nograd": self.rows_nograd,
+            # network evaluations in units of one full-batch forward
+            "nfe/per_step": (self.rows_grad + self.rows_nograd) / b,
+        }
+
+
+class Objective:
+    """Base class: subclasses implement ``loss``. ``needs_time_pair`` says whether the
+    model must take a target time and a time sign (TwinFlow/RCGM) or stays vanilla."""
+
+    needs_time_pair: bool = False
+    #: "flow" objectives need a flow-matching model (or the diff2flow bridge).
+    needs_flow_model: bool = True
+
+    def loss(self, student, teacher, batch: Batch, step: int) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError

@@ -1,0 +1,267 @@
+"""TwinFlow (self-adversarial flows) and RCGM, SPEC §2.
+
+One class serves both: ``objective=rcgm`` is TwinFlow with the adversarial
+branch off (no ``adv`` group, no rectify term). Every teacher pass runs only on
+the rows whose targets are used, and paired passes (teacher cond/uncond,
+rectify fake/real) are single batched forwards.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from fewstep.data.base import Batch, cond_cat, cond_select, cond_where
+from fewstep.objectives.base import EvalCounter, Objective, make_distance, sample_time, time_weight
+from fewstep.path import interpolate, reconstruct
+from fewstep.teachers.rng import RngState
+
+GROUPS = ("e2e", "mul", "any", "adv")
+
+
+def partition_sizes(batch_size: int, probs: Mapping[str, float]) -> dict[str, int]:
+    """Split a batch into the e2e/mul/any/adv groups in that order.
+
+    Group boundaries are the rounded cumulative shares, so sizes always add up
+    to the batch and a zero-probability group is always empty. A batch smaller
+    than the number of active groups leaves some of them empty (handled: every
+    pass below skips empty groups).
+    """
+    weights = [max(float(probs.get(k, 0.0)), 0.0) for k in GROUPS]
+    total = sum(weights)
+    if total <= 0:
+        raise ValueError("objective.probs are all zero; give at least one of e2e/mul/any/adv a positive share")
+    bounds, acc = [0], 0.0
+    for w in weights:
+        acc += w
+        bounds.append(int(math.floor(batch_size * acc / total + 0.5)))
+    bounds[-1] = batch_size
+    return {k: bounds[i + 1] - bounds[i] for i, k in enumerate(GROUPS)}
+
+
+class TwinFlow(Objective):
+    """TwinFlow / RCGM loss. Parameter names follow the seed minus ``twinflow_``."""
+
+    needs_time_pair = True
+
+    def __init__(
+        self,
+        target_step_count: int = 2,
+        estimate_order: int = 2,
+        enhanced_ratio: float = 0.5,
+        enhanced_range: tuple[float, float] = (0.0, 1.0),
+        delta_t: float = 0.01,
+        target_clamp: float = 1.0,
+        consistency_ratio: float = 1.0,
+        time_dist: tuple[float, float, float] = (1.0, 1.0, 1.0),
+        probs: Mapping[str, float] | None = None,
+        loss: Mapping | None = None,
+        time_weighting: str = "tan",
+        dist_match_coef: float = 0.5,
+        real_velocity: bool = False,
+        real_velocity_weight: float = 1.0,
+        adversarial: bool = True,
+        null_condition: str = "null",
+        cond_dropout: float = 0.0,
+        allow_diff2flow: bool = False,
+    ):
+        self.target_step_count = int(target_step_count)
+        self.estimate_order = int(estimate_order)
+        self.enhanced_ratio = float(enhanced_ratio)
+        self.enhanced_range = (float(enhanced_range[0]), float(enhanced_range[1]))
+        self.delta_t = float(delta_t)
+        self.target_clamp = float(target_clamp)
+        self.consistency_ratio = float(consistency_ratio)
+        self.time_dist = tuple(float(v) for v in time_dist)
+        probs = dict(probs or {"e2e": 1.0, "mul": 1.0, "any": 1.0, "adv": 1.0})
+        self.adversarial = bool(adversarial)
+        if not self.adversarial:
+            probs["adv"] = 0.0
+        self.probs = probs
+        self.distance = make_distance(dict(loss) if loss is not None else {"type": "barron", "alpha": 1.0, "c": 1e-3})
+        self.time_weighting = time_weighting
+        self.dist_match_coef = float(dist_match_coef)
+        self.real_velocity = bool(real_velocity)
+        self.real_velocity_weight = float(real_velocity_weight)
+        if null_condition not in ("null", "shuffled"):
+            raise ValueError(f"objective.null_condition={null_condition!r} is unknown; use 'null' or 'shuffled'")
+        self.null_condition = null_condition
+        self.cond_dropout = float(cond_dropout)
+        self.allow_diff2flow = bool(allow_diff2flow)
+        time_weight(torch.zeros(1), torch.zeros(1), time_weighting)  # validate the name early
+
+    # -- building blocks -------------------------------------------------------------------------
+
+    def _call(self, counter: EvalCounter, name: str, model, x_t, t, tt, cond, grad: bool = False) -> torch.Tensor:
+        counter.add(name, x_t.shape[0], grad)
+        return model(x_t, t, tt, cond)
+
+    def sample_inputs(self, student, batch: Batch, counter: EvalCounter) -> dict:
+        """Times, groups, (fake) data and the noised inputs of one step (all without grad)."""
+        x, cond, null = batch.x, batch.cond, batch.null_cond
+        b, device = x.shape[0], x.device
+        if self.cond_dropout > 0:
+            cond = cond_where(torch.rand(b, device=device) < self.cond_dropout, null, cond)
+        uncond = cond_select(cond, torch.randperm(b, device=device)) if self.null_condition == "shuffled" else null
+        t = sample_time(b, self.time_dist, x)
+        z = torch.randn_like(x)
+        r = self.consistency_ratio
+        tt = t - torch.rand_like(t) * r * t  # any-step target time
+        tt_mul = t - torch.rand_like(t) * t * min(0.05, r)  # near-instant (multi-step) target time
+        sizes = partition_sizes(b, self.probs)
+        masks, start = {}, 0
+        for k in GROUPS:
+            m = torch.zeros(b, dtype=torch.bool, device=device)
+            m[start : start + sizes[k]] = True
+            masks[k] = m
+            start += sizes[k]
+        t = torch.where(masks["e2e"], torch.ones_like(t), t)
+        tt = torch.where(masks["e2e"], torch.zeros_like(tt), torch.where(masks["mul"], tt_mul, tt))
+        adv = masks["adv"]
+        if sizes["adv"] > 0:
+            # Adversarial rows: the model's own one-step samples become the data, on negative time.
+            z_fake = torch.randn_like(x[adv])
+            ones = torch.ones(sizes["adv"], device=device)
+            F_fake = self._call(counter, "adv_generate", student, z_fake, ones, 0 * ones, cond_select(cond, adv))
+            x = x.clone()
+            x[adv] = reconstruct(z_fake, F_fake.float(), ones)[0].to(x.dtype)
+            t = torch.where(adv, -t, t)
+            tt = torch.where(adv, t, tt)
+        x_t = interpolate(x, z, t)
+        return dict(x=x, z=z, x_t=x_t, v=(z - x).float(), t=t, tt=tt, masks=masks, cond=cond, uncond=uncond)
+
+    @torch.no_grad()
+    def enhance_target(self, teacher_model, inp: dict, target: torch.Tensor, rng: RngState, counter: EvalCounter):
+        """``v ← v + w·(f_T(c) − f_T(∅))`` at ``(x_t, t, t)`` on non-adv rows with t in the range:
+        cond and uncond are one batched forward from the captured RNG state."""
+        t = inp["t"]
+        lo, hi = self.enhanced_range
+        rows = (~inp["masks"]["adv"]) & (t > lo) & (t < hi)
+        n = int(rows.sum())
+        if self.enhanced_ratio == 0 or n == 0:
+            return
+        x_t, tr = inp["x_t"][rows], t[rows]
+        rng.restore()
+        out = self._call(
+            counter,
+            "teacher_enhance",
+            teacher_model,
+            torch.cat([x_t, x_t]),
+            torch.cat([tr, tr]),
+            torch.cat([tr, tr]),
+            cond_cat(cond_select(inp["cond"], rows), cond_select(inp["uncond"], rows)),
+        ).float()
+        target[rows] += self.enhanced_ratio * (out[:n] - out[n:])
+
+    @torch.no_grad()
+    def rollout_integral(self, teacher_model, x_m, t_m, tt, cond, rng: RngState, counter: EvalCounter):
+        """Roll the teacher from ``t_m`` to ``tt`` in N equal sub-steps; return ``S = Σ F_i·(s_i − s_{i+1})``."""
+        n = self.estimate_order
+        x, total = x_m, torch.zeros_like(x_m, dtype=torch.float32)
+        for i in range(n):
+            s_cur = t_m + (tt - t_m) * (i / n)
+            s_next = t_m + (tt - t_m) * ((i + 1) / n)
+            rng.restore()
+            F_i = self._call(counter, "teacher_rollout", teacher_model, x, s_cur, s_next, cond).float()
+            x_hat, z_hat = reconstruct(x.float(), F_i, s_cur)
+            x = interpolate(x_hat, z_hat, s_next).to(x_m.dtype)
+            total += F_i * (s_cur - s_next).reshape(-1, *([1] * (F_i.ndim - 1)))
+        return total
+
+    @torch.no_grad()
+    def rcgm_target(self, teacher_model, F: torch.Tensor, inp: dict, v: torch.Tensor, rng, counter) -> torch.Tensor:
+        """RCGM target ``y = sg(F) − clamp(r, −κ, κ)`` (SPEC §2 steps 1–4) for every row.
+
+        Rows with ``t − δ ≤ tt`` have a zero-length rollout (``t_m = tt``), so their integral is
+        exactly 0 and the teacher is not run on them."""
+        t, tt, delta = inp["t"], inp["tt"], self.delta_t
+        F = F.detach().float()
+        integral = torch.zeros_like(F)
+        rows = (~inp["masks"]["adv"]) & (t - delta > tt)
+        if rows.any():
+            x_m = inp["x_t"][rows] - delta * v[rows].to(inp["x_t"].dtype)  # step 1
+            t_m = torch.maximum(t[rows] - delta, tt[rows])
+            integral[rows] = self.rollout_integral(
+                teacher_model, x_m, t_m, tt[rows], cond_select(inp["cond"], rows), rng, counter
+            )
+        gap = (t - tt).reshape(-1, *([1] * (F.ndim - 1)))
+        far = gap >= delta
+        safe_gap = torch.where(gap == 0, torch.ones_like(gap), gap)
+        near_integral = torch.where(gap == 0, torch.zeros_like(integral), integral / safe_gap)
+        residual = torch.where(far, (gap * F - integral) / delta - v, F - near_integral - v)  # step 3
+        return F - residual.clamp(-self.target_clamp, self.target_clamp)  # step 4
+
+    @torch.no_grad()
+    def rectify_delta(self, student, x_fake: torch.Tensor, cond, counter: EvalCounter) -> torch.Tensor:
+        """``clamp(f(x_t', −t, −t) − f(x_t', t, t), ±1)`` on the detached one-step outputs (fake and
+        real passes batched into one forward)."""
+        n = x_fake.shape[0]
+        t = sample_time(n, (1.0, 1.0, 1.0), x_fake)
+        x_t = interpolate(x_fake, torch.randn_like(x_fake), t)
+        signed = torch.cat([-t, t])
+        out = self._call(counter, "rectify", student, torch.cat([x_t, x_t]), signed, signed, cond_cat(cond, cond))
+        out = out.float()
+        return (out[:n] - out[n:]).clamp(-1.0, 1.0)
+
+    # -- the loss ----------------------------------------------------------------------------------
+
+    def loss(self, student, teacher, batch: Batch, step: int) -> tuple[torch.Tensor, dict]:
+        counter = EvalCounter(batch=len(batch))
+        with torch.no_grad():
+            inp = self.sample_inputs(student, batch, counter)
+        t, tt, masks = inp["t"], inp["tt"], inp["masks"]
+        rng = RngState.capture()
+        F = self._call(counter, "student", student, inp["x_t"], t, tt, inp["cond"], grad=True)
+        after_student = RngState.capture()
+
+        target = inp["v"].clone()
+        teacher_model = teacher.model
+        self.enhance_target(teacher_model, inp, target, rng, counter)
+        if self.estimate_order >= 1 and self.consistency_ratio != 0:
+            rcgm = self.rcgm_target(teacher_model, F, inp, target, rng, counter)
+            non_adv = ~masks["adv"]
+            target[non_adv] = rcgm[non_adv]
+        after_student.restore()  # teacher passes are RNG-neutral for what follows
+
+        weight = time_weight(t, tt, self.time_weighting).masked_fill(masks["adv"], 1.0)
+        per_sample = self.distance(F, target)
+        main = (per_sample * weight).mean()
+        logs = {"loss/main": main.detach()}
+        for k in GROUPS:
+            if masks[k].any():
+                logs[f"loss/{k}"] = per_sample[masks[k]].detach().mean()
+        total = main
+
+        e2e = masks["e2e"]
+        if self.adversarial and self.dist_match_coef != 0 and e2e.any():
+            F_e2e = F[e2e]
+            x_fake = reconstruct(inp["x_t"][e2e], F_e2e.detach(), t[e2e])[0]
+            delta = self.rectify_delta(student, x_fake, cond_select(inp["cond"], e2e), counter)
+            rectify = self.distance(F_e2e, (F_e2e.detach().float() - delta)).mean()
+            total = total + self.dist_match_coef * rectify
+            logs["loss/rectify"] = rectify.detach()
+
+        if self.real_velocity:
+            rows = ~masks["adv"]
+            if rows.any():
+                x_t, tr = inp["x_t"][rows], t[rows]
+                F_real = self._call(
+                    counter, "real_velocity", student, x_t, tr, tr, cond_select(inp["cond"], rows), True
+                )
+                real = self.distance(F_real, inp["v"][rows]).mean()
+                total = total + self.real_velocity_weight * real
+                logs["loss/real_velocity"] = real.detach()
+
+        logs.update(counter.logs())
+        logs["times"] = (t.detach(), tt.detach())
+        return total, logs
+
+
+class RCGM(TwinFlow):
+    """RCGM: TwinFlow without the adversarial branch (no ``adv`` group, no rectify term)."""
+
+    def __init__(self, **kwargs):
+        kwargs["adversarial"] = False
+        super().__init__(**kwargs)

@@ -1,0 +1,125 @@
+"""Teachers: the weights used for no-grad target passes (SPEC §1–§2).
+
+A teacher never copies the student module. It keeps a shadow of the
+student's *trainable* parameters only (so a LoRA run's EMA holds adapter and
+embedding weights, not the frozen base) and calls the student module with
+those parameters swapped in (``torch.func.functional_call``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from fewstep.teachers.rng import RngState
+
+__all__ = ["Teacher", "EMATeacher", "StudentTeacher", "FrozenTeacher", "RngState", "trainable_parameters"]
+
+
+def trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
+    return {name: p for name, p in module.named_parameters() if p.requires_grad}
+
+
+class Teacher:
+    """Interface: ``bind(student)``, ``update(student, step)``, ``model`` (a no-grad callable
+    ``f(x_t, t, tt, cond)``), ``state_dict()`` / ``load_state_dict()``."""
+
+    shadow: dict[str, torch.Tensor] | None = None
+
+    def bind(self, student: nn.Module) -> None:
+        self.student = student
+
+    def update(self, student: nn.Module, step: int) -> None:  # noqa: B027 - optional hook
+        pass
+
+    @property
+    def model(self) -> Callable[..., torch.Tensor]:
+        if self.shadow is None:
+            return self.student
+        student, shadow = self.student, self.shadow
+
+        def call(*args, **kwargs):
+            return functional_call(student, shadow, args, kwargs, strict=False)
+
+        return call
+
+    @property
+    def sampling_model(self) -> Callable[..., torch.Tensor]:
+        """The weights to sample with: the EMA where one is kept, else the student."""
+        return self.student
+
+    def state_dict(self) -> dict:
+        return {"shadow": dict(self.shadow) if self.shadow is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("shadow") is not None:
+            if self.shadow is None or set(self.shadow) != set(state["shadow"]):
+                raise ValueError(
+                    "teacher checkpoint does not match the model's trainable parameters; "
+                    "resume with the same model/LoRA config or set trainer.resume=none"
+                )
+            for k, v in state["shadow"].items():
+                self.shadow[k].copy_(v)
+
+
+class EMATeacher(Teacher):
+    """Exponential moving average of the trainable weights with the reference warm-up:
+    ``d_0 = 0``, ``d_{k+1} = d_k + (1 − d_k)(decay − d_k)/2`` (decay 0 = the student,
+    decay 1 = the frozen initial weights). Updated at most once per optimizer step."""
+
+    def __init__(self, decay: float = 0.99):
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"teacher.decay={decay} must lie in [0, 1] (0 = student, 1 = frozen initial weights)")
+        self.decay = float(decay)
+        self.current_decay = 0.0
+        self.last_step = -1
+
+    def bind(self, student: nn.Module) -> None:
+        super().bind(student)
+        # decay 0 is the student itself: no shadow, no copy.
+        self.shadow = (
+            None if self.decay == 0.0 else {k: p.detach().clone() for k, p in trainable_parameters(student).items()}
+        )
+
+    @property
+    def sampling_model(self) -> Callable[..., torch.Tensor]:
+        return self.model if 0.0 < self.decay < 1.0 else self.student
+
+    @torch.no_grad()
+    def update(self, student: nn.Module, step: int) -> None:
+        if step == self.last_step:
+            return
+        self.last_step = step
+        if self.shadow is not None and self.decay < 1.0:
+            d = self.current_decay
+            params = trainable_parameters(student)
+            ema = list(self.shadow.values())
+            cur = [params[k].detach().to(v.dtype) for k, v in self.shadow.items()]
+            torch._foreach_lerp_(ema, cur, 1.0 - d)  # ema <- d·ema + (1−d)·student
+        self.current_decay += (1.0 - self.current_decay) * (self.decay - self.current_decay) * 0.5
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "current_decay": self.current_decay, "last_step": self.last_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.current_decay = float(state["current_decay"])
+        self.last_step = int(state["last_step"])
+
+
+class FrozenTeacher(EMATeacher):
+    """The initial weights, never updated (EMA with decay 1)."""
+
+    def __init__(self):
+        super().__init__(decay=1.0)
+
+
+class StudentTeacher(Teacher):
+    """The student's own current weights (no EMA). Needs ``allow_student_teacher=true``:
+    the seed's ``twinflow_require_ema`` guard, checked in ``fewstep.validate``."""
+
+    def __init__(self, allow_student_teacher: bool = False):
+        self.allow_student_teacher = bool(allow_student_teacher)

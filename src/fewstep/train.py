@@ -1,0 +1,290 @@
+"""The one training loop (Accelerate). It knows four interfaces and nothing else:
+``Objective.loss``, ``Teacher`` (``bind``/``update``/``model``), ``Sampler.sample`` and the model
+call ``f(x_t, t, tt, cond)``. No objective-specific branches live here.
+
+EMA order: the teacher is updated once per optimizer step, before the step's first micro-batch.
+The student's weights do not change between that point and its forward pass, so this equals the
+reference order (update right after the student forward, before the teacher passes). Under
+gradient accumulation every micro-batch of a step sees the same, once-updated teacher.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from fewstep import checkpoint as ckpt_io
+from fewstep.generate import final_outputs, sample_in_chunks
+from fewstep.logging.grids import save_samples
+from fewstep.logging.writers import MetricsWriter, to_float
+from fewstep.models import build_model
+from fewstep.validate import validate
+
+log = logging.getLogger("fewstep")
+
+
+class TrainingAborted(RuntimeError):
+    pass
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def build_components(cfg: DictConfig, device=None):
+    """Data, objective, model, teacher and sampler from a composed config (validated first)."""
+    data = instantiate(cfg.data)
+    objective = instantiate(cfg.objective, _convert_="all")
+    model = build_model(cfg.model, data, objective)
+    if device is not None:
+        model.to(device)
+    teacher = instantiate(cfg.teacher)
+    teacher.bind(model)
+    sampler = instantiate(cfg.sampler, _convert_="all")
+    return data, objective, model, teacher, sampler
+
+
+def _lr_lambda(warmup: int):
+    return lambda s: 1.0 if warmup <= 0 else min(1.0, (s + 1) / warmup)
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM: finish the current step, write a checkpoint, exit."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # second Ctrl-C: give up at once
+            raise KeyboardInterrupt
+        self.signal = signum
+        log.warning("received %s: finishing this step and writing a checkpoint", signal.Signals(signum).name)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import broadcast_object_list, set_seed
+
+    cfg = validate(cfg)
+    tr = cfg.trainer
+    if tr.torch_threads > 0:
+        torch.set_num_threads(tr.torch_threads)
+    accelerator = Accelerator(mixed_precision=tr.mixed_precision, cpu=not torch.cuda.is_available())
+    main = accelerator.is_main_process
+    if run_dir is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        run_dir = HydraConfig.get().runtime.output_dir
+    run_dir = [str(Path(run_dir).resolve())]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(run_dir)  # every rank writes under rank 0's run dir
+    run_dir = Path(run_dir[0])
+    ckpt_root = run_dir / "checkpoints"
+    resume_from = ckpt_io.resolve_resume(tr.resume, run_dir)
+
+    set_seed(tr.seed)
+    data, objective, model, teacher, sampler = build_components(cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tr.lr, betas=tuple(tr.betas), weight_decay=tr.weight_decay, eps=tr.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(tr.warmup_steps))
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    student = accelerator.unwrap_model(wrapped)
+    teacher.bind(student)
+
+    start_step, data_position, nonfinite_total = 0, 0, 0
+    if resume_from is not None:
+        state = ckpt_io.load_checkpoint(resume_from, student, teacher, optimizer, scheduler)
+        start_step, data_position = state["step"], state["data_position"]
+        nonfinite_total = state.get("nonfinite_total", 0)
+        if main:
+            log.info("resumed from %s at step %d", resume_from, start_step)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "samples").mkdir(exist_ok=True)
+    writer = MetricsWriter(run_dir, cfg, resume_step=start_step if resume_from else None, enabled=main)
+    if main:
+        log.info(
+            "run dir %s | %s on %s | %d params (%d trainable) | %d process(es) on %s",
+            run_dir, type(objective).__name__, type(student).__name__, n_params, n_train,
+            accelerator.num_processes, accelerator.device,
+        )  # fmt: skip
+
+    device = accelerator.device
+    batches = data.batches(tr.seed, data_position, accelerator.process_index, accelerator.num_processes)
+    grad_accum = tr.grad_accum
+    max_norm = tr.max_grad_norm if tr.max_grad_norm > 0 else math.inf
+
+    def save(step: int) -> None:
+        if main:
+            ckpt_io.save_checkpoint(
+                ckpt_root, step, student, teacher, optimizer, scheduler, data_position,
+                extra={"nonfinite_total": nonfinite_total},
+            )  # fmt: skip
+            ckpt_io.prune(ckpt_root, tr.keep_last)
+        accelerator.wait_for_everyone()
+
+    def sampling_model():
+        return teacher.sampling_model
+
+    progress = None
+    if main and cfg.logger.progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=tr.max_steps, initial=start_step, desc="train", dynamic_ncols=True)
+
+    window: dict[str, float] = {}
+    window_n, consecutive_bad, step = 0, 0, start_step
+    t_start = time.perf_counter()
+    t_window = t_start
+    stopped_by = None
+    student.train()
+    with _StopRequest() as stop:
+        while step < tr.max_steps:
+            teacher.update(student, step)
+            logs: dict = {}
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(grad_accum):
+                batch = next(batches).to(device)
+                data_position += 1
+                sync = accelerator.no_sync(wrapped) if micro < grad_accum - 1 else nullcontext()
+                with sync, accelerator.autocast():
+                    loss, micro_logs = objective.loss(wrapped, teacher, batch, step)
+                accelerator.backward(loss / grad_accum)
+                loss_sum += loss.detach().float() / grad_accum
+                for k, v in micro_logs.items():
+                    logs[k] = v if k == "times" else logs.get(k, 0.0) + v / grad_accum
+            grad_norm = accelerator.clip_grad_norm_(params, max_norm)
+            finite = bool(torch.isfinite(loss_sum)) and bool(torch.isfinite(grad_norm))
+            if finite:
+                optimizer.step()
+                scheduler.step()
+                consecutive_bad = 0
+            else:
+                nonfinite_total += 1
+                consecutive_bad += 1
+                log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", step, consecutive_bad)
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if consecutive_bad >= tr.max_nonfinite:
+                raise TrainingAborted(
+                    f"{consecutive_bad} non-finite steps in a row at step {step}: aborting, last good checkpoint kept "
+                    "in checkpoints/; lower trainer.lr, enable trainer.max_grad_norm or check the data"
+                )
+            if finite:
+                window["loss"] = window.get("loss", 0.0) + loss_sum
+                window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm.detach().float()
+                for k, v in logs.items():
+                    if k != "times":
+                        window[k] = window.get(k, 0.0) + v
+                window_n += 1
+            if progress is not None:
+                progress.update(1)
+            if step % tr.log_every == 0 or step == tr.max_steps:
+                now = time.perf_counter()
+                row = {k: to_float(v) / max(window_n, 1) for k, v in window.items()}
+                row.update(
+                    lr=scheduler.get_last_lr()[0],
+                    steps_per_s=(window_n or 1) / max(now - t_window, 1e-9),
+                    nonfinite_skipped=nonfinite_total,
+                )
+                row = writer.log(step, row, logs.get("times"))
+                if progress is not None:
+                    progress.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}", it_s=f"{row['steps_per_s']:.1f}")
+                window, window_n, t_window = {}, 0, now
+            if step % tr.sample_every == 0 and step < tr.max_steps and main:
+                _validation_grid(run_dir, step, objective, sampler, sampling_model(), data, device, accelerator, writer)
+            if step % tr.checkpoint_every == 0 and step < tr.max_steps:
+                save(step)
+            if stop.signal is not None:
+                stopped_by = signal.Signals(stop.signal).name
+                break
+            if tr.time_limit_s > 0 and time.perf_counter() - t_start >= tr.time_limit_s:
+                log.info("trainer.time_limit_s=%s reached at step %d", tr.time_limit_s, step)
+                break
+    wall = time.perf_counter() - t_start
+    if progress is not None:
+        progress.close()
+    save(step)
+
+    summary = {
+        "steps": step,
+        "start_step": start_step,
+        "wall_time_s": wall,
+        "steps_per_s": (step - start_step) / max(wall, 1e-9),
+        "peak_memory_mb": peak_memory_mb(),
+        "nonfinite_skipped": nonfinite_total,
+        "params": n_params,
+        "trainable_params": n_train,
+        "num_processes": accelerator.num_processes,
+        "device": str(device),
+        "objective": type(objective).__name__,
+        "run_dir": str(run_dir),
+    }
+    if stopped_by is not None:
+        summary["stopped_by"] = stopped_by
+    if main:
+        last = _last_metrics(run_dir)
+        summary.update({k: last[k] for k in last if k.startswith(("loss", "nfe/"))})
+        if stopped_by is None:
+            student.eval()
+            summary["eval"] = final_outputs(
+                run_dir, sampling_model(), sampler, data, tr.final_nfe, tr.baseline_steps, device,
+                evaluate=tr.evaluate, grid_size=tr.grid_size, autocast=accelerator.autocast, log=log.info,
+            )  # fmt: skip
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        writer.finish(summary)
+        log.info("done: %d steps in %.1f s (%.1f steps/s); summary in %s", step, wall, summary["steps_per_s"],
+                 run_dir / "summary.json")  # fmt: skip
+    accelerator.wait_for_everyone()
+    if stopped_by is not None:
+        raise SystemExit(130 if stopped_by == "SIGINT" else 143)
+    return summary
+
+
+def _validation_grid(run_dir, step, objective, sampler, model_fn, data, device, accelerator, writer):
+    """Samples at the objective's ``target_step_count`` steps (guidance 0), saved as a grid."""
+    n = 50
+    noise = torch.randn(n, *data.shape, generator=torch.Generator().manual_seed(0)).to(device)
+    cond = data.grid_conds(n).to(device) if isinstance(data.grid_conds(n), torch.Tensor) else data.grid_conds(n)
+    x = sample_in_chunks(sampler, model_fn, noise, cond, objective.target_step_count, autocast=accelerator.autocast)
+    path = save_samples(x, Path(run_dir) / "samples" / f"step_{step:07d}.png", title=f"step {step}", nrow=10)
+    writer.log_images(step, {"samples": path})
+
+
+def _last_metrics(run_dir: Path) -> dict:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return {}
+    lines = path.read_text().splitlines()
+    return json.loads(lines[-1]) if lines else {}
+
+
+def config_summary(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg)

@@ -1,0 +1,104 @@
+"""Every check on a combination of config values, in one place, before any weight loads.
+
+Each failure is one line that names the setting to change.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from omegaconf import DictConfig, open_dict
+
+
+class ConfigError(ValueError):
+    """A bad config value or combination; the message names the fix."""
+
+
+def _objective_kind(cfg: DictConfig) -> str:
+    return "twinflow" if "estimate_order" in cfg.objective else "flow_matching"
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """Raise ConfigError on the first bad value; return cfg with forced settings applied (with a warning)."""
+    obj, tr = cfg.objective, cfg.trainer
+    few_step = _objective_kind(cfg) == "twinflow"
+    if few_step:
+        if obj.estimate_order < 1:
+            raise ConfigError(f"objective.estimate_order={obj.estimate_order} must be >= 1 (2 is the paper default)")
+        if not 0.0 < obj.delta_t <= 0.5:
+            raise ConfigError(f"objective.delta_t={obj.delta_t} must lie in (0, 0.5] (0.01 is the default)")
+        if obj.target_clamp <= 0:
+            raise ConfigError(f"objective.target_clamp={obj.target_clamp} must be > 0 (1.0 is the default)")
+        if not 1 <= obj.target_step_count <= 8:
+            raise ConfigError(
+                f"objective.target_step_count={obj.target_step_count} must lie in [1, 8] (1-4 recommended)"
+            )
+        probs = obj.probs
+        if any(v < 0 for v in probs.values()) or sum(probs.values()) <= 0:
+            raise ConfigError(
+                f"objective.probs={dict(probs)} "
+                "must be >= 0 with a positive sum, e.g. {e2e: 1, mul: 1, any: 1, adv: 1}"
+            )
+        lo, hi = obj.enhanced_range
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ConfigError(f"objective.enhanced_range={list(obj.enhanced_range)} must satisfy 0 <= lo < hi <= 1")
+        if len(obj.time_dist) != 3:
+            raise ConfigError(f"objective.time_dist={list(obj.time_dist)} must be [a, b, c] for t ~ Beta(a, b)*c")
+        active = sum(1 for k, v in probs.items() if v > 0 and (k != "adv" or obj.adversarial))
+        if cfg.data.batch_size < active:
+            warnings.warn(
+                f"data.batch_size={cfg.data.batch_size} is smaller than the {active} active objective.probs groups: "
+                "some groups will be empty in every step",
+                stacklevel=2,
+            )
+    if not 0.0 <= obj.cond_dropout < 1.0:
+        raise ConfigError(f"objective.cond_dropout={obj.cond_dropout} must lie in [0, 1)")
+
+    # The model family must speak flow matching, or go through the bridge with both flags set.
+    prediction = cfg.model.get("prediction_type", "flow")
+    if prediction not in ("flow", "epsilon", "v_prediction"):
+        raise ConfigError(f"model.prediction_type={prediction!r} is unknown; use flow, epsilon or v_prediction")
+    if prediction != "flow":
+        if not (cfg.diff2flow.enabled and obj.allow_diff2flow):
+            raise ConfigError(
+                f"model predicts {prediction!r}, not a flow velocity: set diff2flow.enabled=true and "
+                "objective.allow_diff2flow=true to train it through the diff2flow bridge"
+            )
+
+    teacher_target = str(cfg.teacher.get("_target_", ""))
+    if teacher_target.endswith("StudentTeacher") and not cfg.teacher.allow_student_teacher:
+        raise ConfigError(
+            "teacher=student needs teacher.allow_student_teacher=true (the seed requires an EMA teacher; "
+            "use teacher=ema otherwise)"
+        )
+
+    if tr.mixed_precision not in ("no", "bf16", "fp16"):
+        raise ConfigError(f"trainer.mixed_precision={tr.mixed_precision!r} must be no, bf16 or fp16")
+    for key in ("grad_accum", "log_every", "checkpoint_every", "sample_every", "keep_last", "max_nonfinite"):
+        if tr[key] < 1:
+            raise ConfigError(f"trainer.{key}={tr[key]} must be >= 1")
+    if tr.max_steps < 0:
+        raise ConfigError(f"trainer.max_steps={tr.max_steps} must be >= 0")
+    if tr.lr <= 0:
+        raise ConfigError(f"trainer.lr={tr.lr} must be > 0")
+    if len(tr.betas) != 2 or not all(0 <= b < 1 for b in tr.betas):
+        raise ConfigError(f"trainer.betas={list(tr.betas)} must be two numbers in [0, 1)")
+    if any(n < 1 for n in tr.final_nfe):
+        raise ConfigError(f"trainer.final_nfe={list(tr.final_nfe)} must be positive step counts")
+    if cfg.data.batch_size < 1:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be >= 1")
+    if tr.resume not in ("auto", "none", "") and not Path(tr.resume).exists():
+        raise ConfigError(f"trainer.resume={tr.resume}: no such checkpoint or run dir; give an existing path or auto")
+    if cfg.logger.kind not in ("jsonl", "wandb", "none"):
+        raise ConfigError(f"logger.kind={cfg.logger.kind!r} must be jsonl, wandb or none")
+
+    guidance = cfg.sampler.get("guidance_scale", 0.0)
+    if few_step and guidance != 0:
+        warnings.warn(
+            f"sampler.guidance_scale={guidance} forced to 0: few-step models have CFG baked in (enhanced target)",
+            stacklevel=2,
+        )
+        with open_dict(cfg):
+            cfg.sampler.guidance_scale = 0.0
+    return cfg

@@ -21,6 +21,12 @@ from fewstep.teachers.rng import RngState
 GROUPS = ("e2e", "mul", "any", "adv")
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """Targets are formed in at least float32 (float64 inputs stay float64): the RCGM residual
+    divides by delta_t, which amplifies rounding."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def partition_sizes(batch_size: int, probs: Mapping[str, float]) -> dict[str, int]:
     """Split a batch into the e2e/mul/any/adv groups in that order.
 
@@ -159,13 +165,13 @@ class TwinFlow(Objective):
     def rollout_integral(self, teacher_model, x_m, t_m, tt, cond, rng: RngState, counter: EvalCounter):
         """Roll the teacher from ``t_m`` to ``tt`` in N equal sub-steps; return ``S = Σ F_i·(s_i − s_{i+1})``."""
         n = self.estimate_order
-        x, total = x_m, torch.zeros_like(x_m, dtype=torch.float32)
+        x, total = x_m, torch.zeros_like(_wide(x_m))
         for i in range(n):
             s_cur = t_m + (tt - t_m) * (i / n)
             s_next = t_m + (tt - t_m) * ((i + 1) / n)
             rng.restore()
-            F_i = self._call(counter, "teacher_rollout", teacher_model, x, s_cur, s_next, cond).float()
-            x_hat, z_hat = reconstruct(x.float(), F_i, s_cur)
+            F_i = _wide(self._call(counter, "teacher_rollout", teacher_model, x, s_cur, s_next, cond))
+            x_hat, z_hat = reconstruct(_wide(x), F_i, s_cur)
             x = interpolate(x_hat, z_hat, s_next).to(x_m.dtype)
             total += F_i * (s_cur - s_next).reshape(-1, *([1] * (F_i.ndim - 1)))
         return total
@@ -177,7 +183,7 @@ class TwinFlow(Objective):
         Rows with ``t − δ ≤ tt`` have a zero-length rollout (``t_m = tt``), so their integral is
         exactly 0 and the teacher is not run on them."""
         t, tt, delta = inp["t"], inp["tt"], self.delta_t
-        F = F.detach().float()
+        F = _wide(F.detach())
         integral = torch.zeros_like(F)
         rows = (~inp["masks"]["adv"]) & (t - delta > tt)
         if rows.any():

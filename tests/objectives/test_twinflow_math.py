@@ -1,0 +1,332 @@
+"""TwinFlow/RCGM math pinned with numbers (SPEC §2)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fewstep.data.base import Batch
+from fewstep.objectives.base import EvalCounter, barron_distance, l2_distance, sample_time, time_weight
+from fewstep.objectives.flow_matching import FlowMatching
+from fewstep.objectives.twinflow import TwinFlow, partition_sizes
+from fewstep.teachers import EMATeacher, RngState, StudentTeacher
+from fewstep.teachers.base import Teacher
+
+
+class Oracle(Teacher):
+    """A teacher whose model is the given callable (no weights)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    @property
+    def model(self):
+        return self.fn
+
+
+def straight_path_teacher(x0: torch.Tensor):
+    """Exact velocity of the straight path to each row's data point: v = (x − x0)/s, for any target time.
+    The condition carries the row index, so the oracle also works on row subsets."""
+    return lambda x, s, s_next, c: (x - x0[c]) / s.abs().reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def make_inputs(t, tt, x0, z):
+    x_t = t.reshape(-1, 1) * z + (1 - t.reshape(-1, 1)) * x0
+    masks = {k: torch.zeros(len(t), dtype=torch.bool) for k in ("e2e", "mul", "any", "adv")}
+    cond = torch.arange(len(t))
+    return {"x_t": x_t, "t": t, "tt": tt, "masks": masks, "cond": cond, "uncond": cond + 1}
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_rcgm_target_equals_v_for_perfect_straight_teacher(order, dtype, tol):
+    """Float32 rounding is amplified by 1/delta_t = 100, hence the float64 run for the exact check."""
+    g = torch.Generator().manual_seed(0)
+    # far branch (t >= tt + delta), near branch (t < tt + delta), t == tt, the e2e jump (1 -> 0)
+    t = torch.tensor([0.9, 0.5, 0.3, 0.305, 0.7, 0.7, 1.0, 0.02], dtype=dtype)
+    tt = torch.tensor([0.1, 0.0, 0.295, 0.3, 0.7, 0.2, 0.0, 0.0], dtype=dtype)
+    x0, z = torch.randn(8, 5, generator=g, dtype=dtype), torch.randn(8, 5, generator=g, dtype=dtype)
+    v = z - x0
+    obj = TwinFlow(estimate_order=order, delta_t=0.01)
+    inp = make_inputs(t, tt, x0, z)
+    y = obj.rcgm_target(straight_path_teacher(x0), v.clone(), inp, v, RngState.capture(), EvalCounter())
+    assert y.dtype == dtype
+    assert (y - v).abs().max().item() < tol
+
+
+def test_near_branch_target_is_v_for_any_student_output():
+    """With t < tt + delta the rollout has zero length, so y = F − clamp(F − v) = v within the clamp."""
+    t, tt = torch.tensor([0.5, 0.5]), torch.tensor([0.495, 0.5])
+    g = torch.Generator().manual_seed(1)
+    x0, z = torch.randn(2, 3, generator=g), torch.randn(2, 3, generator=g)
+    v = z - x0
+    F = v + 0.3 * torch.randn(2, 3, generator=g).clamp(-1, 1)
+    calls = []
+    obj = TwinFlow(estimate_order=2, delta_t=0.01)
+    y = obj.rcgm_target(lambda *a: calls.append(1), F, make_inputs(t, tt, x0, z), v, RngState.capture(), EvalCounter())
+    assert calls == []  # no teacher pass on zero-length rollouts
+    assert torch.allclose(y, v, atol=1e-6)
+
+
+def reference_rcgm(teacher, F, x_t, t, tt, v, cond, order, delta, clamp):
+    """An independent, row-by-row evaluation of SPEC §2 steps 1–4."""
+    out = []
+    for i in range(len(t)):
+        ti, tti = float(t[i]), float(tt[i])
+        tm = max(ti - delta, tti)
+        x = x_t[i : i + 1] - delta * v[i : i + 1]
+        s = [tm + (tti - tm) * k / order for k in range(order + 1)]
+        integral = torch.zeros_like(x)
+        for k in range(order):
+            Fk = teacher(x, torch.tensor([s[k]]), torch.tensor([s[k + 1]]), cond[i : i + 1])
+            xh, zh = x - s[k] * Fk, x + (1 - s[k]) * Fk
+            x = s[k + 1] * zh + (1 - s[k + 1]) * xh
+            integral = integral + Fk * (s[k] - s[k + 1])
+        if ti >= tti + delta:
+            r = ((ti - tti) * F[i : i + 1] - integral) / delta - v[i : i + 1]
+        else:
+            r = F[i : i + 1] - (integral / (ti - tti) if ti != tti else 0) - v[i : i + 1]
+        out.append(F[i : i + 1] - r.clamp(-clamp, clamp))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_rcgm_target_matches_independent_formula_for_curved_teacher(order):
+    g = torch.Generator().manual_seed(2)
+    n = 12
+    t = torch.rand(n, generator=g) * 0.9 + 0.1
+    tt = t * torch.rand(n, generator=g)
+    tt[:3] = t[:3] - 0.004  # near branch
+    tt[3] = t[3]  # t == tt
+    x0, z = torch.randn(n, 4, generator=g), torch.randn(n, 4, generator=g)
+    v = z - x0
+    F = v + 0.5 * torch.randn(n, 4, generator=g)
+    W = torch.randn(4, 4, generator=g) * 0.3
+
+    def curved(x, s, s_next, c):
+        s, s_next = s.reshape(-1, 1), s_next.reshape(-1, 1)
+        return torch.tanh(x @ W) * (1 + s) + torch.sin(3 * x) * s_next + 0.1 * c.reshape(-1, 1)
+
+    cond = torch.arange(n) % 3
+    inp = make_inputs(t, tt, x0, z)
+    inp["cond"] = cond
+    obj = TwinFlow(estimate_order=order, delta_t=0.05, target_clamp=0.7)
+    y = obj.rcgm_target(curved, F, inp, v, RngState.capture(), EvalCounter())
+    expected = reference_rcgm(curved, F, inp["x_t"], t, tt, v, cond, order, 0.05, 0.7)
+    assert (y - expected).abs().max().item() < 1e-5
+    assert (expected - F).abs().max().item() <= 0.7 + 1e-6  # clamp: target stays within kappa of F
+
+
+def test_clamp_limits_the_residual():
+    obj = TwinFlow(estimate_order=1, delta_t=0.01, target_clamp=0.25)
+    t, tt = torch.tensor([0.8]), torch.tensor([0.2])
+    x0, z = torch.zeros(1, 2), torch.ones(1, 2)
+    v = z - x0
+    F = v + 10.0  # far off: residual huge
+    y = obj.rcgm_target(straight_path_teacher(x0), F, make_inputs(t, tt, x0, z), v, RngState.capture(), EvalCounter())
+    assert torch.allclose(y, F - 0.25)
+
+
+def test_barron_and_l2_numbers():
+    pred, target = torch.tensor([[0.0, 0.0], [1.0, 3.0]]), torch.zeros(2, 2)
+    assert torch.allclose(l2_distance(pred, target), torch.tensor([0.0, 5.0]))
+    mse = torch.tensor([0.0, 5.0])
+    c = 1e-3
+    expected = mse * ((mse / c**2) / 1.0 + 1.0) ** -0.5 / c  # alpha = 1
+    assert torch.allclose(barron_distance(pred, target, 1.0, c), expected)
+    assert abs(barron_distance(pred, target, 1.0, c)[1].item() - math.sqrt(5.0)) < 1e-3  # ~ RMSE for mse >> c^2
+    # alpha = 2 is plain L2 / c
+    assert torch.allclose(barron_distance(pred, target, 2.0, 0.5), mse / 0.5)
+
+
+def test_time_weighting_numbers():
+    t, tt = torch.tensor([1.0, 0.5, 0.8, -0.3]), torch.tensor([0.0, 0.5, 0.3, -0.3])
+    w = time_weight(t, tt, "tan")
+    assert torch.allclose(w, torch.tensor([1.0, math.tan(math.pi / 2.5) + 1, math.tan(0.5 * math.pi / 2.5) + 1, 4.0776835]))
+    assert torch.equal(time_weight(t, tt, "none"), torch.ones(4))
+
+
+@pytest.mark.parametrize(
+    "batch, probs, expected",
+    [
+        (128, {"e2e": 1, "mul": 1, "any": 1, "adv": 1}, [32, 32, 32, 32]),
+        (10, {"e2e": 1, "mul": 1, "any": 1, "adv": 1}, [3, 2, 3, 2]),
+        (3, {"e2e": 1, "mul": 1, "any": 1, "adv": 1}, [1, 1, 0, 1]),
+        (1, {"e2e": 1, "mul": 1, "any": 1, "adv": 1}, [0, 1, 0, 0]),
+        (129, {"e2e": 1, "mul": 1, "any": 1, "adv": 0}, [43, 43, 43, 0]),
+        (64, {"e2e": 0, "mul": 1, "any": 0, "adv": 0}, [0, 64, 0, 0]),
+        (100, {"e2e": 2, "mul": 1, "any": 1, "adv": 0}, [50, 25, 25, 0]),
+    ],
+)
+def test_partition_sizes(batch, probs, expected):
+    sizes = partition_sizes(batch, probs)
+    assert [sizes[k] for k in ("e2e", "mul", "any", "adv")] == expected
+    assert sum(sizes.values()) == batch
+
+
+def test_partition_rejects_all_zero():
+    with pytest.raises(ValueError, match="probs"):
+        partition_sizes(8, {"e2e": 0, "mul": 0, "any": 0, "adv": 0})
+
+
+def test_ema_warmup_first_five_decays_and_weights():
+    student = torch.nn.Linear(2, 1, bias=False)
+    teacher = EMATeacher(decay=0.99)
+    teacher.bind(student)
+    decays = []
+    for step in range(5):
+        decays.append(teacher.current_decay)
+        with torch.no_grad():
+            student.weight.fill_(float(step + 1))
+        teacher.update(student, step)
+        teacher.update(student, step)  # idempotent within a step
+    assert decays == pytest.approx([0.0, 0.495, 0.6199875, 0.69029220, 0.73670311], abs=1e-7)
+    # shadow: w1 = 1 (decay 0), w2 = .495*1 + .505*2, ...
+    w = 0.0
+    for d, k in zip(decays, range(1, 6)):
+        w = d * w + (1 - d) * k
+    assert teacher.shadow["weight"].flatten()[0].item() == pytest.approx(w, abs=1e-6)
+
+
+def test_ema_decay_edges():
+    student = torch.nn.Linear(2, 1)
+    frozen = EMATeacher(decay=1.0)
+    frozen.bind(student)
+    w0 = student.weight.detach().clone()
+    with torch.no_grad():
+        student.weight.add_(1.0)
+    frozen.update(student, 0)
+    assert torch.equal(frozen.shadow["weight"], w0)
+    live = EMATeacher(decay=0.0)
+    live.bind(student)
+    assert live.shadow is None and live.model is student
+
+
+def tiny_model(time_pair=True, dropout=0.0, seed=0):
+    from fewstep.models.tiny import TinyMLP
+
+    torch.manual_seed(seed)
+    m = TinyMLP([6], num_classes=3, width=32, depth=2, emb_dim=16, dropout=dropout, time_pair=time_pair)
+    with torch.no_grad():  # the zero-initialised output layer would make every test trivial
+        m.out.weight.normal_(0, 0.3)
+    return m
+
+
+def test_adversarial_group_flips_sign_and_uses_model_samples():
+    model = tiny_model()
+    obj = TwinFlow()
+    torch.manual_seed(3)
+    x = torch.randn(16, 6)
+    batch = Batch(x.clone(), torch.arange(16) % 3, torch.full((16,), 3))
+    inp = obj.sample_inputs(model, batch, EvalCounter())
+    adv = inp["masks"]["adv"]
+    assert adv.sum() == 4
+    assert (inp["t"][adv] < 0).all() and torch.equal(inp["t"][adv], inp["tt"][adv])
+    assert (inp["t"][~adv] >= 0).all()
+    assert not torch.allclose(inp["x"][adv], x[adv])  # fake data replaced the real rows
+    assert torch.equal(inp["x"][~adv], x[~adv])
+    e2e = inp["masks"]["e2e"]
+    assert (inp["t"][e2e] == 1).all() and (inp["tt"][e2e] == 0).all()
+    mul = inp["masks"]["mul"]
+    assert ((inp["t"][mul] - inp["tt"][mul]) <= 0.05 * inp["t"][mul] + 1e-7).all()
+
+
+def test_flow_matching_equals_twinflow_with_only_mul_and_no_consistency():
+    model = tiny_model()
+    x = torch.randn(32, 6, generator=torch.Generator().manual_seed(4))
+    batch = Batch(x, torch.arange(32) % 3, torch.full((32,), 3))
+    teacher = StudentTeacher(allow_student_teacher=True)
+    teacher.bind(model)
+    fm = FlowMatching(loss={"type": "barron", "alpha": 1.0, "c": 1e-3}, time_weighting="tan")
+    tf = TwinFlow(
+        probs={"e2e": 0, "mul": 1, "any": 0, "adv": 0}, consistency_ratio=0.0, enhanced_ratio=0.0, adversarial=False
+    )
+    torch.manual_seed(5)
+    a, _ = fm.loss(model, teacher, batch, 0)
+    torch.manual_seed(5)
+    b, _ = tf.loss(model, teacher, batch, 0)
+    assert a.item() == pytest.approx(b.item(), rel=1e-6)
+
+
+def test_rng_restore_aligns_dropout_passes():
+    model = tiny_model(dropout=0.5)
+    model.train()
+    x, t = torch.randn(8, 6), torch.rand(8)
+    c = torch.zeros(8, dtype=torch.long)
+    rng = RngState.capture()
+    a = model(x, t, t, c)
+    b = model(x, t, t, c)
+    assert not torch.allclose(a, b)  # dropout draws differ without restore
+    rng.restore()
+    c1 = model(x, t, t, c)
+    rng.restore()
+    c2 = model(x, t, t, c)
+    assert torch.equal(c1, c2) and torch.equal(c1, a)
+
+
+def reference_loss(obj: TwinFlow, model, teacher_fn, batch: Batch) -> torch.Tensor:
+    """The SPEC §2 loss the plain way: teacher passes on the whole batch, cond and uncond as separate
+    passes, rectify fake and real as separate passes. Same random draws as the objective."""
+    x, cond = batch.x.clone(), batch.cond
+    b = len(x)
+    t = sample_time(b, obj.time_dist, x)
+    z = torch.randn_like(x)
+    tt = t - torch.rand_like(t) * obj.consistency_ratio * t
+    tt_mul = t - torch.rand_like(t) * t * min(0.05, obj.consistency_ratio)
+    sizes = partition_sizes(b, obj.probs)
+    e2e, mul, _, adv = (torch.arange(b) < sizes["e2e"]), None, None, torch.arange(b) >= b - sizes["adv"]
+    mul = (torch.arange(b) >= sizes["e2e"]) & (torch.arange(b) < sizes["e2e"] + sizes["mul"])
+    t[e2e], tt[e2e] = 1.0, 0.0
+    tt[mul] = tt_mul[mul]
+    with torch.no_grad():
+        zf = torch.randn_like(x[adv])
+        x[adv] = zf - model(zf, torch.ones(adv.sum()), torch.zeros(adv.sum()), cond[adv])
+    t[adv] = -t[adv]
+    tt[adv] = t[adv]
+    ta = t.abs().reshape(-1, 1)
+    x_t = ta * z + (1 - ta) * x
+    v = z - x
+    F = model(x_t, t, tt, cond)
+    with torch.no_grad():
+        target = v.clone()
+        Fc = teacher_fn(x_t, t, t, cond)
+        Fu = teacher_fn(x_t, t, t, batch.null_cond)
+        enh = (~adv) & (t > 0) & (t < 1)
+        target[enh] += obj.enhanced_ratio * (Fc - Fu)[enh]
+        y = reference_rcgm(
+            teacher_fn, F.detach(), x_t, t, tt, target, cond, obj.estimate_order, obj.delta_t, obj.target_clamp
+        )
+        target[~adv] = y[~adv]
+    w = time_weight(t, tt, "tan")
+    w[adv] = 1
+    loss = (barron_distance(F, target) * w).mean()
+    xf = (x_t[e2e] - F[e2e]).detach()
+    t2 = sample_time(int(e2e.sum()), (1, 1, 1), xf)
+    x2 = t2.reshape(-1, 1) * torch.randn_like(xf) + (1 - t2.reshape(-1, 1)) * xf
+    with torch.no_grad():
+        fake = model(x2, -t2, -t2, cond[e2e])
+        real = model(x2, t2, t2, cond[e2e])
+    delta = (fake - real).clamp(-1, 1)
+    return loss + obj.dist_match_coef * barron_distance(F[e2e], (F[e2e] - delta).detach()).mean()
+
+
+def test_batched_loss_equals_unbatched_reference():
+    model = tiny_model(seed=7)
+    ema = EMATeacher(decay=0.9)
+    ema.bind(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    obj = TwinFlow(enhanced_ratio=0.6, estimate_order=2)
+    batch = Batch(torch.randn(24, 6), torch.arange(24) % 3, torch.full((24,), 3))
+    torch.manual_seed(11)
+    got, logs = obj.loss(model, ema, batch, 0)
+    torch.manual_seed(11)
+    expected = reference_loss(obj, model, ema.model, batch)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    # fewer network rows than the reference's full-batch passes: 6 adv + 24 student + 2x12 enhance
+    # + rollout rows + 2x6 rectify
+    assert logs["nfe/rows_grad"] == 24
+    assert logs["nfe/rows_nograd"] < 6 + 2 * 24 + 2 * 24 + 2 * 6

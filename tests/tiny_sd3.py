@@ -50,11 +50,14 @@ def _write_t5_tokenizer(folder: Path) -> Path:
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")]
     )
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(
-        json.dumps({"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>", "extra_ids": 0,
-                    "model_max_length": 512})
+        json.dumps(
+            {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>", "extra_ids": 0, "model_max_length": 512}
+        )
     )
     return folder
 
@@ -65,7 +68,12 @@ def build_tiny_sd3_pipeline(tmp_path: str | os.PathLike, seed: int = 0, schedule
     ``scheduler`` defaults to diffusers' ``FlowMatchEulerDiscreteScheduler()``;
     tokenizer files go to ``tmp_path / "tiny_sd3_tokenizers"``.
     """
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
     from transformers import (
         CLIPTextConfig,
         CLIPTextModelWithProjection,

@@ -13,9 +13,13 @@ from fewstep.logging.grids import save_samples
 
 
 @torch.no_grad()
-def sample_in_chunks(sampler, model_fn, noise, cond, steps, null_cond=None, chunk: int = 500, autocast=None):
-    """Run ``sampler`` over ``noise`` in chunks; returns samples on the CPU in float32."""
+def sample_in_chunks(
+    sampler, model_fn, noise, cond, steps, null_cond=None, chunk: int = 500, autocast=None, seed: int = 0
+):
+    """Run ``sampler`` over ``noise`` in chunks; returns samples on the CPU in float32. Stochastic
+    samplers draw from their own generator (``seed``), never from the training RNG."""
     outs = []
+    generator = torch.Generator().manual_seed(seed)
     device = noise.device
     for start in range(0, noise.shape[0], chunk):
         idx = torch.arange(start, min(start + chunk, noise.shape[0]))
@@ -23,7 +27,7 @@ def sample_in_chunks(sampler, model_fn, noise, cond, steps, null_cond=None, chun
         nc = cond_select(null_cond, idx) if null_cond is not None else None
         ctx = autocast() if autocast is not None else torch.autocast("cpu", enabled=False)
         with ctx:
-            outs.append(sampler.sample(model_fn, noise[idx], c, steps, null_cond=nc).float().cpu())
+            outs.append(sampler.sample(model_fn, noise[idx], c, steps, generator=generator, null_cond=nc).float().cpu())
     return torch.cat(outs)
 
 

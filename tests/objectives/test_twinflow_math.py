@@ -144,7 +144,9 @@ def test_barron_and_l2_numbers():
 def test_time_weighting_numbers():
     t, tt = torch.tensor([1.0, 0.5, 0.8, -0.3]), torch.tensor([0.0, 0.5, 0.3, -0.3])
     w = time_weight(t, tt, "tan")
-    assert torch.allclose(w, torch.tensor([1.0, math.tan(math.pi / 2.5) + 1, math.tan(0.5 * math.pi / 2.5) + 1, 4.0776835]))
+    assert torch.allclose(
+        w, torch.tensor([1.0, math.tan(math.pi / 2.5) + 1, math.tan(0.5 * math.pi / 2.5) + 1, 4.0776835])
+    )
     assert torch.equal(time_weight(t, tt, "none"), torch.ones(4))
 
 

@@ -1,0 +1,125 @@
+"""The loop end to end: artifacts of the output contract, exact resume, fault handling."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fewstep.train import TrainingAborted, train
+from helpers import FAST, compose, run_cli
+
+TOY = ["data=toy2d", "model=tiny_toy", "data.batch_size=32", *FAST]
+
+
+def rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_ckpt(run_dir):
+    return sorted((run_dir / "checkpoints").glob("step_*"))[-1]
+
+
+def test_cli_toy2d_writes_the_output_contract(tmp_path):
+    run_cli([*TOY, "trainer.max_steps=12", "trainer.checkpoint_every=6", f"hydra.run.dir={tmp_path}/run"], tmp_path)
+    run = tmp_path / "run"
+    assert (run / ".hydra" / "config.yaml").exists()
+    metrics = rows(run)
+    assert [r["step"] for r in metrics] == [5, 10, 12]
+    for key in ("loss", "loss/main", "loss/rectify", "lr", "grad_norm", "steps_per_s", "nfe/per_step", "nfe/rows_grad"):
+        assert key in metrics[-1], key
+    assert {p.name for p in (run / "samples").glob("*.png")} == {"nfe_1.png", "nfe_2.png", "nfe_4.png"}
+    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step_0000006", "step_0000012"]
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("steps", "wall_time_s", "steps_per_s", "peak_memory_mb"):
+        assert key in summary
+    assert summary["steps"] == 12
+    traj = [json.loads(line) for line in (run / "trajectory.jsonl").read_text().splitlines()]
+    signs = {s for r in traj for s in r["sign"]}
+    assert signs == {-1.0, 1.0}  # the adversarial negative times are recorded
+    assert (run / "trajectory.png").exists()
+
+
+def test_resume_is_bit_identical(tmp_path):
+    base = [*TOY, "trainer.checkpoint_every=8", "trainer.log_every=4", "objective.enhanced_ratio=0.5"]
+    straight = tmp_path / "straight"
+    train(compose([*base, "trainer.max_steps=16"]), run_dir=straight)
+    split = tmp_path / "split"
+    train(compose([*base, "trainer.max_steps=8"]), run_dir=split)
+    train(compose([*base, "trainer.max_steps=16", "trainer.resume=auto"]), run_dir=split)
+    a, b = final_ckpt(straight), final_ckpt(split)
+    assert a.name == b.name == "step_0000016"
+    for name in ("model.safetensors", "teacher.safetensors"):
+        wa, wb = load_file(str(a / name)), load_file(str(b / name))
+        assert max((wa[k] - wb[k]).abs().max().item() for k in wa) == 0.0
+    oa = torch.load(a / "optim.pt", weights_only=True)["optimizer"]["state"]
+    ob = torch.load(b / "optim.pt", weights_only=True)["optimizer"]["state"]
+    assert all(torch.equal(oa[k]["exp_avg_sq"], ob[k]["exp_avg_sq"]) for k in oa)
+    sa, sb = (json.loads((c / "state.json").read_text()) for c in (a, b))
+    assert sa["data_position"] == sb["data_position"] == 16
+
+    def strip(r):
+        return {k: v for k, v in r.items() if k != "steps_per_s"}
+
+    assert [strip(r) for r in rows(straight)] == [strip(r) for r in rows(split)]
+
+
+def test_nonfinite_batches_are_skipped_then_abort_keeps_checkpoint(tmp_path):
+    import nan_data
+
+    nan_data.NaNToy2D.nan_positions = {3}
+    over = [*TOY, "data._target_=nan_data.NaNToy2D", "trainer.checkpoint_every=5"]
+    summary = train(compose([*over, "trainer.max_steps=10"]), run_dir=tmp_path / "one")
+    assert summary["nonfinite_skipped"] == 1
+    assert all(
+        torch.isfinite(v).all() for v in load_file(str(final_ckpt(tmp_path / "one") / "model.safetensors")).values()
+    )
+
+    nan_data.NaNToy2D.nan_positions = set(range(7, 100))
+    with pytest.raises(TrainingAborted, match="non-finite steps in a row"):
+        train(compose([*over, "trainer.max_steps=30", "trainer.max_nonfinite=3"]), run_dir=tmp_path / "two")
+    ckpts = sorted((tmp_path / "two" / "checkpoints").glob("step_*"))
+    assert [c.name for c in ckpts] == ["step_0000005"]
+    nan_data.NaNToy2D.nan_positions = set()
+
+
+def test_unknown_choice_fails_fast_listing_the_options(tmp_path):
+    start = time.perf_counter()
+    proc = run_cli(["objective=nope"], tmp_path, check=False)
+    assert proc.returncode != 0 and time.perf_counter() - start < 5
+    for choice in ("flow_matching", "rcgm", "twinflow"):
+        assert choice in proc.stderr
+
+
+def test_wrong_type_fails_at_compose_naming_the_key(tmp_path):
+    proc = run_cli(["trainer.lr=abc"], tmp_path, check=False)
+    assert proc.returncode != 0 and "trainer.lr" in proc.stderr
+
+
+@pytest.mark.slow
+def test_sigint_writes_a_final_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fewstep", *TOY, "trainer.max_steps=100000", f"hydra.run.dir={run}"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((run / "metrics.jsonl").exists() and rows(run)):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    ckpt = final_ckpt(run)
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["step"] >= 5 and int(ckpt.name.split("_")[1]) == state["step"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stopped_by"] == "SIGINT" and summary["steps"] == state["step"]

@@ -1,0 +1,31 @@
+"""conf/sampler/*.yaml: every constructor field, at its default, and Hydra can instantiate them."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+from hydra.utils import get_class, instantiate
+from omegaconf import OmegaConf
+
+import fewstep
+
+CONF = Path(fewstep.__file__).parent / "conf" / "sampler"
+
+
+@pytest.mark.parametrize("name", ["ucgm", "euler"])
+def test_sampler_yaml_lists_every_field_at_its_default(name):
+    cfg = OmegaConf.load(CONF / f"{name}.yaml")
+    cls = get_class(cfg._target_)
+    params = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if k != "self"}
+    fields = {k: v for k, v in OmegaConf.to_container(cfg).items() if k != "_target_"}
+    assert set(fields) == set(params)
+    for key, default in params.items():
+        value = fields[key]
+        assert (list(value) if isinstance(value, list) else value) == (
+            list(default) if isinstance(default, tuple) else default
+        ), key
+    sampler = instantiate(cfg)
+    assert isinstance(sampler, cls)
+    assert sampler.nfe(2) == 2

@@ -60,7 +60,10 @@ def test_classifier_cache_file_and_reuse(classifier, cache_dir, monkeypatch):
 
 
 def test_training_is_deterministic(classifier):
-    fresh = D.train_classifier()
+    state = torch.get_rng_state()
+    with torch.inference_mode():  # lazily trained from a caller's no-grad block must still work
+        fresh = D.train_classifier()
+    assert torch.equal(torch.get_rng_state(), state)  # global RNG untouched
     for k, v in classifier.state_dict().items():
         assert torch.equal(v, fresh.state_dict()[k]), k
 

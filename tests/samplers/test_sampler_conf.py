@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import inspect
-from pathlib import Path
 
 import pytest
+from helpers import compose
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
-
-import fewstep
-
-CONF = Path(fewstep.__file__).parent / "conf" / "sampler"
 
 
 @pytest.mark.parametrize("name", ["ucgm", "euler"])
 def test_sampler_yaml_lists_every_field_at_its_default(name):
-    cfg = OmegaConf.load(CONF / f"{name}.yaml")
+    cfg = compose([f"sampler={name}"]).sampler
     cls = get_class(cfg._target_)
     params = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if k != "self"}
     fields = {k: v for k, v in OmegaConf.to_container(cfg).items() if k != "_target_"}

@@ -290,3 +290,18 @@ def test_scheduler_seeded_stochastic_steps_are_deterministic():
         runs.append(drive_scheduler(TwinFlowScheduler(stochast_ratio=0.8), model, noise, cond, 4))
     assert torch.equal(runs[0], runs[1])
     assert (runs[0] - runs[2]).abs().max().item() > 1e-3
+
+
+def test_step_restarts_from_latents_changed_between_steps():
+    """The float64 copy is used only while the pipeline hands back what step() returned."""
+    model = RandomVelocityMLP()
+    cond = torch.zeros(2, 3)
+    scheduler = TwinFlowScheduler(stochast_ratio=0.0)
+    scheduler.set_timesteps(2)
+    x = torch.randn(2, 2, 2, 2)
+    t0, t1 = scheduler.timesteps
+    x = scheduler.step(model(x, torch.full((2,), 0.999), torch.zeros(2), cond), t0, x).prev_sample
+    edited = x * 0.5  # e.g. an inpainting blend
+    velocity = model(edited, torch.full((2,), 0.6), torch.zeros(2), cond)
+    out = scheduler.step(velocity, t1, edited).prev_sample
+    assert torch.allclose(out, edited - 0.6 * velocity, atol=1e-6)

@@ -95,6 +95,7 @@ class UCGMSamplerConfig:
     time_dist_ctrl: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
     rfba_gap_steps: list[float] | None = None
     guidance_scale: float = 0.0
+    shift: float = 1.0
 
 
 @dataclass

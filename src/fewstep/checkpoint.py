@@ -70,9 +70,10 @@ def save_checkpoint(
     try:
         save_file(student_state(student), str(tmp / "model.safetensors"))
         tstate = teacher.state_dict()
-        shadow = tstate.pop("shadow", None)
-        if shadow is not None:
-            save_file({k: v.detach().contiguous().cpu() for k, v in shadow.items()}, str(tmp / "teacher.safetensors"))
+        for key in [k for k, v in tstate.items() if isinstance(v, dict) or v is None]:
+            tensors = tstate.pop(key)
+            if tensors is not None:  # the teacher's weight averages: teacher.safetensors, teacher_<key>.safetensors
+                save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / _teacher_file(key)))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
         torch.save(rng_state(), tmp / "rng.pt")
         files = {p.name: p.stat().st_size for p in tmp.iterdir()}
@@ -95,6 +96,10 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _teacher_file(key: str) -> str:
+    return "teacher.safetensors" if key == "shadow" else f"teacher_{key}.safetensors"
 
 
 def verify(ckpt: Path) -> dict:
@@ -168,8 +173,9 @@ def load_checkpoint(ckpt: Path, student, teacher=None, optimizer=None, scheduler
         student.load_state_dict(weights, strict=False)
         if teacher is not None:
             tstate = dict(state["teacher"])
-            if (ckpt / "teacher.safetensors").exists():
-                tstate["shadow"] = load_file(str(ckpt / "teacher.safetensors"))
+            for p in ckpt.glob("teacher*.safetensors"):
+                key = "shadow" if p.name == "teacher.safetensors" else p.name[len("teacher_") : -len(".safetensors")]
+                tstate[key] = load_file(str(p))
             teacher.load_state_dict(tstate)
         if optimizer is not None:
             opt = torch.load(ckpt / "optim.pt", map_location="cpu", weights_only=True)

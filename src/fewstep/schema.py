@@ -70,6 +70,7 @@ class FlowMatchingConfig:
 class EMATeacherConfig:
     _target_: str = "fewstep.teachers.EMATeacher"
     decay: float = 0.99
+    sampling_decay: float | None = None
 
 
 @dataclass
@@ -140,7 +141,9 @@ class TrainerConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
     eps: float = 1e-8
-    warmup_steps: int = 0  # 0 = constant LR; else linear warm-up then constant
+    warmup_steps: int = 0  # linear warm-up over this many steps (0 = none)
+    lr_schedule: str = "constant"  # constant | cosine | linear (decay to lr·min_lr_ratio at max_steps)
+    min_lr_ratio: float = 0.0
     max_grad_norm: float = 1.0
     grad_accum: int = 1
     mixed_precision: str = "no"  # no | bf16 | fp16

@@ -56,8 +56,15 @@ def build_components(cfg: DictConfig, device=None):
     return data, objective, model, teacher, sampler
 
 
-def _lr_lambda(warmup: int):
-    return lambda s: 1.0 if warmup <= 0 else min(1.0, (s + 1) / warmup)
+def lr_factor(step: int, tr) -> float:
+    """LR multiplier: linear warm-up, then constant, cosine or linear decay to ``min_lr_ratio`` at max_steps."""
+    warm = 1.0 if tr.warmup_steps <= 0 else min(1.0, (step + 1) / tr.warmup_steps)
+    if tr.lr_schedule == "constant":
+        return warm
+    span = max(tr.max_steps - tr.warmup_steps, 1)
+    progress = min(max(step - tr.warmup_steps, 0) / span, 1.0)
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if tr.lr_schedule == "cosine" else 1.0 - progress
+    return warm * (tr.min_lr_ratio + (1 - tr.min_lr_ratio) * shape)
 
 
 class _StopRequest:
@@ -113,7 +120,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tr.lr, betas=tuple(tr.betas), weight_decay=tr.weight_decay, eps=tr.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(tr.warmup_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tr))
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     student = accelerator.unwrap_model(wrapped)
     teacher.bind(student)

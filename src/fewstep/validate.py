@@ -80,6 +80,8 @@ def validate(cfg: DictConfig) -> DictConfig:
             raise ConfigError(f"trainer.{key}={tr[key]} must be >= 1")
     if tr.max_steps < 0:
         raise ConfigError(f"trainer.max_steps={tr.max_steps} must be >= 0")
+    if tr.lr_schedule not in ("constant", "cosine", "linear"):
+        raise ConfigError(f"trainer.lr_schedule={tr.lr_schedule!r} must be constant, cosine or linear")
     if tr.lr <= 0:
         raise ConfigError(f"trainer.lr={tr.lr} must be > 0")
     if len(tr.betas) != 2 or not all(0 <= b < 1 for b in tr.betas):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import inspect
 
 import pytest
-from helpers import compose
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
+
+from helpers import compose
 
 
 @pytest.mark.parametrize("name", ["ucgm", "euler"])

@@ -38,4 +38,4 @@ class DigitsData(InMemoryData):
         from fewstep.eval.digits import eval_labels, eval_noise
 
         labels = torch.as_tensor(eval_labels())
-        return eval_noise((len(labels), *self.shape)), labels
+        return eval_noise(self.shape, len(labels)), labels

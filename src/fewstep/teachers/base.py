@@ -39,7 +39,10 @@ class Teacher:
     def model(self) -> Callable[..., torch.Tensor]:
         if self.shadow is None:
             return self.student
-        student, shadow = self.student, self.shadow
+        return self._call_with(self.shadow)
+
+    def _call_with(self, shadow: dict[str, torch.Tensor]) -> Callable[..., torch.Tensor]:
+        student = self.student
 
         def call(*args, **kwargs):
             return functional_call(student, shadow, args, kwargs, strict=False)
@@ -68,46 +71,77 @@ class Teacher:
 class EMATeacher(Teacher):
     """Exponential moving average of the trainable weights with the reference warm-up:
     ``d_0 = 0``, ``d_{k+1} = d_k + (1 − d_k)(decay − d_k)/2`` (decay 0 = the student,
-    decay 1 = the frozen initial weights). Updated at most once per optimizer step."""
+    decay 1 = the frozen initial weights). Updated at most once per optimizer step.
 
-    def __init__(self, decay: float = 0.99):
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"teacher.decay={decay} must lie in [0, 1] (0 = student, 1 = frozen initial weights)")
+    ``sampling_decay`` optionally keeps a second, slower average used only to sample and evaluate
+    (same warm-up rule); the teacher passes always use ``decay``.
+    """
+
+    def __init__(self, decay: float = 0.99, sampling_decay: float | None = None):
+        for name, d in (("decay", decay), ("sampling_decay", sampling_decay)):
+            if d is not None and not 0.0 <= d <= 1.0:
+                raise ValueError(f"teacher.{name}={d} must lie in [0, 1] (0 = student, 1 = frozen initial weights)")
         self.decay = float(decay)
+        self.sampling_decay = None if sampling_decay is None else float(sampling_decay)
         self.current_decay = 0.0
+        self.current_sampling_decay = 0.0
+        self.sampling_shadow: dict[str, torch.Tensor] | None = None
         self.last_step = -1
 
     def bind(self, student: nn.Module) -> None:
         super().bind(student)
+        params = trainable_parameters(student)
         # decay 0 is the student itself: no shadow, no copy.
-        self.shadow = (
-            None if self.decay == 0.0 else {k: p.detach().clone() for k, p in trainable_parameters(student).items()}
-        )
+        self.shadow = None if self.decay == 0.0 else {k: p.detach().clone() for k, p in params.items()}
+        if self.sampling_decay is not None:
+            self.sampling_shadow = {k: p.detach().clone() for k, p in params.items()}
 
     @property
     def sampling_model(self) -> Callable[..., torch.Tensor]:
+        if self.sampling_shadow is not None:
+            return self._call_with(self.sampling_shadow)
         return self.model if 0.0 < self.decay < 1.0 else self.student
+
+    @staticmethod
+    def _lerp(shadow: dict[str, torch.Tensor], params: dict, decay: float) -> None:
+        ema = list(shadow.values())
+        cur = [params[k].detach().to(v.dtype) for k, v in shadow.items()]
+        torch._foreach_lerp_(ema, cur, 1.0 - decay)  # ema <- d·ema + (1−d)·student
+
+    @staticmethod
+    def _warm(d: float, target: float) -> float:
+        return d + (1.0 - d) * (target - d) * 0.5
 
     @torch.no_grad()
     def update(self, student: nn.Module, step: int) -> None:
         if step == self.last_step:
             return
         self.last_step = step
+        params = trainable_parameters(student)
         if self.shadow is not None and self.decay < 1.0:
-            d = self.current_decay
-            params = trainable_parameters(student)
-            ema = list(self.shadow.values())
-            cur = [params[k].detach().to(v.dtype) for k, v in self.shadow.items()]
-            torch._foreach_lerp_(ema, cur, 1.0 - d)  # ema <- d·ema + (1−d)·student
-        self.current_decay += (1.0 - self.current_decay) * (self.decay - self.current_decay) * 0.5
+            self._lerp(self.shadow, params, self.current_decay)
+        self.current_decay = self._warm(self.current_decay, self.decay)
+        if self.sampling_shadow is not None:
+            self._lerp(self.sampling_shadow, params, self.current_sampling_decay)
+            self.current_sampling_decay = self._warm(self.current_sampling_decay, self.sampling_decay)
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "current_decay": self.current_decay, "last_step": self.last_step}
+        state = {**super().state_dict(), "current_decay": self.current_decay, "last_step": self.last_step}
+        if self.sampling_shadow is not None:
+            state["sampling_shadow"] = dict(self.sampling_shadow)
+            state["current_sampling_decay"] = self.current_sampling_decay
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.current_decay = float(state["current_decay"])
         self.last_step = int(state["last_step"])
+        if self.sampling_shadow is not None:
+            if state.get("sampling_shadow") is None:
+                raise ValueError("checkpoint has no sampling EMA; resume with teacher.sampling_decay=null")
+            for k, v in state["sampling_shadow"].items():
+                self.sampling_shadow[k].copy_(v)
+            self.current_sampling_decay = float(state["current_sampling_decay"])
 
 
 class FrozenTeacher(EMATeacher):

@@ -1,0 +1,298 @@
+"""``python -m fewstep.bench out=DIR``: training-step and sampling benchmarks → ``DIR/bench.json`` + ``DIR/bench.md``.
+
+Training: per objective (flow_matching, rcgm, twinflow with and without the enhanced target) on the
+same model and batch, the median wall time of a full optimizer step (loss, backward, AdamW), with
+the objectives' steps interleaved after a warm-up so machine noise hits them alike; network
+evaluations per step (forward rows / batch, from the objective's own counter); peak memory (CUDA:
+max allocated; CPU: peak RSS growth of a fresh subprocess over its own steps). Sampling: latency per
+image (batch 1) and images/s (batch ``sample_batch``) at 1/2/4 NFE against the 50-step Euler
+baseline. Quality at equal wall-clock budget (``quality_budget_s`` > 0): each objective trains for
+the same seconds, then 1-NFE (and 50-step Euler) quality. Ratios are measured in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from fewstep.runs import parse_args
+
+log = logging.getLogger("fewstep.bench")
+
+USAGE = (
+    "usage: python -m fewstep.bench out=DIR [batch_size=128] [repeats=30] [warmup=5] [model=tiny] [data=digits] "
+    "[mixed_precision=no|bf16] [sample_batch=1000] [quality_budget_s=0] [device=cpu|cuda] [overrides=[...]]"
+)
+DEFAULTS = {
+    "out": "bench_out",
+    "batch_size": 128,
+    "repeats": 30,
+    "warmup": 5,
+    "model": "tiny",
+    "data": "digits",
+    "mixed_precision": "no",
+    "sample_batch": 1000,
+    "quality_budget_s": 0.0,
+    "device": None,
+    "overrides": [],
+    "objectives_only": False,
+}
+
+VARIANTS = {
+    "flow_matching": ["objective=flow_matching"],
+    "rcgm": ["objective=rcgm", "objective.enhanced_ratio=0.0"],
+    "twinflow": ["objective=twinflow", "objective.enhanced_ratio=0.5"],
+    "twinflow_no_enhance": ["objective=twinflow", "objective.enhanced_ratio=0.0"],
+}
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    from fewstep.schema import register_schemas
+
+    register_schemas()
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="fewstep.conf", version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+class StepRunner:
+    """One objective's full optimizer step on a fixed model/data configuration."""
+
+    def __init__(self, overrides: list[str], device: torch.device, mixed_precision: str):
+        from fewstep.train import build_components
+
+        cfg = compose(overrides)
+        torch.manual_seed(0)
+        self.data, self.objective, self.model, self.teacher, self.sampler = build_components(cfg, device=device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=1e-4)
+        self.batches = self.data.batches(0)
+        self.device = device
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+        self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else None
+        self.step_index = 0
+        self.evals_per_step = float("nan")
+
+    def step(self) -> float:
+        batch = next(self.batches).to(self.device)
+        sync()
+        t0 = time.perf_counter()
+        self.teacher.update(self.model, self.step_index)
+        ctx = self.autocast() if self.autocast else torch.autocast(self.device.type, enabled=False)
+        with ctx:
+            loss, logs = self.objective.loss(self.model, self.teacher, batch, self.step_index)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        sync()
+        self.step_index += 1
+        self.evals_per_step = float(logs["nfe/per_step"])
+        return time.perf_counter() - t0
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def base_overrides(args) -> list[str]:
+    return [f"model={args.model}", f"data={args.data}", f"data.batch_size={args.batch_size}", *args.overrides]
+
+
+def bench_objectives(args, device) -> dict:
+    runners = {name: StepRunner([*base_overrides(args), *ov], device, args.mixed_precision) for name, ov in
+               VARIANTS.items()}  # fmt: skip
+    for _ in range(args.warmup):
+        for r in runners.values():
+            r.step()
+    times = {name: [] for name in runners}
+    for _ in range(args.repeats):  # interleaved: noise hits every objective alike
+        for name, r in runners.items():
+            times[name].append(r.step())
+    out = {}
+    for name, r in runners.items():
+        out[name] = {
+            "step_time_s": statistics.median(times[name]),
+            "step_time_iqr_s": _iqr(times[name]),
+            "evals_per_step": r.evals_per_step,
+            "params": sum(p.numel() for p in r.model.parameters()),
+        }
+    fm = out["flow_matching"]["step_time_s"]
+    for name in out:
+        out[name]["ratio_vs_flow_matching"] = out[name]["step_time_s"] / fm
+    del runners
+    for name, ov in VARIANTS.items():
+        out[name]["peak_memory_mb"] = peak_memory(args, ov, device)
+    return out
+
+
+def _iqr(xs: list[float]) -> float:
+    q = statistics.quantiles(xs, n=4)
+    return q[2] - q[0]
+
+
+def peak_memory(args, variant_overrides: list[str], device) -> float:
+    """CUDA: max allocated over a few steps. CPU: peak-RSS growth of a fresh subprocess during its steps."""
+    if device.type == "cuda":
+        runner = StepRunner([*base_overrides(args), *variant_overrides], device, args.mixed_precision)
+        runner.step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(3):
+            runner.step()
+        return torch.cuda.max_memory_allocated() / 2**20
+    code = (
+        "import json,resource,sys,torch;from fewstep.bench import StepRunner;"
+        "ov=json.loads(sys.argv[1]);r=StepRunner(ov,torch.device('cpu'),sys.argv[2]);"
+        "m0=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+        "[r.step() for _ in range(4)];"
+        "print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss-m0)/1024))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, json.dumps([*base_overrides(args), *variant_overrides]), args.mixed_precision],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-2000:])
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+@torch.no_grad()
+def bench_sampling(args, device) -> dict:
+    from fewstep.samplers.euler import EulerSampler
+
+    runner = StepRunner([*base_overrides(args), "objective=twinflow"], device, args.mixed_precision)
+    model = runner.model.eval()
+    shape = runner.data.shape
+    methods = [(f"nfe_{n}", runner.sampler, n) for n in (1, 2, 4)] + [("euler_50", EulerSampler(), 50)]
+    out = {}
+    for name, sampler, steps in methods:
+        rows = {}
+        for batch in (1, args.sample_batch):
+            noise = torch.randn(batch, *shape, device=device)
+            cond = runner.data.grid_conds(batch).to(device)
+            sampler.sample(model, noise, cond, steps)  # warm-up
+            reps = 20 if batch == 1 else 3
+            ts = []
+            for _ in range(reps):
+                sync()
+                t0 = time.perf_counter()
+                sampler.sample(model, noise, cond, steps)
+                sync()
+                ts.append(time.perf_counter() - t0)
+            rows[batch] = statistics.median(ts)
+        out[name] = {
+            "steps": steps,
+            "latency_ms_per_image": rows[1] * 1000,
+            "images_per_s": args.sample_batch / rows[args.sample_batch],
+        }
+    base = out["euler_50"]
+    for row in out.values():
+        row["speedup_vs_euler_50"] = row["images_per_s"] / base["images_per_s"]
+    return out
+
+
+def bench_quality(args, device) -> dict:
+    """Train each objective for the same wall-clock budget, then evaluate (1/2/4 NFE + Euler 50)."""
+    from fewstep.train import train
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("flow_matching", "twinflow"):
+            cfg = compose(
+                [*base_overrides(args), *VARIANTS[name], "objective.enhanced_ratio=0.0" if name != "flow_matching"
+                 else "objective.cond_dropout=0.0", "trainer.max_steps=1000000",
+                 f"trainer.time_limit_s={args.quality_budget_s}", "logger=none", "trainer.checkpoint_every=1000000",
+                 "trainer.sample_every=1000000", f"trainer.mixed_precision={args.mixed_precision}"]
+            )  # fmt: skip
+            summary = train(cfg, run_dir=Path(tmp) / name)
+            out[name] = {"steps": summary["steps"], "eval": summary.get("eval", {})}
+    return out
+
+
+def write_markdown(result: dict, path: Path) -> None:
+    lines = [f"# fewstep benchmark ({result['device']}, {result['config']})", ""]
+    lines += [
+        "## Training step",
+        "",
+        "| objective | step time (ms) | × flow matching | network evals / step | peak memory (MB) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in result["objectives"].items():
+        lines.append(
+            f"| {name} | {r['step_time_s'] * 1000:.2f} | {r['ratio_vs_flow_matching']:.2f} | "
+            f"{r['evals_per_step']:.2f} | {r['peak_memory_mb']:.1f} |"
+        )
+    if "sampling" in result:
+        lines += [
+            "",
+            "## Sampling",
+            "",
+            "| sampler | steps | latency / image (ms, batch 1) | images/s (batch "
+            f"{result['sample_batch']}) | × Euler 50 |",
+            "|---|---|---|---|---|",
+        ]
+        for name, r in result["sampling"].items():
+            lines.append(
+                f"| {name} | {r['steps']} | {r['latency_ms_per_image']:.2f} | {r['images_per_s']:.0f} | "
+                f"{r['speedup_vs_euler_50']:.1f} |"
+            )
+    if result.get("quality"):
+        lines += ["", f"## Quality at equal wall-clock budget ({result['quality_budget_s']} s of training)", ""]
+        lines += ["| objective | steps | sampler | " + " | ".join(result["quality_metrics"]) + " |"]
+        lines += ["|---|---|---|" + "---|" * len(result["quality_metrics"])]
+        for name, r in result["quality"].items():
+            for method, metrics in r["eval"].items():
+                vals = " | ".join(f"{metrics.get(k, float('nan')):.3g}" for k in result["quality_metrics"])
+                lines.append(f"| {name} | {r['steps']} | {method} | {vals} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv, DEFAULTS, USAGE)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "config": f"model={args.model} data={args.data} batch={args.batch_size} precision={args.mixed_precision}",
+        "sample_batch": args.sample_batch,
+        "quality_budget_s": args.quality_budget_s,
+    }
+    log.info("training-step benchmark: %s", result["config"])
+    result["objectives"] = bench_objectives(args, device)
+    if not args.objectives_only:
+        log.info("sampling benchmark")
+        result["sampling"] = bench_sampling(args, device)
+    if args.quality_budget_s > 0:
+        log.info("quality at an equal budget of %s s per objective", args.quality_budget_s)
+        result["quality"] = bench_quality(args, device)
+        first = next(iter(next(iter(result["quality"].values()))["eval"].values()), {})
+        result["quality_metrics"] = list(first)
+    (out / "bench.json").write_text(json.dumps(result, indent=2))
+    write_markdown(result, out / "bench.md")
+    print((out / "bench.md").read_text())
+    return result
+
+
+if __name__ == "__main__":
+    main()

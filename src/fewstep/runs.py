@@ -1,0 +1,71 @@
+"""Open a finished (or running) run directory: its composed config, components and last weights.
+
+Shared by ``fewstep.sample``, ``fewstep.eval`` and ``fewstep.export``.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fewstep import checkpoint as ckpt_io
+
+
+@dataclass
+class LoadedRun:
+    run_dir: Path
+    cfg: DictConfig
+    data: object
+    objective: object
+    student: torch.nn.Module
+    teacher: object
+    sampler: object
+    checkpoint: Path
+    step: int
+    device: torch.device
+
+    def model_fn(self, weights: str = "ema"):
+        """The weights to sample with: ``ema`` (the teacher's average where one is kept) or ``student``."""
+        if weights == "student":
+            return self.student
+        if weights != "ema":
+            raise ValueError(f"weights={weights!r} must be 'ema' or 'student'")
+        return self.teacher.sampling_model
+
+
+def load_run(run_dir: str | Path, device: str | None = None, checkpoint: str | None = None) -> LoadedRun:
+    """Rebuild a run's components from ``.hydra/config.yaml`` and load its newest valid checkpoint."""
+    from fewstep.train import build_components
+
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / ".hydra" / "config.yaml"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{run_dir} is not a fewstep run dir (no .hydra/config.yaml); pass run_dir=<a run dir>")
+    cfg = OmegaConf.load(cfg_path)
+    ckpt = Path(checkpoint) if checkpoint else ckpt_io.latest_valid(run_dir / "checkpoints")
+    if ckpt is None:
+        raise FileNotFoundError(f"{run_dir}/checkpoints holds no valid checkpoint; train longer or pass checkpoint=")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    data, objective, student, teacher, sampler = build_components(cfg, device=dev)
+    state = ckpt_io.load_checkpoint(ckpt, student, teacher, restore_rng=False)
+    student.eval()
+    return LoadedRun(run_dir, cfg, data, objective, student, teacher, sampler, ckpt, state["step"], dev)
+
+
+def parse_args(argv: list[str] | None, defaults: dict, usage: str) -> DictConfig:
+    """``key=value`` arguments (Hydra/OmegaConf syntax, lists as ``[1,2,4]``) over typed defaults;
+    an unknown key exits with the usage line."""
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(usage)
+        raise SystemExit(0)
+    base = OmegaConf.create(defaults)
+    OmegaConf.set_struct(base, True)
+    try:
+        return OmegaConf.merge(base, OmegaConf.from_dotlist(list(argv)))
+    except Exception as err:  # omegaconf raises several types for unknown keys / bad values
+        raise SystemExit(f"error: {err.__class__.__name__}: {str(err).splitlines()[0]}\n{usage}") from None

@@ -1,0 +1,42 @@
+"""``python -m fewstep.sample run_dir=DIR nfe=[1,2,4]``: sample grids and raw samples from a run.
+
+Writes ``DIR/samples/nfe_<n>.png`` (a 10×10 grid) and, where the data has an evaluation protocol,
+``DIR/samples/nfe_<n>.npz`` with arrays ``x`` (data space, [-1, 1]) and ``y`` (labels) for any
+evaluator. Uses the EMA weights unless ``weights=student``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fewstep.generate import final_outputs
+from fewstep.runs import load_run, parse_args
+
+USAGE = (
+    "usage: python -m fewstep.sample run_dir=DIR [nfe=[1,2,4]] [baseline_steps=0] [weights=ema|student] "
+    "[device=cpu|cuda] [grid_size=100]"
+)
+DEFAULTS = {"run_dir": "???", "nfe": [1, 2, 4], "baseline_steps": 0, "weights": "ema", "device": None, "grid_size": 100}
+
+
+def main(argv: list[str] | None = None, evaluate: bool = False) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv, DEFAULTS, USAGE)
+    run = load_run(args.run_dir, device=args.device)
+    logging.info("sampling %s at step %d (%s weights)", run.checkpoint, run.step, args.weights)
+    return final_outputs(
+        run.run_dir,
+        run.model_fn(args.weights),
+        run.sampler,
+        run.data,
+        list(args.nfe),
+        args.baseline_steps,
+        run.device,
+        evaluate=evaluate,
+        grid_size=args.grid_size,
+        log=logging.info,
+    )
+
+
+if __name__ == "__main__":
+    main()

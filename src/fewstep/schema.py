@@ -117,6 +117,52 @@ class TinyModelConfig:
     prediction_type: str = "flow"  # the tiny nets are flow-matching models
 
 
+
+@dataclass
+class LoraModelConfig:
+    """peft LoRA on the model (``enabled=false``: full fine-tune). SPEC §7 defaults: r=64, alpha=64."""
+
+    enabled: bool = False
+    rank: int = 64
+    alpha: float = 64.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj"]
+    )
+    dropout: float = 0.0
+    init: str = "gaussian"  # peft init_lora_weights: gaussian | true (both start with B = 0: identity)
+
+
+@dataclass
+class SD35ModelConfig:
+    _target_: str = "fewstep.models.sd3.SD3Model"
+    pretrained: str = "stabilityai/stable-diffusion-3.5-medium"  # hub id, pipeline folder or transformer folder
+    subfolder: str | None = None  # None: transformer/ for a pipeline, the folder itself for a bare transformer
+    revision: str | None = None
+    dtype: str = "float32"  # weights: float32 | bfloat16 | float16 (LoRA trainables stay float32)
+    gradient_checkpointing: bool = False
+    prediction_type: str = "flow"
+    lora: LoraModelConfig = field(default_factory=LoraModelConfig)
+
+
+@dataclass
+class SD15ModelConfig:
+    _target_: str = "fewstep.models.diffusion.DiffusionUNetModel"
+    pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    subfolder: str | None = None  # None: unet/ for a pipeline, the folder itself for a bare UNet
+    revision: str | None = None
+    prediction_type: str = "epsilon"  # epsilon | v_prediction (bridged to flow by diff2flow)
+    dtype: str = "float32"
+    gradient_checkpointing: bool = False
+    lora: LoraModelConfig = field(
+        default_factory=lambda: LoraModelConfig(target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    )
+    # DDPM schedule (alphas_cumprod); read from <pretrained>/scheduler when schedule_from_pretrained
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    schedule_from_pretrained: bool = True
+
 # --------------------------------------------------------------------------- data
 @dataclass
 class DigitsDataConfig:
@@ -131,6 +177,15 @@ class Toy2DDataConfig:
     batch_size: int = 256
     name: str = "moons"  # moons | checkerboard | 8gaussians
 
+
+
+@dataclass
+class LatentsDataConfig:
+    _target_: str = "fewstep.data.latents.LatentData"
+    path: str = ""  # a cache written by `python -m fewstep.precompute ... out=DIR`
+    batch_size: int = 8
+    vae: str = ""  # decode grids with this pipeline's VAE; empty = the `pretrained` recorded in the cache
+    decode_device: str | None = None  # None: the latents' device
 
 # --------------------------------------------------------------------------- trainer / logger
 @dataclass
@@ -191,8 +246,8 @@ SCHEMAS = {
     "objective": {"twinflow": TwinFlowConfig, "flow_matching": FlowMatchingConfig},
     "teacher": {"ema": EMATeacherConfig, "student": StudentTeacherConfig, "frozen": FrozenTeacherConfig},
     "sampler": {"ucgm": UCGMSamplerConfig, "euler": EulerSamplerConfig},
-    "model": {"tiny": TinyModelConfig},
-    "data": {"digits": DigitsDataConfig, "toy2d": Toy2DDataConfig},
+    "model": {"tiny": TinyModelConfig, "sd35": SD35ModelConfig, "sd15": SD15ModelConfig},
+    "data": {"digits": DigitsDataConfig, "toy2d": Toy2DDataConfig, "latents": LatentsDataConfig},
     "trainer": {"default": TrainerConfig},
     "logger": {"default": LoggerConfig},
 }

@@ -122,3 +122,51 @@ def diffusion_to_flow_velocity(
     else:
         raise ValueError(f"Unknown prediction_type {prediction_type!r}: use one of {', '.join(PREDICTION_TYPES)}.")
     return eps - x0
+
+
+# --------------------------------------------------------------------------- model-side bridge helpers
+
+
+def flow_time_range(alphas_cumprod: torch.Tensor) -> tuple[float, float]:
+    """``(σ(ᾱ_0), σ(ᾱ_{T−1}))``: the flow times a diffusion model with this schedule was trained on."""
+    table = flow_time_from_alpha_bar(alphas_cumprod.to(torch.float64))
+    return float(table[0]), float(table[-1])
+
+
+def alphas_cumprod_from_scheduler_config(config: dict) -> torch.Tensor:
+    """ᾱ from a diffusers scheduler config (``num_train_timesteps``, ``beta_schedule``, ``beta_start``,
+    ``beta_end``, ``trained_betas``), with the diffusers defaults for missing keys."""
+    return make_alphas_cumprod(
+        int(config.get("num_train_timesteps", 1000)),
+        str(config.get("beta_schedule", "scaled_linear")),
+        float(config.get("beta_start", 0.00085)),
+        float(config.get("beta_end", 0.012)),
+        config.get("trained_betas"),
+    )
+
+
+def bridged_velocity(
+    predict,
+    x_flow: torch.Tensor,
+    t: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    prediction_type: str,
+    max_time: float | None = None,
+) -> torch.Tensor:
+    """Flow velocity of a diffusion model at flow state ``x_flow`` and (signed) flow time ``t`` (B,).
+
+    ``predict(x_diff, timestep)`` is the diffusion model (epsilon or v prediction) at the continuous
+    diffusion ``timestep`` (B,) whose σ matches ``|t|``; ``x_diff = (√ᾱ + √(1 − ᾱ))·x_flow`` with
+    ``ᾱ = ᾱ(|t|)``; the prediction becomes ``ε̂ − x̂0`` (SPEC §5). ``|t|`` above ``max_time`` (default: the
+    schedule's largest σ) is clamped to it: the model never saw noisier states, and the epsilon → velocity
+    map is singular at t = 1. Computed in at least float32; returned in ``x_flow``'s dtype.
+    """
+    if max_time is None:
+        max_time = flow_time_range(alphas_cumprod)[1]
+    work = torch.float64 if x_flow.dtype == torch.float64 else torch.float32
+    time = t.abs().to(torch.float64).clamp(max=max_time)
+    alpha_bar = alpha_bar_from_flow_time(time)
+    timestep = diffusion_timestep_from_flow_time(time, alphas_cumprod)
+    x_diff = flow_to_diffusion_state(x_flow.to(work), alpha_bar)
+    prediction = predict(x_diff, timestep)
+    return diffusion_to_flow_velocity(prediction.to(work), x_diff, alpha_bar, prediction_type).to(x_flow.dtype)

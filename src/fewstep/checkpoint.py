@@ -58,8 +58,18 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(
-    ckpt_root: Path, step: int, student, teacher, optimizer, scheduler, data_position: int, extra: dict | None = None
+    ckpt_root: Path,
+    step: int,
+    student,
+    teacher,
+    optimizer,
+    scheduler,
+    data_position: int,
+    extra: dict | None = None,
+    rng_states: list[dict] | None = None,
 ) -> Path:
+    """Write a checkpoint atomically. ``rng_states`` holds one RNG state per process (rank order);
+    by default this process's state alone."""
     ckpt_root = Path(ckpt_root)
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"{PREFIX}{step:07d}"
@@ -75,7 +85,7 @@ def save_checkpoint(
             if tensors is not None:  # the teacher's weight averages: teacher.safetensors, teacher_<key>.safetensors
                 save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / _teacher_file(key)))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
+        torch.save({"ranks": rng_states or [rng_state()]}, tmp / "rng.pt")
         files = {p.name: p.stat().st_size for p in tmp.iterdir()}
         state = {
             "format_version": FORMAT_VERSION,
@@ -159,7 +169,9 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
     raise CheckpointError(f"trainer.resume={resume}: no valid checkpoint found there")
 
 
-def load_checkpoint(ckpt: Path, student, teacher=None, optimizer=None, scheduler=None, restore_rng=True) -> dict:
+def load_checkpoint(
+    ckpt: Path, student, teacher=None, optimizer=None, scheduler=None, restore_rng=True, rank: int = 0
+) -> dict:
     state = verify(ckpt)
     ckpt = Path(ckpt)
     try:
@@ -183,7 +195,8 @@ def load_checkpoint(ckpt: Path, student, teacher=None, optimizer=None, scheduler
             if scheduler is not None:
                 scheduler.load_state_dict(opt["scheduler"])
         if restore_rng:
-            set_rng_state(torch.load(ckpt / "rng.pt", map_location="cpu", weights_only=True))
+            ranks = torch.load(ckpt / "rng.pt", map_location="cpu", weights_only=True)["ranks"]
+            set_rng_state(ranks[rank % len(ranks)])
     except CheckpointError:
         raise
     except Exception as err:  # safetensors / pickle errors on a damaged file

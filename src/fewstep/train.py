@@ -124,10 +124,14 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     student = accelerator.unwrap_model(wrapped)
     teacher.bind(student)
+    # Same initial weights on every rank (seeded above); each rank then draws its own noise and times.
+    set_seed(tr.seed + accelerator.process_index)
 
     start_step, data_position, nonfinite_total = 0, 0, 0
     if resume_from is not None:
-        state = ckpt_io.load_checkpoint(resume_from, student, teacher, optimizer, scheduler)
+        state = ckpt_io.load_checkpoint(
+            resume_from, student, teacher, optimizer, scheduler, rank=accelerator.process_index
+        )
         start_step, data_position = state["step"], state["data_position"]
         nonfinite_total = state.get("nonfinite_total", 0)
         if main:
@@ -149,10 +153,15 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     max_norm = tr.max_grad_norm if tr.max_grad_norm > 0 else math.inf
 
     def save(step: int) -> None:
+        rng_states = [ckpt_io.rng_state()]
+        if accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            rng_states = gather_object(rng_states)
         if main:
             ckpt_io.save_checkpoint(
                 ckpt_root, step, student, teacher, optimizer, scheduler, data_position,
-                extra={"nonfinite_total": nonfinite_total},
+                extra={"nonfinite_total": nonfinite_total}, rng_states=rng_states,
             )  # fmt: skip
             ckpt_io.prune(ckpt_root, tr.keep_last)
         accelerator.wait_for_everyone()

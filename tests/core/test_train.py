@@ -123,3 +123,23 @@ def test_sigint_writes_a_final_checkpoint(tmp_path):
     assert state["step"] >= 5 and int(ckpt.name.split("_")[1]) == state["step"]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["stopped_by"] == "SIGINT" and summary["steps"] == state["step"]
+
+
+@pytest.mark.slow
+def test_accelerate_two_cpu_processes_share_one_run_dir(tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on CPU: two synchronised gloo ranks."""
+    run = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "-m", "fewstep", *TOY, "trainer.max_steps=10", "trainer.checkpoint_every=5", f"hydra.run.dir={run}",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary["steps"] == 10
+    assert [r["step"] for r in rows(run)] == [5, 10]  # one writer
+    state = json.loads((final_ckpt(run) / "state.json").read_text())
+    assert state["data_position"] == 10
+    ranks = torch.load(final_ckpt(run) / "rng.pt", weights_only=True)["ranks"]
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["torch"], ranks[1]["torch"])  # per-rank noise streams

@@ -6,9 +6,10 @@ import json
 
 import numpy as np
 import pytest
-from helpers import FAST, compose
 
 from fewstep.train import train
+
+from helpers import FAST, compose
 
 
 @pytest.fixture(scope="module")

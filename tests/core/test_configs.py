@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 
 import fewstep
 from fewstep.validate import ConfigError, validate
+
 from helpers import compose
 
 CONF = Path(fewstep.__file__).parent / "conf"

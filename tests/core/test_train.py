@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from fewstep.train import TrainingAborted, train
+
 from helpers import FAST, compose, run_cli
 
 TOY = ["data=toy2d", "model=tiny_toy", "data.batch_size=32", *FAST]

@@ -62,11 +62,14 @@ def _write_t5_tokenizer(folder: Path) -> Path:
     return folder
 
 
-def build_tiny_sd3_pipeline(tmp_path: str | os.PathLike, seed: int = 0, scheduler=None):
+def build_tiny_sd3_pipeline(
+    tmp_path: str | os.PathLike, seed: int = 0, scheduler=None, transformer_kwargs: dict | None = None
+):
     """Return a tiny random ``StableDiffusion3Pipeline`` on CPU in float32 (eval mode).
 
     ``scheduler`` defaults to diffusers' ``FlowMatchEulerDiscreteScheduler()``;
-    tokenizer files go to ``tmp_path / "tiny_sd3_tokenizers"``.
+    tokenizer files go to ``tmp_path / "tiny_sd3_tokenizers"``. ``transformer_kwargs`` override the
+    transformer's config (e.g. ``num_layers``, ``num_attention_heads``, ``patch_size`` for a bigger one).
     """
     from diffusers import (
         AutoencoderKL,
@@ -125,7 +128,7 @@ def build_tiny_sd3_pipeline(tmp_path: str | os.PathLike, seed: int = 0, schedule
     torch.manual_seed(seed + 2)
     text_encoder_3 = T5EncoderModel(t5_config)
     torch.manual_seed(seed + 3)
-    transformer = SD3Transformer2DModel(
+    transformer_config = dict(
         sample_size=16,
         patch_size=1,
         in_channels=4,
@@ -137,6 +140,8 @@ def build_tiny_sd3_pipeline(tmp_path: str | os.PathLike, seed: int = 0, schedule
         pooled_projection_dim=64,  # 2 × CLIP projection_dim
         out_channels=4,
     )
+    transformer_config.update(transformer_kwargs or {})
+    transformer = SD3Transformer2DModel(**transformer_config)
     torch.manual_seed(seed + 4)
     vae = AutoencoderKL(
         sample_size=16,
@@ -166,3 +171,14 @@ def build_tiny_sd3_pipeline(tmp_path: str | os.PathLike, seed: int = 0, schedule
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def save_tiny_sd3_pipeline(folder: str | os.PathLike, seed: int = 0, transformer_kwargs: dict | None = None) -> Path:
+    """Build the tiny pipeline and ``save_pretrained`` it to ``folder`` (a local "pretrained" for
+    ``model.pretrained`` / ``pretrained=``); returns the folder."""
+    folder = Path(folder)
+    pipe = build_tiny_sd3_pipeline(
+        folder.parent / f"{folder.name}_build", seed=seed, transformer_kwargs=transformer_kwargs
+    )
+    pipe.save_pretrained(folder)
+    return folder

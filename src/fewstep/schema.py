@@ -117,7 +117,6 @@ class TinyModelConfig:
     prediction_type: str = "flow"  # the tiny nets are flow-matching models
 
 
-
 @dataclass
 class LoraModelConfig:
     """peft LoRA on the model (``enabled=false``: full fine-tune). SPEC §7 defaults: r=64, alpha=64."""
@@ -163,6 +162,7 @@ class SD15ModelConfig:
     beta_end: float = 0.012
     schedule_from_pretrained: bool = True
 
+
 # --------------------------------------------------------------------------- data
 @dataclass
 class DigitsDataConfig:
@@ -178,7 +178,6 @@ class Toy2DDataConfig:
     name: str = "moons"  # moons | checkerboard | 8gaussians
 
 
-
 @dataclass
 class LatentsDataConfig:
     _target_: str = "fewstep.data.latents.LatentData"
@@ -186,6 +185,7 @@ class LatentsDataConfig:
     batch_size: int = 8
     vae: str = ""  # decode grids with this pipeline's VAE; empty = the `pretrained` recorded in the cache
     decode_device: str | None = None  # None: the latents' device
+
 
 # --------------------------------------------------------------------------- trainer / logger
 @dataclass

@@ -24,6 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fewstep import checkpoint as ckpt_io
+from fewstep.data.base import cond_to
 from fewstep.generate import final_outputs, sample_in_chunks
 from fewstep.logging.grids import save_samples
 from fewstep.logging.writers import MetricsWriter, to_float
@@ -288,7 +289,7 @@ def _validation_grid(run_dir, step, objective, sampler, model_fn, data, device, 
     """Samples at the objective's ``target_step_count`` steps (guidance 0), saved as a grid."""
     n = 50
     noise = torch.randn(n, *data.shape, generator=torch.Generator().manual_seed(0)).to(device)
-    cond = data.grid_conds(n).to(device) if isinstance(data.grid_conds(n), torch.Tensor) else data.grid_conds(n)
+    cond = cond_to(data.grid_conds(n), device)
     x = sample_in_chunks(sampler, model_fn, noise, cond, objective.target_step_count, autocast=accelerator.autocast)
     path = save_samples(x, Path(run_dir) / "samples" / f"step_{step:07d}.png", title=f"step {step}", nrow=10)
     writer.log_images(step, {"samples": path})

@@ -14,8 +14,28 @@ register_schemas()
 def main(cfg: DictConfig) -> float | None:
     from fewstep.train import train
 
+    _export_submitit_dist_env()
     summary = train(cfg)
-    return summary.get("optimize")
+    if cfg.get("optimize_metric"):  # the value a Hydra sweeper (Optuna) optimises; rank 0 holds the evaluation
+        from fewstep.report import lookup_metric
+
+        return lookup_metric(summary, cfg.optimize_metric) if "eval" in summary else None
+    return None
+
+
+def _export_submitit_dist_env() -> None:
+    """Under a submitit launcher with several tasks per job (hydra/launcher=slurm_accelerate: one task per GPU),
+    give each task the torch.distributed env (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT) Accelerate reads."""
+    import os
+
+    if (
+        os.environ.get("SUBMITIT_EXECUTOR")
+        and int(os.environ.get("SLURM_NTASKS", "1")) > 1
+        and "RANK" not in os.environ
+    ):
+        import submitit
+
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
 if __name__ == "__main__":

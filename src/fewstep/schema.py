@@ -231,6 +231,21 @@ class Diff2FlowConfig:
 
 
 @dataclass
+class LaunchConfig:
+    """How a run is meant to be launched (the paper rows, ``experiment=table6/...``). Read by the docs, the tests
+    and a start-up warning; the loop itself takes its process count from Accelerate."""
+
+    num_processes: int = 1  # processes / GPUs: accelerate launch --num_processes N
+    distributed: str = "ddp"  # ddp | fsdp (accelerate launch --use_fsdp)
+    resolution: int | None = None  # image size (px) the latent cache is precomputed at
+    model_family: str | None = None  # tiny | sd35 | qwenimage | openuni
+    paper_steps: str | None = None  # the step count(s) the paper reports for this row
+    reference_config: str | None = None  # the inclusionAI/TwinFlow config file the row reproduces
+    hardware: str | None = None  # the GPUs the row expects
+    notes: str | None = None  # where fewstep differs from the reference for this row
+
+
+@dataclass
 class Config:
     objective: Any = MISSING
     teacher: Any = MISSING
@@ -240,6 +255,8 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     diff2flow: Diff2FlowConfig = field(default_factory=Diff2FlowConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    optimize_metric: str | None = None  # dotted path into summary.json returned to a Hydra sweeper
 
 
 SCHEMAS = {

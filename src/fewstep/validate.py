@@ -21,6 +21,9 @@ def _objective_kind(cfg: DictConfig) -> str:
 
 def validate(cfg: DictConfig) -> DictConfig:
     """Raise ConfigError on the first bad value; return cfg with forced settings applied (with a warning)."""
+    from fewstep.models.unavailable import check_available
+
+    check_available(cfg.model)  # a placeholder family (qwenimage, openuni) stops here, before data or weights
     obj, tr = cfg.objective, cfg.trainer
     few_step = _objective_kind(cfg) == "twinflow"
     if few_step:

@@ -31,6 +31,12 @@ def sample_in_chunks(
     return torch.cat(outs)
 
 
+def to_images(data, x: torch.Tensor, device) -> torch.Tensor:
+    """Grid images from samples: latent data decodes them with its VAE (``data.decode``)."""
+    decode = getattr(data, "decode", None)
+    return x if decode is None else decode(x.to(device)).float().cpu()
+
+
 def sample_methods(sampler, nfes, baseline_steps: int) -> list[tuple[str, object, int]]:
     """The (name, sampler, steps) list evaluated at the end of a run: the run's sampler at each NFE,
     plus the multi-step Euler baseline."""
@@ -69,7 +75,9 @@ def final_outputs(
     results = {}
     for name, smp, steps in sample_methods(sampler, nfes, baseline_steps):
         grid = sample_in_chunks(smp, model_fn, grid_noise, grid_cond, steps, autocast=autocast)
-        save_samples(grid, samples_dir / f"{name}.png", title=f"{name} ({steps} steps)", nrow=10)
+        save_samples(
+            to_images(data, grid, device), samples_dir / f"{name}.png", title=f"{name} ({steps} steps)", nrow=10
+        )
         if evaluator is None:
             continue
         x = sample_in_chunks(smp, model_fn, eval_noise, eval_cond, steps, autocast=autocast).clamp(-1, 1)

@@ -141,6 +141,7 @@ class SD35ModelConfig:
     gradient_checkpointing: bool = False
     prediction_type: str = "flow"
     lora: LoraModelConfig = field(default_factory=LoraModelConfig)
+    no_grad_chunk: int = 0  # > 0: no-grad passes (teacher, sampling) run in row chunks of this size (less memory)
 
 
 @dataclass
@@ -155,6 +156,7 @@ class SD15ModelConfig:
     lora: LoraModelConfig = field(
         default_factory=lambda: LoraModelConfig(target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     )
+    no_grad_chunk: int = 0
     # DDPM schedule (alphas_cumprod); read from <pretrained>/scheduler when schedule_from_pretrained
     num_train_timesteps: int = 1000
     beta_schedule: str = "scaled_linear"

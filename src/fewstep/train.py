@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fewstep import checkpoint as ckpt_io
 from fewstep.data.base import cond_to
-from fewstep.generate import final_outputs, sample_in_chunks
+from fewstep.generate import final_outputs, sample_in_chunks, to_images
 from fewstep.logging.grids import save_samples
 from fewstep.logging.writers import MetricsWriter, to_float
 from fewstep.models import build_model
@@ -291,7 +291,8 @@ def _validation_grid(run_dir, step, objective, sampler, model_fn, data, device, 
     noise = torch.randn(n, *data.shape, generator=torch.Generator().manual_seed(0)).to(device)
     cond = cond_to(data.grid_conds(n), device)
     x = sample_in_chunks(sampler, model_fn, noise, cond, objective.target_step_count, autocast=accelerator.autocast)
-    path = save_samples(x, Path(run_dir) / "samples" / f"step_{step:07d}.png", title=f"step {step}", nrow=10)
+    image = to_images(data, x, device)
+    path = save_samples(image, Path(run_dir) / "samples" / f"step_{step:07d}.png", title=f"step {step}", nrow=10)
     writer.log_images(step, {"samples": path})
 
 

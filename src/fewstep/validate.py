@@ -69,6 +69,15 @@ def validate(cfg: DictConfig) -> DictConfig:
                 "objective.allow_diff2flow=true to train it through the diff2flow bridge"
             )
 
+    if cfg.model.get("pretrained") is not None:  # a missing folder / uncached hub id fails before any work
+        from fewstep.models.sd3 import PretrainedNotFound, resolve_pretrained
+
+        component = "unet" if str(cfg.model.get("_target_", "")).endswith("DiffusionUNetModel") else "transformer"
+        try:
+            resolve_pretrained(str(cfg.model.pretrained), component, cfg.model.get("subfolder"))
+        except PretrainedNotFound as err:
+            raise ConfigError(str(err)) from None
+
     teacher_target = str(cfg.teacher.get("_target_", ""))
     if teacher_target.endswith("StudentTeacher") and not cfg.teacher.allow_student_teacher:
         raise ConfigError(

@@ -1,0 +1,237 @@
+"""``data=latents``: a latent + text-embedding cache written by ``python -m fewstep.precompute``.
+
+Shards are read lazily (memory-mapped safetensors), so a cache larger than RAM trains fine. Batches hold
+one latent shape only (resolution buckets). Epoch ``e`` shuffles with a permutation drawn from
+``seed + e``: the items of each bucket, in permuted order, form global batches (the remainder is dropped),
+and the batches are permuted again; ``position`` counts global batches already taken, so a checkpoint
+resumes the exact data order (as :class:`~fewstep.data.memory.InMemoryData`). Conditions are dicts
+(``prompt_embeds``, ``pooled_prompt_embeds``), the null condition is the cached empty-prompt embedding and
+grids use the cached validation prompts. ``decode`` turns latents into images with the pipeline's VAE.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from fewstep.data.base import Batch
+
+RUN_PRECOMPUTE = "python -m fewstep.precompute pretrained=... images=... out=DIR"
+
+
+class LatentCacheError(ValueError):
+    """The cache at ``data.path`` is missing, unfinished or inconsistent; the message names the fix."""
+
+
+class LatentData:
+    """The cached latents at ``path`` (see the module docstring); ``shape`` is the most common latent shape."""
+
+    num_classes = 0
+
+    def __init__(self, path: str = "", batch_size: int = 8, vae: str = "", decode_device: str | None = None):
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size={batch_size} must be >= 1")
+        if not path:
+            raise LatentCacheError(f"data.path is not set: write a cache with `{RUN_PRECOMPUTE}`, then data.path=DIR")
+        root = Path(os.path.expanduser(str(path)))
+        if not root.is_dir():
+            raise LatentCacheError(f"data.path={path}: no such folder; write a cache with `{RUN_PRECOMPUTE}`")
+        manifest_path = root / "manifest.json"
+        if not manifest_path.exists():
+            raise LatentCacheError(
+                f"data.path={path} has no manifest.json: not a fewstep latent cache, or its precompute did not "
+                "finish (re-run the same precompute command; it resumes)"
+            )
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except ValueError as err:
+            raise LatentCacheError(f"data.path={path}: manifest.json is corrupt ({err}); re-run precompute") from None
+        self.root, self.manifest = root, manifest
+        self.batch_size = int(batch_size)
+        self.vae_source = vae or manifest.get("pretrained", "")
+        self.decode_device = decode_device
+        self._vae = None
+        self._handles: dict[int, object] = {}
+        self.shards = [s for s in manifest.get("shards", []) if s.get("count", 0) > 0]
+        if not self.shards:
+            n_skipped = manifest.get("summary", {}).get("skipped", 0)
+            raise LatentCacheError(
+                f"data.path={path}: the cache holds no samples ({n_skipped} images skipped, see manifest.json); "
+                "add readable, captioned images and re-run precompute"
+            )
+        self.cond_keys, cond_shapes = self._check_shards()
+        self.null = self._load_small(manifest.get("null", "null.safetensors"), "null", cond_shapes)
+        self.validation = self._load_small(
+            manifest.get("validation", "validation.safetensors"), "validation", cond_shapes
+        )
+        self.validation_prompts = list(manifest.get("validation_prompts", []))
+
+        shard_of, row_of, bucket_of, shapes = [], [], [], []
+        for i, shard in enumerate(self.shards):
+            shape = tuple(int(v) for v in shard["latent_shape"])
+            if shape not in shapes:
+                shapes.append(shape)
+            shard_of += [i] * shard["count"]
+            row_of += list(range(shard["count"]))
+            bucket_of += [shapes.index(shape)] * shard["count"]
+        self.bucket_shapes = shapes
+        self.shard_of = torch.tensor(shard_of)
+        self.row_of = torch.tensor(row_of)
+        self.bucket_of = torch.tensor(bucket_of)
+        counts = Counter(bucket_of)
+        self.shape = shapes[max(counts, key=lambda b: (counts[b], -b))]
+        self.scaling_factor = float(manifest.get("vae", {}).get("scaling_factor", 1.0))
+        self.shift_factor = float(manifest.get("vae", {}).get("shift_factor", 0.0) or 0.0)
+        self._plan_key, self._plan = None, None
+
+    # -- checks -------------------------------------------------------------------------------
+
+    def _fail(self, message: str) -> LatentCacheError:
+        return LatentCacheError(f"data.path={self.root}: {message}")
+
+    def _handle(self, i: int):
+        if i not in self._handles:
+            from safetensors import safe_open
+
+            self._handles[i] = safe_open(str(self.root / self.shards[i]["file"]), framework="pt")
+        return self._handles[i]
+
+    def _check_shards(self) -> tuple[list[str], dict[str, tuple[int, ...]]]:
+        keys_ref, shapes_ref, channels_ref, first = None, None, None, self.shards[0]["file"]
+        for i, shard in enumerate(self.shards):
+            file = self.root / shard["file"]
+            if not file.exists():
+                raise self._fail(f"{shard['file']} is missing; re-run precompute with out={self.root} (it resumes)")
+            try:
+                handle = self._handle(i)
+                keys = sorted(handle.keys())
+                shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in keys}
+            except Exception as err:  # noqa: BLE001 - safetensors raises several types on damaged files
+                raise self._fail(
+                    f"{shard['file']} is unreadable ({type(err).__name__}); delete it and its .json and re-run "
+                    "precompute (it resumes)"
+                ) from None
+            if "latents" not in shapes or len(shapes["latents"]) != 4:
+                raise self._fail(f"{shard['file']} has no (N, C, h, w) latents; re-run precompute into an empty dir")
+            n = shard["count"]
+            if any(s[0] != n for s in shapes.values()) or list(shapes["latents"][1:]) != list(shard["latent_shape"]):
+                raise self._fail(
+                    f"{shard['file']} does not match manifest.json (rows or latent shape); delete it and its .json "
+                    "and re-run precompute (it resumes)"
+                )
+            cond = {k: s[1:] for k, s in shapes.items() if k != "latents"}
+            if keys_ref is None:
+                keys_ref, shapes_ref, channels_ref = sorted(cond), cond, shapes["latents"][1]
+            elif sorted(cond) != keys_ref or cond != shapes_ref or shapes["latents"][1] != channels_ref:
+                raise self._fail(
+                    f"{shard['file']} has latents/embeddings of shapes {shapes} unlike {first}'s "
+                    f"(channels {channels_ref}, {shapes_ref}): the cache mixes precompute settings; re-run precompute "
+                    "into an empty out dir"
+                )
+        return keys_ref, shapes_ref
+
+    def _load_small(self, name: str, what: str, cond_shapes: dict) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        file = self.root / name
+        if not file.exists():
+            raise self._fail(f"{name} ({what} prompt embeddings) is missing; re-run precompute with out={self.root}")
+        tensors = {k: v.float() for k, v in load_file(str(file)).items()}
+        if sorted(tensors) != self.cond_keys or any(tuple(tensors[k].shape[1:]) != cond_shapes[k] for k in tensors):
+            raise self._fail(
+                f"{name} does not match the shards' embeddings ({ {k: tuple(v.shape) for k, v in tensors.items()} } "
+                f"vs {cond_shapes}); re-run precompute into an empty out dir"
+            )
+        return tensors
+
+    # -- the data-module interface ------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return int(self.shard_of.numel())
+
+    def null_cond(self, n: int) -> dict[str, torch.Tensor]:
+        """The cached empty-prompt embeddings, ``n`` rows."""
+        return {k: v[:1].expand(n, *v.shape[1:]).contiguous() for k, v in self.null.items()}
+
+    def grid_conds(self, n: int) -> dict[str, torch.Tensor]:
+        """The cached validation prompts, cycled to ``n`` rows."""
+        first = next(iter(self.validation.values()))
+        idx = torch.arange(n) % first.shape[0]
+        return {k: v[idx] for k, v in self.validation.items()}
+
+    def read(self, items: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Latents (float32) and condition of dataset items (global indices), in order."""
+        latents, cond = [], {k: [] for k in self.cond_keys}
+        for item in items.tolist():
+            handle, row = self._handle(int(self.shard_of[item])), int(self.row_of[item])
+            latents.append(handle.get_slice("latents")[row : row + 1])
+            for k in self.cond_keys:
+                cond[k].append(handle.get_slice(k)[row : row + 1])
+        return torch.cat(latents).float(), {k: torch.cat(v).float() for k, v in cond.items()}
+
+    def _epoch_batches(self, seed: int, epoch: int, global_batch: int) -> list[torch.Tensor]:
+        key = (seed, epoch, global_batch)
+        if self._plan_key != key:
+            gen = torch.Generator().manual_seed(seed + epoch)
+            perm = torch.randperm(len(self), generator=gen)
+            batches = []
+            for b in range(len(self.bucket_shapes)):
+                members = perm[self.bucket_of[perm] == b]
+                full = members.numel() // global_batch * global_batch
+                batches += list(members[:full].split(global_batch))
+            order = torch.randperm(len(batches), generator=gen).tolist()
+            self._plan_key, self._plan = key, [batches[i] for i in order]
+        return self._plan
+
+    def batches(self, seed: int, position: int = 0, rank: int = 0, world: int = 1) -> Iterator[Batch]:
+        global_batch = self.batch_size * world
+        sizes = Counter(self.bucket_of.tolist())
+        per_epoch = sum(n // global_batch for n in sizes.values())
+        if per_epoch == 0:
+            biggest = max(sizes.values())
+            raise ValueError(
+                f"data.batch_size={self.batch_size} x {world} processes exceeds the largest resolution bucket "
+                f"({biggest} of {len(self)} cached samples); lower data.batch_size or cache more images"
+            )
+        while True:
+            epoch, index = divmod(position, per_epoch)
+            rows = self._epoch_batches(seed, epoch, global_batch)[index][rank * self.batch_size :][: self.batch_size]
+            position += 1
+            x, cond = self.read(rows)
+            yield Batch(x, cond, self.null_cond(len(rows)))
+
+    # -- decoding -------------------------------------------------------------------------------
+
+    def vae(self, device: torch.device | str | None = None):
+        """The pipeline's VAE (loaded on first use from ``data.vae`` or the cache's ``pretrained``)."""
+        if self._vae is None:
+            from diffusers import AutoencoderKL
+
+            from fewstep.models.sd3 import _load_error, resolve_pretrained
+
+            source, sub = resolve_pretrained(self.vae_source, "vae", key="data.vae (or the cache's pretrained)")
+            try:
+                self._vae = AutoencoderKL.from_pretrained(source, subfolder=sub).eval().requires_grad_(False)
+            except (OSError, ValueError) as err:
+                raise _load_error("data.vae", self.vae_source, err) from err
+        if device is not None:
+            self._vae.to(device)
+        return self._vae
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+        """Images in [-1, 1] (float32, on ``x``'s device) from cached-space latents: VAE decode of
+        ``x / scaling_factor + shift_factor``."""
+        device = torch.device(self.decode_device) if self.decode_device else x.device
+        vae = self.vae(device)
+        dtype = next(vae.parameters()).dtype
+        out = []
+        for part in x.split(chunk):
+            latents = part.to(device=device, dtype=dtype) / self.scaling_factor + self.shift_factor
+            out.append(vae.decode(latents, return_dict=False)[0].float().clamp(-1, 1).to(x.device))
+        return torch.cat(out)

@@ -1,0 +1,275 @@
+"""``python -m fewstep.export run_dir=DIR out=DIR2 [weights=ema|student]``: a run as a diffusers pipeline.
+
+Reads the run's ``.hydra/config.yaml`` and newest valid checkpoint (EMA weights by default) and writes
+``DIR2/``: the pretrained pipeline's components (VAE, text encoders, tokenizers) saved again, the trained
+transformer (LoRA merged) as :class:`fewstep.models.sd3.SD3TwinFlowTransformer2DModel` when the run used
+the target-time / sign embeddings (else a vanilla ``SD3Transformer2DModel``), and ``TwinFlowScheduler``
+set up like the run's sampler. ``model_index.json`` names them as ``["fewstep.models.sd3",
+"SD3TwinFlowTransformer2DModel"]`` and ``["fewstep.samplers.scheduler", "TwinFlowScheduler"]``; diffusers
+resolves such names from ``sys.modules``, so import those modules first (or use :func:`load_pipeline`)::
+
+    import fewstep.models.sd3, fewstep.samplers.scheduler
+    from diffusers import StableDiffusion3Pipeline
+    pipe = StableDiffusion3Pipeline.from_pretrained(DIR2)
+    image = pipe("a cat", num_inference_steps=2, guidance_scale=0.0).images[0]
+
+LoRA runs also get ``DIR2/lora/``: the adapter in the diffusers LoRA format
+(``pytorch_lora_weights.safetensors``, via ``StableDiffusion3Pipeline.save_lora_weights``), the embeddings
+(``twinflow_embeddings.safetensors``) and the scheduler config; :func:`load_lora_pipeline` puts them on a
+base SD3 pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from fewstep.precompute import parse_kv
+
+log = logging.getLogger("fewstep.export")
+
+USAGE = (
+    "usage: python -m fewstep.export run_dir=DIR out=DIR2 [weights=ema|student] [checkpoint=PATH] "
+    "[pipeline=DIR_OR_HUB_ID] [dtype=model|float32|bfloat16|float16]"
+)
+DEFAULTS = {"run_dir": "", "out": "", "weights": "ema", "checkpoint": None, "pipeline": "", "dtype": "model"}
+EMBEDDINGS_FILE = "twinflow_embeddings.safetensors"
+
+
+class ExportError(ValueError):
+    """A bad argument or run; the message is one line naming the fix."""
+
+
+def _import_classes() -> None:
+    import fewstep.models.sd3  # noqa: F401 - registers the transformer class for diffusers' loader
+    import fewstep.samplers.scheduler  # noqa: F401 - the same for the scheduler
+
+
+def scheduler_for_run(cfg, sampler=None):
+    """A ``TwinFlowScheduler`` with the run's UCGM sampler settings and its target step count."""
+    from hydra.utils import instantiate
+
+    from fewstep.samplers.scheduler import TwinFlowScheduler
+    from fewstep.samplers.ucgm import UCGMSampler
+
+    sampler = sampler if sampler is not None else instantiate(cfg.sampler, _convert_="all")
+    kwargs = {}
+    if isinstance(sampler, UCGMSampler):
+        kwargs = dict(
+            sampling_style=sampler.style,
+            stochast_ratio=sampler.stochast_ratio,
+            extrapol_ratio=sampler.extrapol_ratio,
+            time_dist_ctrl=list(sampler.time_dist_ctrl),
+            rfba_gap_steps=None if sampler.rfba_gap_steps is None else list(sampler.rfba_gap_steps),
+        )
+    steps = int(cfg.objective.get("target_step_count", 2))
+    return TwinFlowScheduler(
+        num_train_timesteps=1000,
+        prediction_type="flow_matching",
+        shift=1.0,
+        default_num_inference_steps=min(max(steps, 1), 8),
+        **kwargs,
+    )
+
+
+def _teacher_decay(cfg) -> float | None:
+    target = str(cfg.teacher.get("_target_", ""))
+    if target.endswith("FrozenTeacher"):
+        return 1.0
+    if target.endswith("StudentTeacher"):
+        return 0.0
+    decay = cfg.teacher.get("decay")
+    return None if decay is None else float(decay)
+
+
+def load_run_model(run_dir: Path, checkpoint: str | None, weights: str):
+    """The run's model with the chosen weights loaded; returns (cfg, model, checkpoint, step, weights used)."""
+    from hydra.utils import get_class, instantiate
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_file
+
+    from fewstep import checkpoint as ckpt_io
+
+    cfg_path = run_dir / ".hydra" / "config.yaml"
+    if not cfg_path.exists():
+        raise ExportError(f"run_dir={run_dir} is not a fewstep run dir (no .hydra/config.yaml)")
+    cfg = OmegaConf.load(cfg_path)
+    if not str(cfg.model.get("_target_", "")).endswith("sd3.SD3Model"):
+        raise ExportError(
+            f"run_dir={run_dir} trained {cfg.model.get('_target_')}; fewstep.export writes SD3 pipelines "
+            "(model=sd35 / sd35_lora); use fewstep.sample for other models"
+        )
+    if checkpoint:
+        ckpt = Path(checkpoint)
+        ckpt_io.verify(ckpt)
+    else:
+        ckpt = ckpt_io.latest_valid(run_dir / "checkpoints", warn=log.warning)
+        if ckpt is None:
+            raise ExportError(f"{run_dir}/checkpoints holds no valid checkpoint; train longer or pass checkpoint=")
+    if weights not in ("ema", "student"):
+        raise ExportError(f"weights={weights!r} must be ema or student")
+    time_pair = bool(getattr(get_class(cfg.objective._target_), "needs_time_pair", False))
+    model = instantiate(cfg.model, data_shape=None, num_classes=0, time_pair=time_pair, _convert_="all")
+    state = ckpt_io.load_checkpoint(ckpt, model, teacher=None, restore_rng=False)
+    used = "student"
+    if weights == "ema":
+        decay = _teacher_decay(cfg)
+        shadow_file = ckpt / "teacher.safetensors"
+        if decay is not None and 0.0 < decay < 1.0 and shadow_file.exists():
+            shadow = load_file(str(shadow_file))
+            params = dict(model.named_parameters())
+            unknown = sorted(set(shadow) - set(params))
+            if unknown:
+                raise ExportError(f"{shadow_file} does not match the model (e.g. {unknown[0]}); export weights=student")
+            with torch.no_grad():
+                for k, v in shadow.items():
+                    params[k].copy_(v)
+            used = "ema"
+        else:
+            log.info("the run keeps no EMA to sample with (teacher decay %s): exporting the student weights", decay)
+    return cfg, model, ckpt, int(state["step"]), used
+
+
+def export(args) -> dict:
+    from diffusers import StableDiffusion3Pipeline
+    from safetensors.torch import save_file
+
+    from fewstep.models.sd3 import (
+        PretrainedNotFound,
+        _load_error,
+        has_time_pair,
+        lora_config_of,
+        parse_dtype,
+        time_pair_state_dict,
+    )
+
+    for key in ("run_dir", "out"):
+        if not args[key]:
+            raise ExportError(f"{key}= is required\n{USAGE}")
+    run_dir = Path(os.path.expanduser(args.run_dir))
+    out = Path(os.path.expanduser(args.out))
+    cfg, model, ckpt, step, used = load_run_model(run_dir, args.checkpoint, args.weights)
+    dtype = model.weight_dtype if args.dtype == "model" else parse_dtype(args.dtype, "dtype")
+    transformer = model.export_transformer(dtype)
+    scheduler = scheduler_for_run(cfg)
+    pipeline_source = args.pipeline or str(cfg.model.pretrained)
+    local = Path(os.path.expanduser(pipeline_source))
+    if local.exists() and not (local / "model_index.json").exists():
+        raise ExportError(
+            f"{pipeline_source} is not a pipeline folder (no model_index.json): pass pipeline=<the SD3 pipeline "
+            "folder or hub id> for the VAE and text encoders"
+        )
+    try:
+        pipe = StableDiffusion3Pipeline.from_pretrained(
+            str(local) if local.exists() else pipeline_source, transformer=transformer, scheduler=scheduler
+        )
+    except (OSError, ValueError) as err:
+        if isinstance(err, PretrainedNotFound):
+            raise
+        raise _load_error("pipeline", pipeline_source, err) from err
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out)
+    info = {
+        "run_dir": str(run_dir.resolve()),
+        "checkpoint": str(ckpt.resolve()),
+        "step": step,
+        "weights": used,
+        "objective": str(cfg.objective._target_),
+        "time_pair": has_time_pair(model.transformer),
+        "lora": bool(model.lora_enabled),
+        "pipeline": pipeline_source,
+        "load": "import fewstep.models.sd3, fewstep.samplers.scheduler; "
+        f"StableDiffusion3Pipeline.from_pretrained({str(out)!r})",
+    }
+    if model.lora_enabled:
+        from peft.utils import get_peft_model_state_dict
+
+        lora_dir = out / "lora"
+        lora_dir.mkdir(exist_ok=True)
+        config = lora_config_of(model.transformer)
+        metadata = None
+        if config is not None:
+            metadata = json.loads(
+                json.dumps(config.to_dict(), default=lambda o: sorted(o) if isinstance(o, set) else str(o))
+            )
+        layers = {k: v.detach().to(dtype).contiguous() for k, v in get_peft_model_state_dict(model.transformer).items()}
+        StableDiffusion3Pipeline.save_lora_weights(
+            lora_dir, transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata
+        )
+        embeddings = {
+            k: v.detach().to(dtype).contiguous().cpu() for k, v in time_pair_state_dict(model.transformer).items()
+        }
+        if embeddings:
+            save_file(embeddings, str(lora_dir / EMBEDDINGS_FILE), metadata={"format": "fewstep-twinflow-embeddings"})
+        scheduler.save_pretrained(lora_dir / "scheduler")
+        info["lora_dir"] = str(lora_dir)
+        info["lora_files"] = sorted(p.name for p in lora_dir.iterdir())
+    (out / "fewstep_export.json").write_text(json.dumps(info, indent=2))
+    log.info("exported step %d (%s weights) of %s to %s", step, used, run_dir, out)
+    return info
+
+
+def load_pipeline(path: str | os.PathLike, **kwargs):
+    """``StableDiffusion3Pipeline.from_pretrained`` of an exported folder (imports the fewstep classes first);
+    the transformer reads its target time from the pipeline's scheduler."""
+    _import_classes()
+    from diffusers import StableDiffusion3Pipeline
+
+    from fewstep.models.sd3 import SD3TwinFlowTransformer2DModel
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(path, **kwargs)
+    if isinstance(pipe.transformer, SD3TwinFlowTransformer2DModel):
+        pipe.transformer.use_scheduler_target_time(pipe.scheduler)
+    return pipe
+
+
+def load_lora_pipeline(base: str | os.PathLike, lora_dir: str | os.PathLike, torch_dtype=None, **kwargs):
+    """A base SD3 pipeline with an exported LoRA: the transformer gets the TwinFlow embeddings
+    (``twinflow_embeddings.safetensors``), the adapter is loaded with ``load_lora_weights`` and the
+    scheduler is the exported ``TwinFlowScheduler``."""
+    _import_classes()
+    from diffusers import StableDiffusion3Pipeline
+    from safetensors.torch import load_file
+
+    from fewstep.models.sd3 import SD3TwinFlowTransformer2DModel
+    from fewstep.samplers.scheduler import TwinFlowScheduler
+
+    lora_dir = Path(lora_dir)
+    extra = {}
+    emb_file = lora_dir / EMBEDDINGS_FILE
+    if emb_file.exists():
+        transformer = SD3TwinFlowTransformer2DModel.from_pretrained(
+            base, subfolder="transformer", time_pair=True, low_cpu_mem_usage=False, torch_dtype=torch_dtype
+        )
+        embeddings = load_file(str(emb_file))
+        result = transformer.load_state_dict(embeddings, strict=False)
+        if result.unexpected_keys:
+            raise ValueError(f"{emb_file} does not fit the transformer: {result.unexpected_keys[:3]}")
+        extra["transformer"] = transformer
+    if (lora_dir / "scheduler").exists():
+        extra["scheduler"] = TwinFlowScheduler.from_pretrained(lora_dir, subfolder="scheduler")
+    pipe = StableDiffusion3Pipeline.from_pretrained(base, torch_dtype=torch_dtype, **extra, **kwargs)
+    pipe.load_lora_weights(lora_dir)
+    if isinstance(pipe.transformer, SD3TwinFlowTransformer2DModel):
+        pipe.transformer.use_scheduler_target_time(pipe.scheduler)
+    return pipe
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from fewstep.checkpoint import CheckpointError
+    from fewstep.models.sd3 import PretrainedNotFound
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_kv(argv, DEFAULTS, USAGE)
+    try:
+        return export(args)
+    except (ExportError, PretrainedNotFound, CheckpointError) as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,508 @@
+"""``python -m fewstep.precompute pretrained=DIR images=DIR out=DIR [resolution=512 batch_size=4 device=...]``
+
+Images + captions → a latent / text-embedding cache that ``data=latents data.path=DIR`` trains on (SPEC §4),
+encoded by the pipeline's own VAE and text encoders (SD3: two CLIPs + T5 via ``encode_prompt``).
+
+Captions: ``metadata.jsonl`` in the image folder (lines ``{"file_name": ..., "text": ...}``) or a ``.txt``
+beside each image. Images are resized to cover a resolution bucket (aspect ratios 1:1, 4:3, 3:2, 16:9 and
+their transposes at about ``resolution²`` pixels, sides a multiple of the latent patch) and centre-cropped;
+``buckets=false`` uses the square only. Latents are ``(mean − shift_factor)·scaling_factor`` of the VAE.
+
+The cache (``out/``): ``shards/shard_NNNNN.safetensors`` (``latents`` (N, C, h, w) float32,
+``prompt_embeds``, ``pooled_prompt_embeds``; one latent shape per shard) each with a ``.json`` sidecar
+written after it, ``null.safetensors`` (the empty prompt, for the enhanced / CFG target),
+``validation.safetensors`` (a few fixed prompts for sample grids) and ``manifest.json`` (written last).
+A rerun with the same arguments skips finished shards. Unreadable images and images without a caption
+are reported by name, skipped, and counted in the summary (printed, and in ``manifest.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("fewstep.precompute")
+
+USAGE = (
+    "usage: python -m fewstep.precompute pretrained=DIR_OR_HUB_ID images=DIR out=DIR [resolution=512] "
+    "[batch_size=4] [device=cuda|cpu] [shard_size=256] [max_sequence_length=256] [buckets=true] "
+    "[dtype=auto|float32|bfloat16] [embeds_dtype=bfloat16|float16|float32] [missing_caption=skip|empty] "
+    "[validation_prompts=FILE] [progress=true]"
+)
+DEFAULTS = {
+    "pretrained": "",
+    "images": "",
+    "out": "",
+    "resolution": 512,
+    "batch_size": 4,
+    "device": None,
+    "shard_size": 256,
+    "max_sequence_length": 256,
+    "buckets": True,
+    "dtype": "auto",
+    "embeds_dtype": "bfloat16",
+    "missing_caption": "skip",
+    "validation_prompts": "",
+    "progress": True,
+}
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+ASPECT_RATIOS = (1.0, 4 / 3, 3 / 4, 3 / 2, 2 / 3, 16 / 9, 9 / 16)
+DEFAULT_VALIDATION_PROMPTS = (
+    "a photo of a red fox sitting in fresh snow",
+    "a bowl of ramen on a wooden table, studio lighting",
+    "a lighthouse on a cliff at sunset, oil painting",
+    "a close-up portrait of an old man with a grey beard",
+)
+FORMAT = "fewstep-latents"
+FORMAT_VERSION = 1
+
+
+class PrecomputeError(ValueError):
+    """A bad argument or input; the message is one line naming the fix."""
+
+
+def parse_kv(argv: list[str] | None, defaults: dict, usage: str):
+    """``key=value`` arguments (OmegaConf dotlist syntax) over typed defaults; unknown keys exit with usage."""
+    from omegaconf import OmegaConf
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(usage)
+        raise SystemExit(0)
+    bad = [a for a in argv if "=" not in a]
+    if bad:
+        raise SystemExit(f"error: expected key=value, got {bad[0]!r}\n{usage}")
+    base = OmegaConf.create(defaults)
+    OmegaConf.set_struct(base, True)
+    try:
+        return OmegaConf.merge(base, OmegaConf.from_dotlist(argv))
+    except Exception as err:  # omegaconf raises several types for unknown keys / bad values
+        raise SystemExit(f"error: {err.__class__.__name__}: {str(err).splitlines()[0]}\n{usage}") from None
+
+
+# --------------------------------------------------------------------------- planning
+
+
+@dataclass
+class Item:
+    file: str  # relative to the image folder (posix)
+    caption: str
+    size: tuple[int, int]  # (width, height) in pixels, bucket-resized
+
+
+@dataclass
+class Shard:
+    name: str
+    size: tuple[int, int]  # (width, height)
+    items: list[Item] = field(default_factory=list)
+
+
+def bucket_sizes(resolution: int, multiple: int, buckets: bool = True) -> list[tuple[int, int]]:
+    """(width, height) pairs of about ``resolution²`` pixels, sides multiples of ``multiple``."""
+    sizes = set()
+    for ratio in ASPECT_RATIOS if buckets else (1.0,):
+        w = max(multiple, round(resolution * math.sqrt(ratio) / multiple) * multiple)
+        h = max(multiple, round(resolution / math.sqrt(ratio) / multiple) * multiple)
+        sizes.add((w, h))
+    return sorted(sizes)
+
+
+def pick_bucket(width: int, height: int, sizes: list[tuple[int, int]]) -> tuple[int, int]:
+    ratio = math.log(width / height)
+    return min(sizes, key=lambda s: (abs(ratio - math.log(s[0] / s[1])), s))
+
+
+def find_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def read_captions(folder: Path) -> dict[str, str]:
+    """``metadata.jsonl`` captions keyed by the image path relative to ``folder`` (posix)."""
+    captions: dict[str, str] = {}
+    meta = folder / "metadata.jsonl"
+    if not meta.exists():
+        return captions
+    for n, line in enumerate(meta.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            captions[Path(row["file_name"]).as_posix()] = str(row["text"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise PrecomputeError(
+                f'{meta}:{n}: expected {{"file_name": ..., "text": ...}} ({type(err).__name__}); fix that line'
+            ) from None
+    return captions
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the header, after the EXIF orientation."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        width, height = im.size
+        try:
+            orientation = im.getexif().get(0x0112, 1)
+        except Exception:  # noqa: BLE001 - a broken EXIF block is not a broken image
+            orientation = 1
+    if width < 1 or height < 1:
+        raise ValueError("empty image")
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def load_image(path: Path, size: tuple[int, int]) -> torch.Tensor:
+    """RGB in [-1, 1], (3, h, w): resized to cover ``size`` (w, h), centre-cropped."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    w, h = size
+    with Image.open(path) as im:
+        im.load()
+        im = ImageOps.exif_transpose(im).convert("RGB")
+    scale = max(w / im.width, h / im.height)
+    nw, nh = max(w, round(im.width * scale)), max(h, round(im.height * scale))
+    im = im.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - w) // 2, (nh - h) // 2
+    im = im.crop((left, top, left + w, top + h))
+    arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def plan_shards(
+    folder: Path, sizes: list[tuple[int, int]], shard_size: int, missing_caption: str
+) -> tuple[list[Shard], list[dict], int]:
+    """Deterministic shards (one bucket each) of the captioned, readable images; and the skipped ones."""
+    captions = read_captions(folder)
+    files = find_images(folder)
+    skipped: list[dict] = []
+    by_bucket: dict[tuple[int, int], list[Item]] = {}
+    for path in files:
+        rel = path.relative_to(folder).as_posix()
+        try:
+            width, height = image_size(path)
+        except Exception as err:  # noqa: BLE001 - any decoder error means an unreadable image
+            skipped.append({"file": rel, "reason": f"unreadable: {type(err).__name__}: {str(err)[:120]}"})
+            continue
+        caption = captions.get(rel)
+        if caption is None and path.with_suffix(".txt").exists():
+            caption = path.with_suffix(".txt").read_text().strip()
+        if caption is None:
+            if missing_caption == "skip":
+                skipped.append({"file": rel, "reason": "no caption (metadata.jsonl or .txt)"})
+                continue
+            caption = ""
+        bucket = pick_bucket(width, height, sizes)
+        by_bucket.setdefault(bucket, []).append(Item(rel, caption, bucket))
+    shards: list[Shard] = []
+    for bucket in sorted(by_bucket, key=lambda s: (s[1], s[0])):
+        items = by_bucket[bucket]
+        for start in range(0, len(items), shard_size):
+            shards.append(Shard(f"shard_{len(shards):05d}", bucket, items[start : start + shard_size]))
+    return shards, skipped, len(files)
+
+
+# --------------------------------------------------------------------------- encoders
+
+
+class Encoders:
+    """The pipeline's VAE and text encoders (no denoiser), on ``device``."""
+
+    def __init__(self, pretrained: str, device: torch.device, text_dtype: torch.dtype):
+        from diffusers import DiffusionPipeline
+
+        from fewstep.models.sd3 import _load_error, dtype_kwargs, resolve_pretrained
+
+        local = Path(os.path.expanduser(pretrained))
+        if local.exists():
+            if not (local / "model_index.json").exists():
+                raise PrecomputeError(
+                    f"pretrained={pretrained}: no model_index.json there; precompute needs a diffusers pipeline "
+                    "folder (VAE + text encoders), not a bare transformer"
+                )
+            source = str(local.resolve())
+        else:
+            source, _ = resolve_pretrained(pretrained, "vae", key="pretrained")
+        try:
+            index = DiffusionPipeline.load_config(source)
+            skip = {
+                k: None
+                for k in ("transformer", "unet", "safety_checker", "feature_extractor", "image_encoder")
+                if k in index
+            }
+            pipe = DiffusionPipeline.from_pretrained(source, **dtype_kwargs(text_dtype), **skip)
+        except (OSError, ValueError) as err:
+            raise _load_error("pretrained", pretrained, err) from err
+        self.source = source
+        self.pipeline_class = index.get("_class_name", type(pipe).__name__)
+        self.pipe = pipe
+        self.device = device
+        self.vae = pipe.vae.to(device=device, dtype=torch.float32).eval()
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            module = getattr(pipe, name, None)
+            if module is not None:
+                module.to(device).eval()
+        self.scaling_factor = float(self.vae.config.scaling_factor)
+        self.shift_factor = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.is_sd3 = "StableDiffusion3" in self.pipeline_class
+        self.latent_multiple = self.vae_scale * self._denoiser_multiple(index)
+
+    def _component_config(self, name: str) -> dict | None:
+        local = Path(self.source)
+        try:
+            if local.is_dir():
+                path = local / name / "config.json"
+                return json.loads(path.read_text()) if path.exists() else None
+            from huggingface_hub import hf_hub_download
+
+            return json.loads(Path(hf_hub_download(self.source, "config.json", subfolder=name)).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _denoiser_multiple(self, index: dict) -> int:
+        """Latent sides must be multiples of the transformer patch (or the UNet's down-sampling factor)."""
+        if "transformer" in index:
+            config = self._component_config("transformer") or {}
+            return int(config.get("patch_size", 1))
+        if "unet" in index:
+            config = self._component_config("unet") or {}
+            return 2 ** (len(config.get("block_out_channels", [0])) - 1)
+        return 1
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        latents = self.vae.encode(pixels.to(self.device, torch.float32)).latent_dist.mode()
+        return ((latents - self.shift_factor) * self.scaling_factor).float().cpu()
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str], max_sequence_length: int) -> dict[str, torch.Tensor]:
+        if self.is_sd3:
+            embeds, _, pooled, _ = self.pipe.encode_prompt(
+                prompt=prompts,
+                prompt_2=None,
+                prompt_3=None,
+                device=self.device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=False,
+                max_sequence_length=max_sequence_length,
+            )
+            return {"prompt_embeds": embeds.float().cpu(), "pooled_prompt_embeds": pooled.float().cpu()}
+        out = self.pipe.encode_prompt(prompts, self.device, 1, False)
+        return {"prompt_embeds": out[0].float().cpu()}
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".tmp_{path.name}_{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _write_json_atomic(data: dict, path: Path) -> None:
+    tmp = path.with_name(f".tmp_{path.name}_{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def _shard_done(shard: Shard, shards_dir: Path) -> dict | None:
+    """The sidecar of a finished shard with the planned files, else None."""
+    sidecar = shards_dir / f"{shard.name}.json"
+    if not sidecar.exists():
+        return None
+    try:
+        info = json.loads(sidecar.read_text())
+    except ValueError:
+        return None
+    planned = [i.file for i in shard.items]
+    if info.get("planned") != planned or tuple(info.get("size", ())) != shard.size:
+        return None
+    if info.get("count", 0) > 0 and not (shards_dir / f"{shard.name}.safetensors").exists():
+        return None
+    return info
+
+
+def _cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: v.to(dtype) for k, v in tensors.items()}
+
+
+def precompute(args) -> dict:
+    """Run the precompute for parsed ``args`` (see ``DEFAULTS``); returns the manifest."""
+    from fewstep.models.sd3 import parse_dtype
+
+    for key in ("pretrained", "images", "out"):
+        if not args[key]:
+            raise PrecomputeError(f"{key}= is required\n{USAGE}")
+    images = Path(os.path.expanduser(args.images))
+    if not images.is_dir():
+        raise PrecomputeError(f"images={args.images}: no such folder; give the folder holding the images")
+    if args.resolution < 8 or args.batch_size < 1 or args.shard_size < 1:
+        raise PrecomputeError("resolution must be >= 8, batch_size and shard_size >= 1")
+    if args.missing_caption not in ("skip", "empty"):
+        raise PrecomputeError(f"missing_caption={args.missing_caption!r} must be skip or empty")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        text_dtype = (
+            (torch.bfloat16 if device.type == "cuda" else torch.float32)
+            if args.dtype == "auto"
+            else parse_dtype(args.dtype, "dtype")
+        )
+        embeds_dtype = parse_dtype(args.embeds_dtype, "embeds_dtype")
+    except ValueError as err:
+        raise PrecomputeError(str(err)) from None
+    if args.validation_prompts:
+        vp = Path(os.path.expanduser(args.validation_prompts))
+        if not vp.exists():
+            raise PrecomputeError(f"validation_prompts={args.validation_prompts}: no such file (one prompt a line)")
+        validation_prompts = [line.strip() for line in vp.read_text().splitlines() if line.strip()]
+    else:
+        validation_prompts = list(DEFAULT_VALIDATION_PROMPTS)
+
+    encoders = Encoders(args.pretrained, device, text_dtype)
+    out = Path(os.path.expanduser(args.out))
+    shards_dir = out / "shards"
+    shards_dir.mkdir(parents=True, exist_ok=True)
+    sizes = bucket_sizes(args.resolution, encoders.latent_multiple, args.buckets)
+    shards, skipped, n_files = plan_shards(images, sizes, args.shard_size, args.missing_caption)
+    if n_files == 0:
+        raise PrecomputeError(f"images={args.images}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    planned_names = {s.name for s in shards}
+    for stale in shards_dir.glob("shard_*"):
+        if stale.name.split(".")[0] not in planned_names:
+            stale.unlink()
+
+    from tqdm import tqdm
+
+    total = sum(len(s.items) for s in shards)
+    done_infos = {s.name: _shard_done(s, shards_dir) for s in shards}
+    initial = sum(len(s.items) for s in shards if done_infos[s.name] is not None)
+    progress = tqdm(total=total, initial=initial, desc="precompute", unit="img", disable=not args.progress)
+    resumed = sum(1 for v in done_infos.values() if v is not None)
+    for shard in shards:
+        if done_infos[shard.name] is not None:
+            continue
+        latents, embeds, written, shard_skipped = [], [], [], []
+        for start in range(0, len(shard.items), args.batch_size):
+            chunk = shard.items[start : start + args.batch_size]
+            pixels, ok = [], []
+            for item in chunk:
+                try:
+                    pixels.append(load_image(images / item.file, shard.size))
+                    ok.append(item)
+                except Exception as err:  # noqa: BLE001 - any decoder error means an unreadable image
+                    shard_skipped.append(
+                        {"file": item.file, "reason": f"unreadable: {type(err).__name__}: {str(err)[:120]}"}
+                    )
+            if ok:
+                latents.append(encoders.encode_images(torch.stack(pixels)))
+                embeds.append(encoders.encode_text([i.caption for i in ok], args.max_sequence_length))
+                written.extend(i.file for i in ok)
+            progress.update(len(chunk))
+        info = {
+            "planned": [i.file for i in shard.items],
+            "size": list(shard.size),
+            "files": written,
+            "count": len(written),
+            "skipped": shard_skipped,
+        }
+        if written:
+            tensors = {"latents": torch.cat(latents)}
+            tensors.update(_cast({k: torch.cat([e[k] for e in embeds]) for k in embeds[0]}, embeds_dtype))
+            info["latent_shape"] = list(tensors["latents"].shape[1:])
+            _save_atomic(tensors, shards_dir / f"{shard.name}.safetensors")
+        _write_json_atomic(info, shards_dir / f"{shard.name}.json")
+        done_infos[shard.name] = info
+    progress.close()
+
+    null = _cast(encoders.encode_text([""], args.max_sequence_length), embeds_dtype)
+    _save_atomic(null, out / "null.safetensors")
+    validation = _cast(encoders.encode_text(validation_prompts, args.max_sequence_length), embeds_dtype)
+    _save_atomic(validation, out / "validation.safetensors")
+
+    for s in shards:
+        skipped.extend(done_infos[s.name].get("skipped", []))
+    entries = [
+        {
+            "file": f"shards/{s.name}.safetensors",
+            "count": done_infos[s.name]["count"],
+            "latent_shape": done_infos[s.name]["latent_shape"],
+            "files": done_infos[s.name]["files"],
+        }
+        for s in shards
+        if done_infos[s.name]["count"] > 0
+    ]
+    encoded = sum(e["count"] for e in entries)
+    buckets: dict[str, int] = {}
+    for e in entries:
+        key = "x".join(str(v) for v in e["latent_shape"])
+        buckets[key] = buckets.get(key, 0) + e["count"]
+    summary = {
+        "images_found": n_files,
+        "encoded": encoded,
+        "skipped": len(skipped),
+        "skipped_unreadable": sum(1 for s in skipped if s["reason"].startswith("unreadable")),
+        "skipped_no_caption": sum(1 for s in skipped if s["reason"].startswith("no caption")),
+        "shards": len(entries),
+        "shards_resumed": resumed,
+        "latent_buckets": buckets,
+    }
+    pretrained = args.pretrained
+    if Path(os.path.expanduser(pretrained)).exists():
+        pretrained = str(Path(os.path.expanduser(pretrained)).resolve())
+    manifest = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "pretrained": pretrained,
+        "pipeline_class": encoders.pipeline_class,
+        "resolution": args.resolution,
+        "buckets": args.buckets,
+        "max_sequence_length": args.max_sequence_length,
+        "embeds_dtype": str(embeds_dtype).replace("torch.", ""),
+        "vae": {"scaling_factor": encoders.scaling_factor, "shift_factor": encoders.shift_factor},
+        "shards": entries,
+        "null": "null.safetensors",
+        "validation": "validation.safetensors",
+        "validation_prompts": validation_prompts,
+        "summary": summary,
+        "skipped": skipped,
+    }
+    _write_json_atomic(manifest, out / "manifest.json")
+    for s in skipped:
+        log.warning("skipped %s: %s", s["file"], s["reason"])
+    log.info(
+        "precompute: %d of %d images encoded into %d shard(s) (%d resumed), %d skipped (%d unreadable, "
+        "%d without caption); buckets %s; cache in %s",
+        encoded, n_files, len(entries), resumed, len(skipped), summary["skipped_unreadable"],
+        summary["skipped_no_caption"], buckets, out,
+    )  # fmt: skip
+    if encoded == 0:
+        raise PrecomputeError(
+            f"no image was encoded ({len(skipped)} skipped; see {out / 'manifest.json'}); "
+            "add readable, captioned images"
+        )
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from fewstep.models.sd3 import PretrainedNotFound
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_kv(argv, DEFAULTS, USAGE)
+    try:
+        return precompute(args)
+    except (PrecomputeError, PretrainedNotFound) as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,443 @@
+"""The real-model path on a tiny offline SD3 pipeline: precompute (images + captions → latent cache, corrupt
+files reported and skipped, resumable), ``data=latents`` (buckets, resumable order, errors), training
+``model=sd35`` / ``sd35_lora`` with TwinFlow, ``fewstep.export`` and 2-step generation from the export."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
+
+from fewstep.data.latents import LatentCacheError, LatentData
+from fewstep.precompute import main as precompute_main
+
+from helpers import FAST, compose
+
+MAX_SEQ = 8
+SQUARE, WIDE = (16, 16), (20, 15)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    from tiny_sd3 import save_tiny_sd3_pipeline
+
+    return save_tiny_sd3_pipeline(tmp_path_factory.mktemp("sd3") / "pipe")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    meta = []
+    for i in range(6):
+        w, h = SQUARE if i < 4 else WIDE
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+        if i % 2:
+            (folder / f"img{i}.txt").write_text(f"a red cat number {i}")
+        else:
+            meta.append({"file_name": f"img{i}.png", "text": f"a blue dog number {i}"})
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    (folder / "broken.txt").write_text("a caption for a broken file")
+    Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / "uncaptioned.png")
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(m) for m in meta))
+    return folder
+
+
+def run_precompute(pretrained, images, out, *extra):
+    return precompute_main(
+        [
+            f"pretrained={pretrained}",
+            f"images={images}",
+            f"out={out}",
+            "resolution=16",
+            "batch_size=2",
+            f"max_sequence_length={MAX_SEQ}",
+            "embeds_dtype=float32",
+            "progress=false",
+            *extra,
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def cache(pretrained, images, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cache")
+    run_precompute(pretrained, images, out)
+    return out
+
+
+# --------------------------------------------------------------------------- precompute
+
+
+def test_precompute_writes_latents_embeddings_and_reports_skipped(pretrained, cache, images, caplog):
+    from diffusers import StableDiffusion3Pipeline
+
+    manifest = json.loads((cache / "manifest.json").read_text())
+    summary = manifest["summary"]
+    assert summary["images_found"] == 8 and summary["encoded"] == 6 and summary["skipped"] == 2
+    assert summary["skipped_unreadable"] == 1 and summary["skipped_no_caption"] == 1
+    assert {s["file"] for s in manifest["skipped"]} == {"broken.png", "uncaptioned.png"}
+    assert summary["latent_buckets"] == {"4x16x16": 4, "4x14x18": 2}  # 20x15 → the 4:3 bucket (18x14)
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(pretrained)
+    vae = pipe.vae
+    for entry in manifest["shards"]:
+        tensors = load_file(str(cache / entry["file"]))
+        assert tensors["latents"].shape[1:] == tuple(entry["latent_shape"])  # one shape per shard
+        assert tensors["latents"].shape[0] == len(entry["files"]) == entry["count"]
+    first = manifest["shards"][0]
+    tensors = load_file(str(cache / first["file"]))
+    from fewstep.precompute import load_image
+
+    name = first["files"][0]
+    h, w = first["latent_shape"][1:]
+    pixels = load_image(images / name, (w, h))[None]
+    with torch.no_grad():
+        mean = vae.encode(pixels).latent_dist.mode()
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompt=[(images / "img1.txt").read_text() if name == "img1.png" else _caption(images, name)],
+            prompt_2=None,
+            prompt_3=None,
+            do_classifier_free_guidance=False,
+            device=torch.device("cpu"),
+            max_sequence_length=MAX_SEQ,
+        )
+        null_embeds, _, null_pooled, _ = pipe.encode_prompt(
+            "", None, None, do_classifier_free_guidance=False, max_sequence_length=MAX_SEQ
+        )
+    expected = (mean - vae.config.shift_factor) * vae.config.scaling_factor
+    assert torch.allclose(tensors["latents"][0], expected[0], atol=1e-5)
+    assert torch.allclose(tensors["prompt_embeds"][0], embeds[0], atol=1e-5)
+    assert torch.allclose(tensors["pooled_prompt_embeds"][0], pooled[0], atol=1e-5)
+    null = load_file(str(cache / "null.safetensors"))
+    assert torch.allclose(null["prompt_embeds"], null_embeds, atol=1e-5)
+    assert torch.allclose(null["pooled_prompt_embeds"], null_pooled, atol=1e-5)
+    validation = load_file(str(cache / "validation.safetensors"))
+    assert validation["prompt_embeds"].shape[0] == len(manifest["validation_prompts"]) == 4
+
+
+def _caption(images, name):
+    for line in (images / "metadata.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["file_name"] == name:
+            return row["text"]
+    return (images / name).with_suffix(".txt").read_text()
+
+
+def test_precompute_resumes_finished_shards(pretrained, images, tmp_path, caplog):
+    out = tmp_path / "cache"
+    first = run_precompute(pretrained, images, out, "shard_size=2")
+    assert first["summary"]["shards"] == 3 and first["summary"]["shards_resumed"] == 0
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.safetensors")}
+    (out / "shards" / "shard_00001.json").unlink()  # as if interrupted while writing shard 1
+    (out / "manifest.json").unlink()
+    again = run_precompute(pretrained, images, out, "shard_size=2")
+    assert again["summary"]["shards_resumed"] == 2 and again["summary"]["encoded"] == 6
+    now = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.safetensors")}
+    assert [k for k in stamps if stamps[k] != now[k]] == ["shard_00001.safetensors"]
+    assert again["skipped"] == first["skipped"]
+
+
+def test_precompute_arguments_fail_in_one_line(pretrained, images, tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:
+        precompute_main([f"pretrained={pretrained}", f"images={images}", f"out={tmp_path}", "resolutoin=16"])
+    assert "resolutoin" in str(err.value) and "usage:" in str(err.value)
+    with pytest.raises(SystemExit) as err:
+        precompute_main([f"pretrained={pretrained}", f"images={tmp_path / 'none'}", f"out={tmp_path}"])
+    assert str(err.value).startswith("error: images=") and "no such folder" in str(err.value)
+    with pytest.raises(SystemExit) as err:
+        precompute_main([f"pretrained={tmp_path / 'nope'}", f"images={images}", f"out={tmp_path / 'o'}"])
+    assert "pretrained=" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(SystemExit) as err:
+        precompute_main([f"pretrained={pretrained / 'transformer'}", f"images={images}", f"out={tmp_path / 'o'}"])
+    assert "model_index.json" in str(err.value)
+
+
+# --------------------------------------------------------------------------- data=latents
+
+
+def test_latent_data_buckets_resume_and_ranks(cache):
+    data = LatentData(str(cache), batch_size=2)
+    assert len(data) == 6 and data.shape == (4, 16, 16) and data.num_classes == 0
+    assert sorted(data.bucket_shapes) == [(4, 14, 18), (4, 16, 16)]
+    stream = data.batches(seed=7)
+    first = [next(stream) for _ in range(9)]  # 3 batches per epoch (2 square + 1 wide)
+    shapes = [tuple(b.x.shape[1:]) for b in first]
+    assert set(shapes) == {(4, 16, 16), (4, 14, 18)}
+    for b in first:
+        assert b.cond["prompt_embeds"].shape == (2, 8 + 77, 32) and b.cond["pooled_prompt_embeds"].shape == (2, 64)
+        assert torch.equal(b.null_cond["prompt_embeds"][0], data.null["prompt_embeds"][0])
+    epoch0 = torch.cat([b.x.flatten(1)[:, :4] for b in first[:3] if b.x.shape[-1] == 16])
+    assert torch.unique(epoch0, dim=0).shape[0] == 4  # each square item once per epoch
+    resumed = data.batches(seed=7, position=5)
+    for expected in first[5:]:
+        got = next(resumed)
+        assert torch.equal(got.x, expected.x) and torch.equal(got.cond["prompt_embeds"], expected.cond["prompt_embeds"])
+    r0, r1 = next(data.batches(7, 0, rank=0, world=2)), next(data.batches(7, 0, rank=1, world=2))
+    assert r0.x.shape[0] == r1.x.shape[0] == 2 and r0.x.shape == r1.x.shape and not torch.equal(r0.x, r1.x)
+    with pytest.raises(ValueError, match="lower data.batch_size"):
+        next(LatentData(str(cache), batch_size=5).batches(0))
+    grid = data.grid_conds(6)
+    assert torch.equal(grid["prompt_embeds"][4], data.validation["prompt_embeds"][0])  # 4 prompts, cycled
+    images = data.decode(first[0].x)
+    assert images.shape == (2, 3, *first[0].x.shape[2:]) and images.min() >= -1 and images.max() <= 1
+
+
+def test_latent_data_errors_name_the_fix(cache, tmp_path):
+    def message(**kw):
+        with pytest.raises(LatentCacheError) as err:
+            LatentData(**kw)
+        assert "\n" not in str(err.value)
+        return str(err.value)
+
+    assert "fewstep.precompute" in message(path="")
+    assert "no such folder" in message(path=str(tmp_path / "missing"))
+    assert "no manifest.json" in message(path=str(tmp_path))
+    broken = tmp_path / "broken"
+    shutil.copytree(cache, broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    shard = broken / manifest["shards"][1]["file"]
+    tensors = load_file(str(shard))
+    tensors["prompt_embeds"] = torch.zeros(*tensors["prompt_embeds"].shape[:2], 48)
+    save_file(tensors, str(shard))
+    assert "mixes precompute settings" in message(path=str(broken))
+    tensors["prompt_embeds"] = tensors["prompt_embeds"][:1]
+    save_file(tensors, str(shard))
+    assert "does not match manifest.json" in message(path=str(broken))
+    os.remove(shard)
+    assert "is missing" in message(path=str(broken))
+    manifest["shards"] = []
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    assert "holds no samples" in message(path=str(broken))
+
+
+# --------------------------------------------------------------------------- train → export → generate
+
+
+def train_run(pretrained, cache, run_dir, model, *extra):
+    from fewstep.train import train
+
+    cfg = compose(
+        [
+            "objective=twinflow",
+            f"model={model}",
+            f"model.pretrained={pretrained}",
+            "model.lora.rank=4",
+            "model.lora.alpha=8",
+            "data=latents",
+            f"data.path={cache}",
+            "data.batch_size=2",
+            "trainer.max_steps=3",
+            "trainer.final_nfe=[1]",
+            "trainer.grid_size=4",
+            "trainer.lr=1e-2",
+            *FAST,
+            *extra,
+        ]
+    )
+    summary = train(cfg, run_dir=run_dir)
+    (run_dir / ".hydra").mkdir(exist_ok=True)
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")  # what @hydra.main writes for a CLI run
+    return summary
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:data.batch_size=2 is smaller")
+@pytest.mark.parametrize("model", ["sd35", "sd35_lora"])
+def test_train_export_and_generate(pretrained, cache, tmp_path, model):
+    from diffusers import StableDiffusion3Pipeline
+
+    from fewstep.export import load_lora_pipeline, load_pipeline, load_run_model
+    from fewstep.export import main as export_main
+    from fewstep.samplers.ucgm import UCGMSampler
+
+    run = tmp_path / "run"
+    summary = train_run(pretrained, cache, run, model)
+    assert summary["steps"] == 3
+    if model == "sd35_lora":
+        assert summary["trainable_params"] < summary["params"]
+        shadow = load_file(str(run / "checkpoints" / "step_0000003" / "teacher.safetensors"))
+        assert all(".lora_" in k or ".target_embedder." in k or ".sign_embedding." in k for k in shadow)
+    out = tmp_path / "export"
+    info = export_main([f"run_dir={run}", f"out={out}"])
+    assert info["weights"] == "ema" and info["time_pair"] and info["step"] == 3
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["transformer"] == ["fewstep.models.sd3", "SD3TwinFlowTransformer2DModel"]
+    assert index["scheduler"] == ["fewstep.samplers.scheduler", "TwinFlowScheduler"]
+
+    import fewstep.models.sd3  # noqa: F401 - diffusers resolves the exported class names from sys.modules
+    import fewstep.samplers.scheduler  # noqa: F401
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.transformer).__name__ == "SD3TwinFlowTransformer2DModel"
+    prompt = "a red cat"
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(1234)
+    generated = pipe(
+        prompt,
+        height=16,
+        width=16,
+        num_inference_steps=2,
+        guidance_scale=0.0,
+        latents=latents.clone(),
+        max_sequence_length=MAX_SEQ,
+        output_type="latent",
+    ).images
+    assert torch.isfinite(generated).all() and (generated - latents).abs().max() > 1e-3
+
+    # the exported pipeline samples exactly like the native sampler on the run's EMA model
+    _, ema_model, *_ = load_run_model(run, None, "ema")
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompt, None, None, do_classifier_free_guidance=False, max_sequence_length=MAX_SEQ
+        )
+    torch.manual_seed(1234)
+    native = UCGMSampler(style="few", stochast_ratio=1.0).sample(
+        ema_model, latents.clone(), {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}, 2
+    )
+    assert (generated - native).abs().max().item() < 1e-4
+
+    images = load_pipeline(out)(
+        [prompt, "a dog"],
+        height=16,
+        width=16,
+        num_inference_steps=2,
+        guidance_scale=0.0,
+        max_sequence_length=MAX_SEQ,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images
+    assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
+
+    if model == "sd35_lora":
+        lora_dir = out / "lora"
+        assert {"pytorch_lora_weights.safetensors", "twinflow_embeddings.safetensors"} <= set(info["lora_files"])
+        lora_pipe = load_lora_pipeline(pretrained, lora_dir)
+        lora_pipe.set_progress_bar_config(disable=True)
+        torch.manual_seed(1234)
+        from_lora = lora_pipe(
+            prompt,
+            height=16,
+            width=16,
+            num_inference_steps=2,
+            guidance_scale=0.0,
+            latents=latents.clone(),
+            max_sequence_length=MAX_SEQ,
+            output_type="latent",
+        ).images
+        assert (from_lora - generated).abs().max().item() < 1e-4
+
+
+def test_export_arguments_fail_in_one_line(tmp_path):
+    from fewstep.export import main as export_main
+
+    with pytest.raises(SystemExit) as err:
+        export_main([f"run_dir={tmp_path}", f"out={tmp_path / 'o'}", "weigths=ema"])
+    assert "weigths" in str(err.value) and "usage:" in str(err.value)
+    with pytest.raises(SystemExit) as err:
+        export_main([f"run_dir={tmp_path}", f"out={tmp_path / 'o'}"])
+    assert "no .hydra/config.yaml" in str(err.value)
+
+
+def save_tiny_sd15_pipeline(folder):
+    """A tiny offline ``StableDiffusionPipeline`` (CLIP text encoder, epsilon UNet, one-level VAE), saved."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from tiny_sd3 import CLIP_MAX_LENGTH, _write_clip_tokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(
+        str(_write_clip_tokenizer(folder.parent / "sd15_tokenizer")), model_max_length=CLIP_MAX_LENGTH
+    )
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            max_position_embeddings=CLIP_MAX_LENGTH,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        norm_num_groups=4,
+        attention_head_dim=4,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(4,),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=1,
+        scaling_factor=0.18215,
+    )
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:data.batch_size=2 is smaller")
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_sd15_precompute_and_training_through_the_diff2flow_bridge(images, tmp_path):
+    """An epsilon SD1.5-style pipeline: precompute (one text encoder, no pooled embedding, no VAE shift) and
+    TwinFlow training through the bridge."""
+    from fewstep.train import train
+
+    pretrained = save_tiny_sd15_pipeline(tmp_path / "sd15")
+    manifest = run_precompute(pretrained, images, tmp_path / "cache")
+    assert manifest["pipeline_class"] == "StableDiffusionPipeline" and manifest["summary"]["encoded"] == 6
+    assert manifest["vae"] == {"scaling_factor": 0.18215, "shift_factor": 0.0}
+    data = LatentData(str(tmp_path / "cache"), batch_size=2)
+    assert data.cond_keys == ["prompt_embeds"] and data.null["prompt_embeds"].shape == (1, 77, 32)
+    assert data.decode(next(data.batches(0)).x).shape[1] == 3
+    cfg = compose(
+        [
+            "objective=twinflow",
+            "model=sd15",
+            f"model.pretrained={pretrained}",
+            "diff2flow.enabled=true",
+            "objective.allow_diff2flow=true",
+            "data=latents",
+            f"data.path={tmp_path / 'cache'}",
+            "data.batch_size=2",
+            "trainer.max_steps=2",
+            "trainer.final_nfe=[1]",
+            "trainer.grid_size=4",
+            *FAST,
+        ]
+    )
+    summary = train(cfg, run_dir=tmp_path / "run")
+    assert summary["steps"] == 2 and np.isfinite(summary["loss"])

@@ -9,21 +9,30 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 from fewstep.generate import final_outputs
 from fewstep.runs import load_run, parse_args
 
 USAGE = (
     "usage: python -m fewstep.eval run_dir=DIR [nfe=[1,2,4]] [baseline_steps=50] [weights=ema|student] "
-    "[device=cpu|cuda]"
+    "[device=cpu|cuda] [checkpoint=DIR (default: the newest valid one)] [out=FILE (default: DIR/eval.json)]"
 )
-DEFAULTS = {"run_dir": "???", "nfe": [1, 2, 4], "baseline_steps": 50, "weights": "ema", "device": None}
+DEFAULTS = {
+    "run_dir": "???",
+    "nfe": [1, 2, 4],
+    "baseline_steps": 50,
+    "weights": "ema",
+    "device": None,
+    "checkpoint": None,
+    "out": None,
+}
 
 
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv, DEFAULTS, USAGE)
-    run = load_run(args.run_dir, device=args.device)
+    run = load_run(args.run_dir, device=args.device, checkpoint=args.checkpoint)
     if not hasattr(run.data, "evaluator"):
         raise SystemExit(f"data {type(run.data).__name__} has no evaluator; see fewstep.eval.features for a hook")
     results = final_outputs(
@@ -39,8 +48,9 @@ def main(argv: list[str] | None = None) -> dict:
         "metrics": results,
         "reference": evaluator.reference_points() if hasattr(evaluator, "reference_points") else {},
     }
-    (run.run_dir / "eval.json").write_text(json.dumps(out, indent=2))
-    logging.info("wrote %s", run.run_dir / "eval.json")
+    path = Path(args.out) if args.out else run.run_dir / "eval.json"
+    path.write_text(json.dumps(out, indent=2))
+    logging.info("wrote %s", path)
     return out
 
 

@@ -144,3 +144,13 @@ def test_accelerate_two_cpu_processes_share_one_run_dir(tmp_path):
     assert state["data_position"] == 10
     ranks = torch.load(final_ckpt(run) / "rng.pt", weights_only=True)["ranks"]
     assert len(ranks) == 2 and not torch.equal(ranks[0]["torch"], ranks[1]["torch"])  # per-rank noise streams
+
+
+def test_wandb_logger_runs_offline_without_an_account(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    over = [o for o in TOY if not o.startswith("logger=")]
+    train(compose([*over, "logger=wandb", "trainer.max_steps=6"]), run_dir=tmp_path / "run")
+    offline = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1
+    assert [r["step"] for r in rows(tmp_path / "run")] == [5, 6]  # metrics.jsonl is written as well

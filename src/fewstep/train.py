@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from fewstep import checkpoint as ckpt_io
 from fewstep.data.base import cond_to
@@ -129,12 +129,14 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     set_seed(tr.seed + accelerator.process_index)
 
     start_step, data_position, nonfinite_total = 0, 0, 0
+    resumed_window: tuple[dict, int] = ({}, 0)  # the metrics window open at the checkpoint (sums, steps)
     if resume_from is not None:
         state = ckpt_io.load_checkpoint(
             resume_from, student, teacher, optimizer, scheduler, rank=accelerator.process_index
         )
         start_step, data_position = state["step"], state["data_position"]
         nonfinite_total = state.get("nonfinite_total", 0)
+        resumed_window = (state.get("log_window", {}), state.get("log_window_n", 0))
         if main:
             log.info("resumed from %s at step %d", resume_from, start_step)
     if main:
@@ -162,7 +164,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         if main:
             ckpt_io.save_checkpoint(
                 ckpt_root, step, student, teacher, optimizer, scheduler, data_position,
-                extra={"nonfinite_total": nonfinite_total}, rng_states=rng_states,
+                extra={"nonfinite_total": nonfinite_total, "log_window": {k: to_float(v) for k, v in window.items()},
+                       "log_window_n": window_n},
+                rng_states=rng_states,
             )  # fmt: skip
             ckpt_io.prune(ckpt_root, tr.keep_last)
         accelerator.wait_for_everyone()
@@ -176,8 +180,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
 
         progress = tqdm(total=tr.max_steps, initial=start_step, desc="train", dynamic_ncols=True)
 
-    window: dict[str, float] = {}
-    window_n, consecutive_bad, step = 0, 0, start_step
+    window: dict[str, float] = dict(resumed_window[0])
+    window_n, consecutive_bad, step = resumed_window[1], 0, start_step
     t_start = time.perf_counter()
     t_window = t_start
     stopped_by = None
@@ -302,7 +306,3 @@ def _last_metrics(run_dir: Path) -> dict:
         return {}
     lines = path.read_text().splitlines()
     return json.loads(lines[-1]) if lines else {}
-
-
-def config_summary(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg)

@@ -6,7 +6,9 @@ trainable weights and buffers (``model.safetensors``), the teacher's shadow
 scheduler (``optim.pt``), every RNG state (``rng.pt``), the step and the data
 position (``state.json``). It is written to a temporary folder and renamed
 into place, so a crash at any moment leaves the previous checkpoints intact;
-``state.json`` is written last and names every file with its size.
+``state.json`` is written last and names every file with its size. Rewriting an existing step moves the
+old folder aside (``.old_*``) before the new one is renamed in; the next save or prune deletes the
+``.tmp_*`` / ``.old_*`` leftovers of a killed process (an ``.old_*`` whose step folder is gone is put back).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import os
 import random
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -72,12 +75,13 @@ def save_checkpoint(
     by default this process's state alone."""
     ckpt_root = Path(ckpt_root)
     ckpt_root.mkdir(parents=True, exist_ok=True)
+    clean_stale(ckpt_root)  # a killed writer's leftovers; frees their space before this write
     final = ckpt_root / f"{PREFIX}{step:07d}"
     tmp = ckpt_root / f".tmp_{PREFIX}{step:07d}_{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
     try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
         save_file(student_state(student), str(tmp / "model.safetensors"))
         tstate = teacher.state_dict()
         for key in [k for k, v in tstate.items() if isinstance(v, dict) or v is None]:
@@ -99,13 +103,89 @@ def save_checkpoint(
             json.dump(state, fh)
             fh.flush()
             os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
+        _commit(tmp, final)
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, Exception):  # a full disk surfaces as OSError, SafetensorError or torch's RuntimeError
+            detail = " ".join(str(err).split())[:300]
+            raise CheckpointError(
+                f"writing checkpoint {final} failed ({type(err).__name__}: {detail}); earlier checkpoints are "
+                "intact: if the disk is full, free space (or lower trainer.keep_last), then restart with "
+                "trainer.resume=auto"
+            ) from err
         raise
     return final
+
+
+def _commit(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final``; an existing ``final`` is moved aside first and deleted only afterwards."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".old_{final.name}_{os.getpid()}")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        if old is not None and not final.exists():
+            os.replace(old, final)
+        raise
+    _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _writer_gone(leftover: Path) -> bool:
+    """A ``.tmp_*`` / ``.old_*`` folder is stale when its writer (pid suffix) is this process, between
+    writes, or no longer runs; a live other process's folder is left alone."""
+    try:
+        pid = int(leftover.name.rsplit("_", 1)[1])
+    except (IndexError, ValueError):
+        return True
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def clean_stale(ckpt_root: Path) -> None:
+    """Delete the leftovers of a killed writer. An ``.old_*`` (a committed checkpoint moved aside while its
+    step was rewritten) is renamed back when its step folder is missing."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return
+    for p in sorted(root.iterdir()):  # .old_* sorts before .tmp_*: restored before its rewrite is dropped
+        if not (p.is_dir() and p.name.startswith((".tmp_", ".old_")) and _writer_gone(p)):
+            continue
+        if p.name.startswith(".old_"):
+            final = root / p.name[len(".old_") :].rsplit("_", 1)[0]
+            if not final.exists():
+                try:
+                    verify(p)
+                    os.replace(p, final)
+                    continue
+                except (CheckpointError, OSError):
+                    pass
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def _teacher_file(key: str) -> str:
@@ -113,7 +193,8 @@ def _teacher_file(key: str) -> str:
 
 
 def verify(ckpt: Path) -> dict:
-    """Read ``state.json`` and check every listed file is present with its size; raise CheckpointError."""
+    """Read ``state.json`` and check every listed file is present with its size and a readable header
+    (safetensors header, zip directory of a ``.pt``); raise CheckpointError. Tensor bytes are not checksummed."""
     ckpt = Path(ckpt)
     state_path = ckpt / "state.json"
     if not state_path.exists():
@@ -123,19 +204,45 @@ def verify(ckpt: Path) -> dict:
     try:
         state = json.loads(state_path.read_text())
     except ValueError as err:
-        raise CheckpointError(f"checkpoint {ckpt} has a corrupt state.json ({err}); set trainer.resume=none") from err
-    for name, size in state.get("files", {}).items():
+        raise CheckpointError(f"checkpoint {ckpt} has a corrupt state.json ({err}); {_FIX}") from err
+    if not (isinstance(state, dict) and isinstance(state.get("files"), dict) and isinstance(state.get("step"), int)):
+        raise CheckpointError(f"checkpoint {ckpt} has an incomplete state.json (no step or file list); {_FIX}")
+    for name, size in state["files"].items():
         p = ckpt / name
         if not p.exists() or p.stat().st_size != size:
-            raise CheckpointError(f"checkpoint {ckpt} is corrupt: {name} is missing or truncated")
+            raise CheckpointError(f"checkpoint {ckpt} is corrupt: {name} is missing or truncated; {_FIX}")
+        try:
+            if name.endswith(".safetensors"):
+                from safetensors import safe_open
+
+                with safe_open(str(p), framework="pt"):
+                    pass
+            elif name.endswith(".pt"):
+                with zipfile.ZipFile(p) as zf:
+                    zf.infolist()
+        except Exception as err:  # noqa: BLE001 - safetensors / zipfile raise several types on damaged files
+            raise CheckpointError(
+                f"checkpoint {ckpt} is corrupt: {name} is unreadable ({type(err).__name__}); {_FIX}"
+            ) from None
     return state
 
 
+_FIX = "resume from an earlier checkpoint (trainer.resume=auto skips corrupt ones) or set trainer.resume=none"
+
+
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    """The ``step_*`` folders, oldest first; an ``.old_step_*`` whose ``step_*`` is gone (a rewrite of that step
+    was killed between its two renames) stands in for it until :func:`clean_stale` renames it back."""
     root = Path(ckpt_root)
     if not root.is_dir():
         return []
-    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)), key=lambda p: p.name)
+    found = {}
+    for p in sorted(root.iterdir()):
+        if p.is_dir() and p.name.startswith(PREFIX):
+            found[p.name] = p
+        elif p.is_dir() and p.name.startswith(f".old_{PREFIX}"):
+            found.setdefault(p.name[len(".old_") :].rsplit("_", 1)[0], p)
+    return [found[k] for k in sorted(found)]
 
 
 def latest_valid(ckpt_root: Path, warn=print) -> Path | None:
@@ -200,12 +307,15 @@ def load_checkpoint(
     except CheckpointError:
         raise
     except Exception as err:  # safetensors / pickle errors on a damaged file
-        raise CheckpointError(f"checkpoint {ckpt} could not be read ({type(err).__name__}: {err})") from err
+        detail = " ".join(str(err).split())[:300]
+        raise CheckpointError(f"checkpoint {ckpt} could not be read ({type(err).__name__}: {detail}); {_FIX}") from err
     return state
 
 
 def prune(ckpt_root: Path, keep_last: int) -> None:
-    """Keep the newest ``keep_last`` valid checkpoints; never delete the only valid one."""
+    """Keep the newest ``keep_last`` valid checkpoints; never delete the only valid one. Also deletes a killed
+    writer's ``.tmp_*`` leftovers (see :func:`clean_stale`)."""
+    clean_stale(ckpt_root)
     ckpts = list_checkpoints(ckpt_root)
     valid = []
     for c in ckpts:
@@ -215,6 +325,7 @@ def prune(ckpt_root: Path, keep_last: int) -> None:
         except CheckpointError:
             pass
     keep = set(valid[-max(keep_last, 1) :])
-    for c in ckpts:
-        if c not in keep and (c in valid or (valid and c.name < valid[-1].name)):
+    newest = ckpts.index(valid[-1]) if valid else -1
+    for i, c in enumerate(ckpts):  # invalid ones newer than the newest valid one are left for inspection
+        if c not in keep and (c in valid or i < newest):
             shutil.rmtree(c, ignore_errors=True)

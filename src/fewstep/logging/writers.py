@@ -67,7 +67,9 @@ class MetricsWriter:
             fh.write(json.dumps(row) + "\n")
         traj = None
         if times is not None:
-            t, tt = (a[:TRAJECTORY_ROWS].float().cpu() for a in times)
+            # an even stride over the batch, so every group (e2e, mul, any, adv) is represented
+            rows = torch.linspace(0, times[0].shape[0] - 1, min(TRAJECTORY_ROWS, times[0].shape[0])).long()
+            t, tt = (a.detach()[rows.to(a.device)].float().cpu() for a in times)
             traj = {"step": step, "sigma": t.abs().tolist(), "tt": tt.tolist(), "sign": torch.sign(t).tolist()}
             with self.traj_path.open("a") as fh:
                 fh.write(json.dumps(traj) + "\n")
@@ -122,7 +124,8 @@ def plot_trajectory(traj_path: Path, out: Path) -> Path | None:
     ax.scatter([sig[i] for i in neg], [tts[i] for i in neg], s=3, alpha=0.4, c="C3", label="fake trajectory (t < 0)")
     ax.set_xlabel("sigma = |t|")
     ax.set_ylabel("target time tt (signed)")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.axhline(0, color="0.6", lw=0.5)
+    ax.legend(fontsize=7, loc="upper left")
     ax.set_title("sampled training times", fontsize=9)
     fig.tight_layout()
     fig.savefig(out)

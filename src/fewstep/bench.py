@@ -147,7 +147,8 @@ def _iqr(xs: list[float]) -> float:
 
 
 def peak_memory(args, variant_overrides: list[str], device) -> float:
-    """CUDA: max allocated over a few steps. CPU: peak-RSS growth of a fresh subprocess during its steps."""
+    """CUDA: max allocated over a few steps. CPU: peak RSS growth of a fresh subprocess during its steps
+    (after one warm-up step): the memory a step needs beyond the resident model, optimizer and data."""
     if device.type == "cuda":
         runner = StepRunner([*base_overrides(args), *variant_overrides], device, args.mixed_precision)
         runner.step()
@@ -156,20 +157,46 @@ def peak_memory(args, variant_overrides: list[str], device) -> float:
         for _ in range(3):
             runner.step()
         return torch.cuda.max_memory_allocated() / 2**20
-    code = (
-        "import json,resource,sys,torch;from fewstep.bench import StepRunner;"
-        "ov=json.loads(sys.argv[1]);r=StepRunner(ov,torch.device('cpu'),sys.argv[2]);"
-        "m0=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
-        "[r.step() for _ in range(4)];"
-        "print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss-m0)/1024))"
-    )
+    # RSS sampled every 0.2 ms while the steps run, minus RSS before them; glibc is told to return
+    # freed large blocks at once (MALLOC_MMAP_THRESHOLD_) so RSS follows live memory.
+    code = "import sys; from fewstep.bench import measure_step_rss; measure_step_rss(sys.argv[1], sys.argv[2])"
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     proc = subprocess.run(
         [sys.executable, "-c", code, json.dumps([*base_overrides(args), *variant_overrides]), args.mixed_precision],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=600, env=env,
     )  # fmt: skip
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-2000:])
     return float(proc.stdout.strip().splitlines()[-1])
+
+
+def measure_step_rss(overrides_json: str, mixed_precision: str, steps: int = 4) -> None:
+    """Subprocess body of ``peak_memory`` on CPU: print the peak RSS growth (MiB) over ``steps`` steps."""
+    import threading
+
+    runner = StepRunner(json.loads(overrides_json), torch.device("cpu"), mixed_precision)
+    runner.step()
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss() -> int:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * page
+
+    base = rss()
+    peak, done = [base], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.0002)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    for _ in range(steps):
+        runner.step()
+    done.set()
+    watcher.join()
+    print(json.dumps((peak[0] - base) / 2**20))
 
 
 @torch.no_grad()

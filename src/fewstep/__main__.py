@@ -12,10 +12,17 @@ register_schemas()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    import sys
+
+    from fewstep.errors import FewstepError
     from fewstep.train import train
 
     _export_submitit_dist_env()
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except FewstepError as err:  # a setting, path or file to fix: one line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     if cfg.get("optimize_metric"):  # the value a Hydra sweeper (Optuna) optimises; rank 0 holds the evaluation
         from fewstep.report import lookup_metric
 

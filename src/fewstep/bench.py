@@ -322,4 +322,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from fewstep.errors import run_cli
+
+    run_cli(main)

@@ -24,11 +24,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from fewstep.errors import FewstepError
+
 FORMAT_VERSION = 1
 PREFIX = "step_"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(FewstepError, RuntimeError):
     pass
 
 

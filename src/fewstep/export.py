@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from fewstep.errors import FewstepError
 from fewstep.precompute import parse_kv
 
 log = logging.getLogger("fewstep.export")
@@ -40,7 +41,7 @@ DEFAULTS = {"run_dir": "", "out": "", "weights": "ema", "checkpoint": None, "pip
 EMBEDDINGS_FILE = "twinflow_embeddings.safetensors"
 
 
-class ExportError(ValueError):
+class ExportError(FewstepError, ValueError):
     """A bad argument or run; the message is one line naming the fix."""
 
 
@@ -272,4 +273,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from fewstep.errors import run_cli
+
+    run_cli(main)

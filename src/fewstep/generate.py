@@ -60,28 +60,34 @@ def final_outputs(
     grid_size: int = 100,
     autocast=None,
     log=print,
+    raw: bool | None = None,
 ) -> dict:
-    """Grids (``samples/nfe_<n>.png``), raw samples (``samples/nfe_<n>.npz``) and, where the data has an
-    evaluator, metrics keyed by method name."""
+    """Grids (``samples/<method>.png``), the evaluation protocol's raw samples (``samples/<method>.npz``,
+    arrays ``x`` and ``y``; ``raw`` defaults to ``evaluate``) and, with ``evaluate``, metrics keyed by method."""
     run_dir = Path(run_dir)
     samples_dir = run_dir / "samples"
     evaluator = data.evaluator() if evaluate and hasattr(data, "evaluator") else None
+    raw = evaluate if raw is None else raw
+    protocol = (raw or evaluator is not None) and hasattr(data, "eval_inputs")
     grid_gen = torch.Generator().manual_seed(0)
     grid_noise = torch.randn(grid_size, *data.shape, generator=grid_gen).to(device)
     grid_cond = cond_to(data.grid_conds(grid_size), device)
-    if evaluator is not None:
+    if protocol:
         eval_noise, eval_labels = data.eval_inputs()
         eval_noise, eval_cond = eval_noise.to(device), cond_to(eval_labels, device)
     results = {}
     for name, smp, steps in sample_methods(sampler, nfes, baseline_steps):
         grid = sample_in_chunks(smp, model_fn, grid_noise, grid_cond, steps, autocast=autocast)
-        save_samples(
-            to_images(data, grid, device), samples_dir / f"{name}.png", title=f"{name} ({steps} steps)", nrow=10
-        )
-        if evaluator is None:
+        image = to_images(data, grid, device)
+        png = save_samples(image, samples_dir / f"{name}.png", title=f"{name} ({steps} steps)", nrow=10)
+        if not protocol:
+            log(f"wrote {png}")
             continue
         x = sample_in_chunks(smp, model_fn, eval_noise, eval_cond, steps, autocast=autocast).clamp(-1, 1)
         np.savez_compressed(samples_dir / f"{name}.npz", x=x.numpy(), y=eval_labels.numpy())
+        log(f"wrote {png} and {name}.npz")
+        if evaluator is None:
+            continue
         metrics = {k: float(v) for k, v in evaluator.evaluate(x, eval_labels).items()}
         results[name] = metrics
         log(f"eval {name}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from fewstep.errors import FewstepError
+
 log = logging.getLogger("fewstep.precompute")
 
 USAGE = (
@@ -64,7 +66,7 @@ FORMAT = "fewstep-latents"
 FORMAT_VERSION = 1
 
 
-class PrecomputeError(ValueError):
+class PrecomputeError(FewstepError, ValueError):
     """A bad argument or input; the message is one line naming the fix."""
 
 
@@ -505,4 +507,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from fewstep.errors import run_cli
+
+    run_cli(main)

@@ -13,6 +13,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fewstep import checkpoint as ckpt_io
+from fewstep.errors import FewstepError
+
+
+class RunDirError(FewstepError, FileNotFoundError):
+    """Not a usable run directory."""
 
 
 @dataclass
@@ -33,7 +38,7 @@ class LoadedRun:
         if weights == "student":
             return self.student
         if weights != "ema":
-            raise ValueError(f"weights={weights!r} must be 'ema' or 'student'")
+            raise RunDirError(f"weights={weights!r} must be 'ema' or 'student'")
         return self.teacher.sampling_model
 
 
@@ -44,11 +49,11 @@ def load_run(run_dir: str | Path, device: str | None = None, checkpoint: str | N
     run_dir = Path(run_dir)
     cfg_path = run_dir / ".hydra" / "config.yaml"
     if not cfg_path.exists():
-        raise FileNotFoundError(f"{run_dir} is not a fewstep run dir (no .hydra/config.yaml); pass run_dir=<a run dir>")
+        raise RunDirError(f"{run_dir} is not a fewstep run dir (no .hydra/config.yaml); pass run_dir=<a run dir>")
     cfg = OmegaConf.load(cfg_path)
     ckpt = Path(checkpoint) if checkpoint else ckpt_io.latest_valid(run_dir / "checkpoints")
     if ckpt is None:
-        raise FileNotFoundError(f"{run_dir}/checkpoints holds no valid checkpoint; train longer or pass checkpoint=")
+        raise RunDirError(f"{run_dir}/checkpoints holds no valid checkpoint; train longer or pass checkpoint=")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     data, objective, student, teacher, sampler = build_components(cfg, device=dev)
     state = ckpt_io.load_checkpoint(ckpt, student, teacher, restore_rng=False)

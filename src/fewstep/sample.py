@@ -33,10 +33,13 @@ def main(argv: list[str] | None = None, evaluate: bool = False) -> dict:
         args.baseline_steps,
         run.device,
         evaluate=evaluate,
+        raw=True,
         grid_size=args.grid_size,
         log=logging.info,
     )
 
 
 if __name__ == "__main__":
-    main()
+    from fewstep.errors import run_cli
+
+    run_cli(main)

@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 
 from fewstep import checkpoint as ckpt_io
 from fewstep.data.base import cond_to
+from fewstep.errors import FewstepError
 from fewstep.generate import final_outputs, sample_in_chunks, to_images
 from fewstep.logging.grids import save_samples
 from fewstep.logging.writers import MetricsWriter, to_float
@@ -34,7 +35,7 @@ from fewstep.validate import validate
 log = logging.getLogger("fewstep")
 
 
-class TrainingAborted(RuntimeError):
+class TrainingAborted(FewstepError, RuntimeError):
     pass
 
 

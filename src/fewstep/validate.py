@@ -10,8 +10,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, open_dict
 
+from fewstep.errors import FewstepError
 
-class ConfigError(ValueError):
+
+class ConfigError(FewstepError, ValueError):
     """A bad config value or combination; the message names the fix."""
 
 
@@ -19,8 +21,61 @@ def _objective_kind(cfg: DictConfig) -> str:
     return "twinflow" if "estimate_order" in cfg.objective else "flow_matching"
 
 
+def _unknown_key(node: DictConfig, schema) -> str | None:
+    """The first key of ``node`` (recursively, dotted) that the dataclass ``schema`` does not declare."""
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key in node:
+        if key not in fields:
+            return str(key)
+        default = fields[key].default_factory if fields[key].default_factory is not dataclasses.MISSING else None
+        sub = default() if default is not None else None
+        child = node.get(key)
+        if dataclasses.is_dataclass(sub) and isinstance(child, DictConfig):
+            inner = _unknown_key(child, type(sub))
+            if inner is not None:
+                return f"{key}.{inner}"
+    return None
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    """Every key must belong to its group's schema, also keys added with Hydra's ``+key=value``
+    (which bypasses the compose-time check); the error suggests the closest valid key."""
+    import dataclasses
+    import difflib
+
+    from fewstep.schema import SCHEMAS, Config
+
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    for key in cfg:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"unknown config key {key!r}{hint}; `python -m fewstep --help` lists the keys")
+    for group, field in fields.items():
+        node = cfg.get(group)
+        if not isinstance(node, DictConfig):
+            continue
+        if field.default_factory is not dataclasses.MISSING:
+            schemas = [type(field.default_factory())]
+        else:  # a registry group: the schemas whose _target_ this node names
+            target = node.get("_target_")
+            schemas = [s for s in SCHEMAS.get(group, {}).values() if getattr(s(), "_target_", None) == target]
+        misses = [_unknown_key(node, s) for s in schemas]
+        if schemas and all(m is not None for m in misses):
+            key = misses[0]
+            valid = [f.name for f in dataclasses.fields(schemas[0])]
+            close = difflib.get_close_matches(key.split(".")[-1], valid, n=1)
+            hint = f" (did you mean {group}.{close[0]}?)" if close and "." not in key else ""
+            raise ConfigError(
+                f"unknown config key {group}.{key}{hint}; `python -m fewstep --help` lists the keys of every group"
+            )
+
+
 def validate(cfg: DictConfig) -> DictConfig:
     """Raise ConfigError on the first bad value; return cfg with forced settings applied (with a warning)."""
+    check_known_keys(cfg)
     from fewstep.models.unavailable import check_available
 
     check_available(cfg.model)  # a placeholder family (qwenimage, openuni) stops here, before data or weights
@@ -103,7 +158,9 @@ def validate(cfg: DictConfig) -> DictConfig:
     if cfg.data.batch_size < 1:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be >= 1")
     if tr.resume not in ("auto", "none", "") and not Path(tr.resume).exists():
-        raise ConfigError(f"trainer.resume={tr.resume}: no such checkpoint or run dir; give an existing path or auto")
+        raise ConfigError(
+            f"trainer.resume={tr.resume}: no such checkpoint or run dir; give an existing path, auto or none"
+        )
     if cfg.logger.kind not in ("jsonl", "wandb", "none"):
         raise ConfigError(f"logger.kind={cfg.logger.kind!r} must be jsonl, wandb or none")
 

@@ -31,8 +31,8 @@ def test_sample_writes_grids_and_raw_samples(digits_run):
     main([f"run_dir={digits_run}", "nfe=[1,2]"])
     for n in (1, 2):
         assert (digits_run / "samples" / f"nfe_{n}.png").exists()
-    # raw samples come with the evaluation protocol (100 per class, fixed noise)
-    main([f"run_dir={digits_run}", "nfe=[1]"], evaluate=True)
+    # raw samples follow the evaluation protocol (100 per class, fixed noise), written without evaluating
+    main([f"run_dir={digits_run}", "nfe=[1]"])
     data = np.load(digits_run / "samples" / "nfe_1.npz")
     assert data["x"].shape == (1000, 1, 8, 8) and data["y"].shape == (1000,)
     assert data["x"].min() >= -1 and data["x"].max() <= 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,28 @@ def test_flow_matching_leaves_the_model_vanilla():
     assert not hasattr(model, "sign_emb") and model.time_pair is False
     _, _, model, _, _ = build_components(compose(["objective=twinflow"]))
     assert model.sign_emb.weight.abs().sum() == 0  # zero-initialised
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("+trainer.max_step=20", "unknown config key trainer.max_step (did you mean trainer.max_steps?)"),
+        ("+objective.delta=1", "unknown config key objective.delta (did you mean objective.delta_t?)"),
+        ("+objective.probs.foo=1", "unknown config key objective.probs.foo"),
+        ("+foo=1", "unknown config key 'foo'"),
+    ],
+)
+def test_keys_added_with_plus_are_checked_too(override, message):
+    """Hydra's `+key=value` bypasses the compose-time schema check; validate catches it."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(compose([override]))
+
+
+def test_cli_prints_user_errors_as_one_line(tmp_path):
+    from helpers import run_cli
+
+    proc = run_cli(["trainer.resume=/no/such/ckpt", f"hydra.run.dir={tmp_path}/r"], tmp_path, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: trainer.resume=/no/such/ckpt: no such checkpoint or run dir; give an existing path, auto or none"
+    ]

@@ -20,11 +20,12 @@ from pathlib import Path
 import torch
 
 from fewstep.data.base import Batch
+from fewstep.errors import FewstepError
 
 RUN_PRECOMPUTE = "python -m fewstep.precompute pretrained=... images=... out=DIR"
 
 
-class LatentCacheError(ValueError):
+class LatentCacheError(FewstepError, ValueError):
     """The cache at ``data.path`` is missing, unfinished or inconsistent; the message names the fix."""
 
 

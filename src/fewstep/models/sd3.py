@@ -39,6 +39,8 @@ from diffusers.models.embeddings import CombinedTimestepTextProjEmbeddings
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401 - diffusers' loader finds the base class here
 from torch import nn
 
+from fewstep.errors import FewstepError
+
 NUM_TRAIN_TIMESTEPS = 1000
 # state-dict prefixes of the TwinFlow embeddings (never LoRA-wrapped: they are trained in full)
 TIME_PAIR_PREFIXES = ("time_text_embed.target_embedder.", "time_text_embed.sign_embedding")
@@ -54,7 +56,7 @@ _DTYPES = {
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
-class PretrainedNotFound(ValueError):
+class PretrainedNotFound(FewstepError, ValueError):
     """``model.pretrained`` (or ``pretrained=``) names nothing loadable; the message is one line."""
 
 

@@ -21,6 +21,11 @@ def main(cfg: DictConfig) -> float | None:
     try:
         summary = train(cfg)
     except FewstepError as err:  # a setting, path or file to fix: one line, no traceback
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # a sweep records the failed point (and its report shows it) and goes on
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     if cfg.get("optimize_metric"):  # the value a Hydra sweeper (Optuna) optimises; rank 0 holds the evaluation

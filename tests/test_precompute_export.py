@@ -350,10 +350,10 @@ def test_export_arguments_fail_in_one_line(tmp_path):
 
 def save_tiny_sd15_pipeline(folder):
     """A tiny offline ``StableDiffusionPipeline`` (CLIP text encoder, epsilon UNet, one-level VAE), saved."""
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from tiny_sd3 import CLIP_MAX_LENGTH, _write_clip_tokenizer
+    from tiny_sd3 import CLIP_MAX_LENGTH, _write_clip_tokenizer, build_tiny_unet
 
     tokenizer = CLIPTokenizer.from_pretrained(
         str(_write_clip_tokenizer(folder.parent / "sd15_tokenizer")), model_max_length=CLIP_MAX_LENGTH
@@ -372,18 +372,7 @@ def save_tiny_sd15_pipeline(folder):
             pad_token_id=tokenizer.pad_token_id,
         )
     )
-    unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        norm_num_groups=4,
-        attention_head_dim=4,
-    )
+    unet = build_tiny_unet(sample_size=16, cross_attention_dim=32)
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,

@@ -182,3 +182,21 @@ def save_tiny_sd3_pipeline(folder: str | os.PathLike, seed: int = 0, transformer
     )
     pipe.save_pretrained(folder)
     return folder
+
+
+def build_tiny_unet(sample_size: int = 8, cross_attention_dim: int = 16):
+    """A tiny SD1.5-style ``UNet2DConditionModel`` (4 latent channels, two blocks) for diff2flow tests."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        norm_num_groups=4,
+        attention_head_dim=4,
+    )

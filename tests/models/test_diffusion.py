@@ -14,6 +14,8 @@ from fewstep.models.diff2flow import (
     make_alphas_cumprod,
 )
 
+from tiny_sd3 import build_tiny_unet
+
 TIMES = [0.01, 0.05, 0.25, 0.5, 0.75, 0.93]
 ALPHAS = make_alphas_cumprod(1000, "scaled_linear", 0.00085, 0.012)
 
@@ -83,22 +85,11 @@ def test_times_beyond_the_schedule_are_clamped_and_finite():
 
 @pytest.fixture(scope="module")
 def unet_dirs(tmp_path_factory):
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler
 
     root = tmp_path_factory.mktemp("sd15")
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16,
-        norm_num_groups=4,
-        attention_head_dim=4,
-    )
+    unet = build_tiny_unet(sample_size=8, cross_attention_dim=16)
     dirs = {}
     for prediction_type in ("epsilon", "v_prediction"):
         folder = root / prediction_type

@@ -280,6 +280,30 @@ def test_keep_last_never_deletes_the_only_good_checkpoint(tmp_path, how):
     assert [c.name for c in list_checkpoints(root)] == ["step_0000004"]
 
 
+def test_a_kill_while_pruning_never_leaves_a_half_deleted_checkpoint(tmp_path, monkeypatch):
+    """Pruning renames a checkpoint out of the step_* namespace before deleting it (found by the SIGKILL
+    test: a kill inside rmtree left a step_* folder without state.json)."""
+    import fewstep.checkpoint as ckpt_mod
+
+    root = tmp_path / "checkpoints"
+    write_checkpoints(root, [1, 2, 3])
+    real_rmtree = ckpt_mod.shutil.rmtree
+
+    def killed_midway(path, *args, **kwargs):
+        (Path(path) / "state.json").unlink()  # rmtree got this far ...
+        raise KeyboardInterrupt  # ... when the process died
+
+    monkeypatch.setattr(ckpt_mod.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        prune(root, keep_last=1)
+    monkeypatch.setattr(ckpt_mod.shutil, "rmtree", real_rmtree)
+    for c in list_checkpoints(root):  # every step_* folder left is complete
+        verify(c)
+    assert latest_valid(root, warn=lambda m: None) == root / "step_0000003"
+    write_checkpoints(root, [4])  # the next save cleans the leftover
+    assert not [p for p in root.iterdir() if p.name.startswith(".tmp_")]
+
+
 FALLBACK = [*TOY, "trainer.checkpoint_every=5", "trainer.keep_last=3", "trainer.log_every=5"]
 
 

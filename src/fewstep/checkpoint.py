@@ -138,6 +138,17 @@ def _commit(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _remove(ckpt: Path) -> None:
+    """Delete a checkpoint folder: renamed out of the ``step_*`` namespace first (atomic), so a kill during
+    the deletion leaves a stale ``.tmp_*`` folder for ``clean_stale``, never a half-deleted ``step_*``."""
+    doomed = ckpt.with_name(f".tmp_del_{ckpt.name}_{os.getpid()}")
+    try:
+        os.replace(ckpt, doomed)
+    except OSError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -330,4 +341,4 @@ def prune(ckpt_root: Path, keep_last: int) -> None:
     newest = ckpts.index(valid[-1]) if valid else -1
     for i, c in enumerate(ckpts):  # invalid ones newer than the newest valid one are left for inspection
         if c not in keep and (c in valid or i < newest):
-            shutil.rmtree(c, ignore_errors=True)
+            _remove(c)

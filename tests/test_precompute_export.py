@@ -281,17 +281,21 @@ def test_train_export_and_generate(pretrained, cache, tmp_path, model):
     assert type(pipe.transformer).__name__ == "SD3TwinFlowTransformer2DModel"
     prompt = "a red cat"
     latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
-    torch.manual_seed(1234)
-    generated = pipe(
-        prompt,
-        height=16,
-        width=16,
-        num_inference_steps=2,
-        guidance_scale=0.0,
-        latents=latents.clone(),
-        max_sequence_length=MAX_SEQ,
-        output_type="latent",
-    ).images
+
+    def two_step_latents(p):
+        torch.manual_seed(1234)
+        return p(
+            prompt,
+            height=16,
+            width=16,
+            num_inference_steps=2,
+            guidance_scale=0.0,
+            latents=latents.clone(),
+            max_sequence_length=MAX_SEQ,
+            output_type="latent",
+        ).images
+
+    generated = two_step_latents(pipe)
     assert torch.isfinite(generated).all() and (generated - latents).abs().max() > 1e-3
 
     # the exported pipeline samples exactly like the native sampler on the run's EMA model
@@ -323,17 +327,7 @@ def test_train_export_and_generate(pretrained, cache, tmp_path, model):
         assert {"pytorch_lora_weights.safetensors", "twinflow_embeddings.safetensors"} <= set(info["lora_files"])
         lora_pipe = load_lora_pipeline(pretrained, lora_dir)
         lora_pipe.set_progress_bar_config(disable=True)
-        torch.manual_seed(1234)
-        from_lora = lora_pipe(
-            prompt,
-            height=16,
-            width=16,
-            num_inference_steps=2,
-            guidance_scale=0.0,
-            latents=latents.clone(),
-            max_sequence_length=MAX_SEQ,
-            output_type="latent",
-        ).images
+        from_lora = two_step_latents(lora_pipe)
         assert (from_lora - generated).abs().max().item() < 1e-4
 
 

@@ -201,6 +201,7 @@ def measure_step_rss(overrides_json: str, mixed_precision: str, steps: int = 4) 
 
 @torch.no_grad()
 def bench_sampling(args, device) -> dict:
+    from fewstep.data.base import cond_to
     from fewstep.samplers.euler import EulerSampler
 
     runner = StepRunner([*base_overrides(args), "objective=twinflow"], device, args.mixed_precision)
@@ -208,18 +209,21 @@ def bench_sampling(args, device) -> dict:
     shape = runner.data.shape
     methods = [(f"nfe_{n}", runner.sampler, n) for n in (1, 2, 4)] + [("euler_50", EulerSampler(), 50)]
     out = {}
+    autocast = runner.autocast or (lambda: torch.autocast(device.type, enabled=False))
     for name, sampler, steps in methods:
         rows = {}
         for batch in (1, args.sample_batch):
             noise = torch.randn(batch, *shape, device=device)
-            cond = runner.data.grid_conds(batch).to(device)
-            sampler.sample(model, noise, cond, steps)  # warm-up
+            cond = cond_to(runner.data.grid_conds(batch), device)
+            with autocast():
+                sampler.sample(model, noise, cond, steps)  # warm-up
             reps = 20 if batch == 1 else 3
             ts = []
             for _ in range(reps):
                 sync()
                 t0 = time.perf_counter()
-                sampler.sample(model, noise, cond, steps)
+                with autocast():
+                    sampler.sample(model, noise, cond, steps)
                 sync()
                 ts.append(time.perf_counter() - t0)
             rows[batch] = statistics.median(ts)

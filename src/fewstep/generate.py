@@ -83,7 +83,8 @@ def final_outputs(
         if not protocol:
             log(f"wrote {png}")
             continue
-        x = sample_in_chunks(smp, model_fn, eval_noise, eval_cond, steps, autocast=autocast).clamp(-1, 1)
+        x = to_images(data, sample_in_chunks(smp, model_fn, eval_noise, eval_cond, steps, autocast=autocast), device)
+        x = x.clamp(-1, 1)
         np.savez_compressed(samples_dir / f"{name}.npz", x=x.numpy(), y=eval_labels.numpy())
         log(f"wrote {png} and {name}.npz")
         if evaluator is None:

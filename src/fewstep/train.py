@@ -69,6 +69,11 @@ def lr_factor(step: int, tr) -> float:
     return warm * (tr.min_lr_ratio + (1 - tr.min_lr_ratio) * shape)
 
 
+def slot_seed(seed: int, step: int, slot: int, n_slots: int) -> int:
+    """The RNG seed of one micro-batch: a function of the run seed and the slot's global index only."""
+    return (seed * 1_000_003 + step * n_slots + slot) % (2**63)
+
+
 class _StopRequest:
     """SIGINT/SIGTERM: finish the current step, write a checkpoint, exit."""
 
@@ -126,7 +131,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     student = accelerator.unwrap_model(wrapped)
     teacher.bind(student)
-    # Same initial weights on every rank (seeded above); each rank then draws its own noise and times.
+    # Same initial weights on every rank (seeded above); training noise is reseeded per micro-batch below.
     set_seed(tr.seed + accelerator.process_index)
 
     start_step, data_position, nonfinite_total = 0, 0, 0
@@ -152,8 +157,13 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         )  # fmt: skip
 
     device = accelerator.device
-    batches = data.batches(tr.seed, data_position, accelerator.process_index, accelerator.num_processes)
     grad_accum = tr.grad_accum
+    # A global batch has world x grad_accum slots; micro-batch m on rank r fills slot m * world + r. Each slot
+    # has its own data stream and draws its noise from a seed keyed by (step, slot), so the numbers a row sees
+    # do not depend on how the global batch is split: 2 processes equal 1 process with grad_accum 2.
+    world, rank = accelerator.num_processes, accelerator.process_index
+    slots = [micro * world + rank for micro in range(grad_accum)]
+    streams = [data.batches(tr.seed, data_position, slot, world * grad_accum) for slot in slots]
     max_norm = tr.max_grad_norm if tr.max_grad_norm > 0 else math.inf
 
     def save(step: int) -> None:
@@ -193,8 +203,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
             logs: dict = {}
             loss_sum = torch.zeros((), device=device)
             for micro in range(grad_accum):
-                batch = next(batches).to(device)
-                data_position += 1
+                batch = next(streams[micro]).to(device)
+                torch.manual_seed(slot_seed(tr.seed, step, slots[micro], world * grad_accum))
                 sync = accelerator.no_sync(wrapped) if micro < grad_accum - 1 else nullcontext()
                 with sync, accelerator.autocast():
                     loss, micro_logs = objective.loss(wrapped, teacher, batch, step)
@@ -214,6 +224,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                 log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", step, consecutive_bad)
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            data_position += 1
             if consecutive_bad >= tr.max_nonfinite:
                 raise TrainingAborted(
                     f"{consecutive_bad} non-finite steps in a row at step {step}: aborting, last good checkpoint kept "

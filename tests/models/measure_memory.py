@@ -51,7 +51,9 @@ def _status(key: str) -> int:
     return 0
 
 
-def prepare(root: Path, layers: int = 4, n_images: int = 32) -> tuple[Path, Path]:
+def prepare(root: Path, layers: int = 4, n_images: int = 32, heads: int = 8, resolution: int = 32) -> tuple[Path, Path]:
+    """A small SD3 pipeline (``layers`` joint blocks of ``heads`` × 32 channels, see TRANSFORMER) saved under
+    ``root`` and a latent cache of ``n_images`` random ``resolution``² images with captions."""
     import numpy as np
     from PIL import Image
 
@@ -60,18 +62,21 @@ def prepare(root: Path, layers: int = 4, n_images: int = 32) -> tuple[Path, Path
 
     from tiny_sd3 import save_tiny_sd3_pipeline
 
-    pipe = root / f"pipe_{layers}_layers"
+    pipe = root / f"pipe_{layers}_layers_{heads}_heads_{resolution}px"
     if not (pipe / "model_index.json").exists():
-        save_tiny_sd3_pipeline(pipe, transformer_kwargs={**TRANSFORMER, "num_layers": layers})
-    images = root / "images"
+        kwargs = {**TRANSFORMER, "num_layers": layers, "num_attention_heads": heads, "sample_size": resolution}
+        kwargs["caption_projection_dim"] = heads * TRANSFORMER["attention_head_dim"]
+        save_tiny_sd3_pipeline(pipe, transformer_kwargs=kwargs)
+    images = root / f"images_{resolution}px"
     images.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for i in range(n_images):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(images / f"{i:03d}.png")
+        pixels = rng.integers(0, 255, (resolution, resolution, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(images / f"{i:03d}.png")
         (images / f"{i:03d}.txt").write_text(f"random picture number {i}")
-    cache = root / "cache"
+    cache = root / f"cache_{pipe.name}"
     precompute(
-        [f"pretrained={pipe}", f"images={images}", f"out={cache}", "resolution=32", "max_sequence_length=16"]
+        [f"pretrained={pipe}", f"images={images}", f"out={cache}", f"resolution={resolution}", "max_sequence_length=16"]
         + ["embeds_dtype=float32", "progress=false"]
     )
     return pipe, cache
@@ -156,6 +161,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=1, help="runs per configuration; the table shows medians")
     parser.add_argument("--layers", type=int, default=4, help="joint blocks of the small SD3")
+    parser.add_argument("--heads", type=int, default=8, help="attention heads (32 channels each) of the small SD3")
+    parser.add_argument("--resolution", type=int, default=32, help="image (= latent) side of the cache")
+    parser.add_argument("--images", type=int, default=32, help="random images in the latent cache")
+    parser.add_argument(
+        "--prepare-only", action="store_true", help="build the pipeline and cache, print their paths as JSON, exit"
+    )
     parser.add_argument("--models", default="sd35,sd35_lora", help="comma-separated model configs to measure")
     parser.add_argument("--no-grad-chunk", type=int, default=0, help="model.no_grad_chunk for the runs")
     parser.add_argument("--set", action="append", default=[], help="extra config override (repeatable)")
@@ -174,7 +185,10 @@ def main() -> None:
         print(json.dumps(row))
         return
     root = Path(args.out)
-    pipe, cache = prepare(root, args.layers)
+    pipe, cache = prepare(root, args.layers, n_images=args.images, heads=args.heads, resolution=args.resolution)
+    if args.prepare_only:
+        print(json.dumps({"pretrained": str(pipe), "cache": str(cache)}))
+        return
     models = args.models.split(",")
     runs: dict[tuple[str, str], list[dict]] = {}
     for _ in range(args.repeat):

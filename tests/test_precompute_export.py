@@ -424,3 +424,19 @@ def test_sd15_precompute_and_training_through_the_diff2flow_bridge(images, tmp_p
     )
     summary = train(cfg, run_dir=tmp_path / "run")
     assert summary["steps"] == 2 and np.isfinite(summary["loss"])
+
+
+def test_bench_runs_on_latent_data_with_prompt_conditions(pretrained, cache, tmp_path):
+    """fewstep.bench on model=sd35_lora + data=latents in bf16 (the GPU check's configuration, tiny):
+    dict (prompt-embedding) conditions through the sampling benchmark too."""
+    from fewstep.bench import main as bench
+
+    out = tmp_path / "bench"
+    result = bench(
+        [f"out={out}", "model=sd35_lora", "data=latents", "batch_size=2", "repeats=1", "warmup=0", "sample_batch=2"]
+        + ["mixed_precision=bf16", f"overrides=[model.pretrained={pretrained},data.path={cache}]"]
+    )
+    assert result["objectives"]["flow_matching"]["evals_per_step"] == 1.0
+    assert result["objectives"]["twinflow"]["evals_per_step"] > 1.0
+    assert result["sampling"]["nfe_1"]["images_per_s"] > 0
+    assert "precision=bf16" in (out / "bench.md").read_text()

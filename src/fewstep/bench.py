@@ -142,6 +142,8 @@ def bench_objectives(args, device) -> dict:
 
 
 def _iqr(xs: list[float]) -> float:
+    if len(xs) < 2:
+        return 0.0
     q = statistics.quantiles(xs, n=4)
     return q[2] - q[0]
 
@@ -297,6 +299,11 @@ def write_markdown(result: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv, DEFAULTS, USAGE)
+    from fewstep.errors import FewstepError
+
+    for key in ("repeats", "batch_size", "sample_batch"):
+        if int(getattr(args, key)) < 1:
+            raise FewstepError(f"{key}={getattr(args, key)} must be >= 1 ({USAGE})")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -115,6 +115,7 @@ class TinyModelConfig:
     emb_dim: int = 128
     dropout: float = 0.0
     prediction_type: str = "flow"  # the tiny nets are flow-matching models
+    input_skip: bool = True  # conditioning-set per-pixel gains on x_t added to the output (docs/defaults.md)
 
 
 @dataclass
@@ -264,7 +265,7 @@ class Config:
 SCHEMAS = {
     "objective": {"twinflow": TwinFlowConfig, "flow_matching": FlowMatchingConfig},
     "teacher": {"ema": EMATeacherConfig, "student": StudentTeacherConfig, "frozen": FrozenTeacherConfig},
-    "sampler": {"ucgm": UCGMSamplerConfig, "euler": EulerSamplerConfig},
+    "sampler": {"ucgm": UCGMSamplerConfig, "ucgm_any": UCGMSamplerConfig, "euler": EulerSamplerConfig},
     "model": {"tiny": TinyModelConfig, "sd35": SD35ModelConfig, "sd15": SD15ModelConfig},
     "data": {"digits": DigitsDataConfig, "toy2d": Toy2DDataConfig, "latents": LatentsDataConfig},
     "trainer": {"default": TrainerConfig},

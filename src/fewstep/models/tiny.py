@@ -56,6 +56,7 @@ class TinyMLP(nn.Module):
         dropout: float = 0.0,
         time_pair: bool = True,
         prediction_type: str = "flow",
+        input_skip: bool = True,
     ):
         super().__init__()
         if prediction_type != "flow":
@@ -80,6 +81,13 @@ class TinyMLP(nn.Module):
         self.out = nn.Linear(width, dim)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
+        # Per-pixel gains on the input, set by the conditioning: the output LayerNorm rescales every
+        # sample, so without this path the net cannot pass x_t (at t = 1: the noise z, which the
+        # velocity z - x contains) through at its own scale. Zero-initialised.
+        self.skip = nn.Linear(emb_dim, dim) if input_skip else None
+        if self.skip is not None:
+            nn.init.zeros_(self.skip.weight)
+            nn.init.zeros_(self.skip.bias)
 
     @property
     def null_label(self) -> int:
@@ -94,7 +102,11 @@ class TinyMLP(nn.Module):
         if self.time_pair:
             emb = emb + self.sign_emb((t < 0).long())
         emb = torch.nn.functional.silu(emb)
-        h = self.inp(x_t.reshape(b, -1))
+        flat = x_t.reshape(b, -1)
+        h = self.inp(flat)
         for block in self.blocks:
             h = block(h, emb)
-        return self.out(self.out_norm(h)).reshape(x_t.shape)
+        out = self.out(self.out_norm(h))
+        if self.skip is not None:
+            out = out + self.skip(emb) * flat
+        return out.reshape(x_t.shape)

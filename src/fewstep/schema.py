@@ -116,6 +116,7 @@ class TinyModelConfig:
     dropout: float = 0.0
     prediction_type: str = "flow"  # the tiny nets are flow-matching models
     input_skip: bool = True  # conditioning-set per-pixel gains on x_t added to the output (docs/defaults.md)
+    out_modulation: bool = True  # adaLN shift/scale before the output layer (as in DiT's final layer)
 
 
 @dataclass

@@ -21,7 +21,7 @@ def test_input_skip_is_zero_at_init_and_can_pass_x_t_through_at_its_scale():
     torch.manual_seed(0)
     net = TinyMLP((1, 8, 8), width=64, emb_dim=32)
     x, t, tt, y = _inputs()
-    assert torch.equal(net(x, t, tt, y), torch.zeros_like(x))  # zero-initialised output and skip
+    assert torch.equal(net(x, t, tt, y), torch.zeros_like(x))  # zero-initialised output, skip and modulation
     with torch.no_grad():
         net.skip.bias.fill_(1.0)
     torch.testing.assert_close(net(x, t, tt, y), x, rtol=0, atol=0)  # identity for every input norm
@@ -33,8 +33,8 @@ def test_input_skip_is_zero_at_init_and_can_pass_x_t_through_at_its_scale():
 
 
 def test_input_skip_can_be_turned_off():
-    on = TinyMLP((1, 8, 8), width=64, emb_dim=32)
-    off = TinyMLP((1, 8, 8), width=64, emb_dim=32, input_skip=False)
+    on = TinyMLP((1, 8, 8), width=64, emb_dim=32, out_modulation=False)
+    off = TinyMLP((1, 8, 8), width=64, emb_dim=32, input_skip=False, out_modulation=False)
     assert off.skip is None
     extra = sum(p.numel() for p in on.parameters()) - sum(p.numel() for p in off.parameters())
     assert extra == 32 * 64 + 64
@@ -42,7 +42,7 @@ def test_input_skip_can_be_turned_off():
 
 def test_the_embedded_default_uses_mse_and_the_any_step_sampler():
     cfg = compose([])
-    assert cfg.model.input_skip is True
+    assert cfg.model.input_skip is True and cfg.model.out_modulation is True
     assert cfg.objective.loss.type == "l2"
     s = cfg.sampler
     assert (s.style, s.stochast_ratio, s.extrapol_ratio, list(s.rfba_gap_steps)) == ("any", 0.0, 0.5, [0.001, 0.4])

@@ -1,7 +1,8 @@
 """Small networks for the embedded default and the tests.
 
 ``TinyMLP`` is a residual MLP with adaptive layer norm: the conditioning
-vector (time, target time, class label) scales and shifts every block. With
+vector (time, target time, class label) scales and shifts every block and the output layer, and
+sets per-pixel gains on a direct path from ``x_t`` to the output (``input_skip``). With
 ``time_pair=True`` (objectives that need it) it also embeds the target time
 ``tt`` and the time sign; otherwise it is a vanilla flow-matching net and
 ignores ``tt``.
@@ -57,6 +58,7 @@ class TinyMLP(nn.Module):
         time_pair: bool = True,
         prediction_type: str = "flow",
         input_skip: bool = True,
+        out_modulation: bool = True,
     ):
         super().__init__()
         if prediction_type != "flow":
@@ -79,6 +81,10 @@ class TinyMLP(nn.Module):
         self.blocks = nn.ModuleList([ResBlock(width, emb_dim, dropout) for _ in range(depth)])
         self.out_norm = nn.LayerNorm(width, elementwise_affine=False)
         self.out = nn.Linear(width, dim)
+        self.out_mod = nn.Linear(emb_dim, 2 * width) if out_modulation else None
+        if self.out_mod is not None:
+            nn.init.zeros_(self.out_mod.weight)
+            nn.init.zeros_(self.out_mod.bias)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
         # Per-pixel gains on the input, set by the conditioning: the output LayerNorm rescales every
@@ -106,7 +112,11 @@ class TinyMLP(nn.Module):
         h = self.inp(flat)
         for block in self.blocks:
             h = block(h, emb)
-        out = self.out(self.out_norm(h))
+        h = self.out_norm(h)
+        if self.out_mod is not None:
+            shift, scale = self.out_mod(emb).chunk(2, dim=-1)
+            h = h * (1 + scale) + shift
+        out = self.out(h)
         if self.skip is not None:
             out = out + self.skip(emb) * flat
         return out.reshape(x_t.shape)

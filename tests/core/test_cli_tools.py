@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from fewstep.errors import FewstepError
 from fewstep.train import train
 
 from helpers import FAST, compose
@@ -63,3 +64,17 @@ def test_missing_run_dir_names_the_problem(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="not a fewstep run dir"):
         main([f"run_dir={tmp_path}"])
+
+
+def test_eval_with_sampler_overrides_scores_the_same_weights_under_another_sampler(digits_run, tmp_path):
+    from fewstep.eval.__main__ import main
+
+    base = main([f"run_dir={digits_run}", "nfe=[1,2]", "baseline_steps=0", f"out={tmp_path / 'a.json'}"])
+    few = main([f"run_dir={digits_run}", "nfe=[1,2]", "baseline_steps=0", f"out={tmp_path / 'b.json'}",
+                "sampler.style=few", "sampler.stochast_ratio=1.0"])  # fmt: skip
+    assert (base["sampler"]["style"], few["sampler"]["style"], few["sampler"]["stochast_ratio"]) == ("any", "few", 1.0)
+    # one step from t = 1 targets t = 0 in either style: identical; two steps differ
+    assert base["metrics"]["nfe_1"] == few["metrics"]["nfe_1"]
+    assert base["metrics"]["nfe_2"]["fd"] != few["metrics"]["nfe_2"]["fd"]
+    with pytest.raises(FewstepError, match="sampler override"):
+        main([f"run_dir={digits_run}", "nfe=[1]", f"out={tmp_path / 'c.json'}", "sampler.stochast=1"])

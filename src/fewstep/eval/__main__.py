@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
+from fewstep.errors import FewstepError
 from fewstep.generate import final_outputs
 from fewstep.runs import load_run, parse_args
 
 USAGE = (
     "usage: python -m fewstep.eval run_dir=DIR [nfe=[1,2,4]] [baseline_steps=50] [weights=ema|student] "
-    "[device=cpu|cuda] [checkpoint=DIR (default: the newest valid one)] [out=FILE (default: DIR/eval.json)]"
+    "[device=cpu|cuda] [checkpoint=DIR (default: the newest valid one)] [out=FILE (default: DIR/eval.json)] "
+    "[sampler.KEY=VALUE ... (override the run's sampler, e.g. sampler.style=few sampler.stochast_ratio=1.0)]"
 )
 DEFAULTS = {
     "run_dir": "???",
@@ -31,12 +36,16 @@ DEFAULTS = {
 
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = parse_args(argv, DEFAULTS, USAGE)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    sampler_overrides = [a.removeprefix("sampler.") for a in argv if a.startswith("sampler.")]
+    args = parse_args([a for a in argv if not a.startswith("sampler.")], DEFAULTS, USAGE)
     run = load_run(args.run_dir, device=args.device, checkpoint=args.checkpoint)
     if not hasattr(run.data, "evaluator"):
         raise SystemExit(f"data {type(run.data).__name__} has no evaluator; see fewstep.eval.features for a hook")
+    sampler_cfg = OmegaConf.merge(run.cfg.sampler, OmegaConf.from_dotlist(sampler_overrides))
+    sampler = run.sampler if not sampler_overrides else _sampler(sampler_cfg)
     results = final_outputs(
-        run.run_dir, run.model_fn(args.weights), run.sampler, run.data, list(args.nfe), args.baseline_steps,
+        run.run_dir, run.model_fn(args.weights), sampler, run.data, list(args.nfe), args.baseline_steps,
         run.device, evaluate=True, log=logging.info,
     )  # fmt: skip
     evaluator = run.data.evaluator()
@@ -45,6 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
         "checkpoint": str(run.checkpoint),
         "step": run.step,
         "weights": args.weights,
+        "sampler": OmegaConf.to_container(sampler_cfg),
         "metrics": results,
         "reference": evaluator.reference_points() if hasattr(evaluator, "reference_points") else {},
     }
@@ -52,6 +62,16 @@ def main(argv: list[str] | None = None) -> dict:
     path.write_text(json.dumps(out, indent=2))
     logging.info("wrote %s", path)
     return out
+
+
+def _sampler(cfg):
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(cfg, _convert_="all")
+    except Exception as err:  # an unknown key or a bad value: one line naming it
+        cause = err.__cause__ or err
+        raise FewstepError(f"sampler override: {str(cause).splitlines()[0]}") from None
 
 
 if __name__ == "__main__":

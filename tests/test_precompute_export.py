@@ -228,6 +228,7 @@ def train_run(pretrained, cache, run_dir, model, *extra):
     cfg = compose(
         [
             "objective=twinflow",
+            "sampler=ucgm",  # the reference few-step sampler, as the SD3.5 docs and table6 rows use
             f"model={model}",
             f"model.pretrained={pretrained}",
             "model.lora.rank=4",

@@ -26,7 +26,7 @@ class ProbsConfig:
 
 @dataclass
 class LossConfig:
-    type: str = "barron"  # l2 | barron
+    type: str = "barron"  # l2 | barron (schema default = the reference; conf/objective/twinflow.yaml ships l2)
     alpha: float = 1.0
     c: float = 1e-3
 

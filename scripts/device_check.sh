@@ -37,7 +37,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else '', '| diffusers', diffusers.__version__)"
 
 # 1. CUDA smoke: the embedded default, shortened, end to end (checkpoints, grids, evaluation), then resumed.
-stage smoke 240 "$PY" -m fewstep "trainer.max_steps=$SMOKE_STEPS" trainer.checkpoint_every=$((SMOKE_STEPS / 2)) \
+stage smoke $((120 + SMOKE_STEPS / 25)) "$PY" -m fewstep "trainer.max_steps=$SMOKE_STEPS" trainer.checkpoint_every=$((SMOKE_STEPS / 2)) \
     trainer.sample_every=$((SMOKE_STEPS / 2)) logger.progress=false "hydra.run.dir=$WORK/smoke"
 stage smoke_resume 120 "$PY" -m fewstep "trainer.max_steps=$((SMOKE_STEPS + 10))" trainer.resume=auto \
     trainer.evaluate=false trainer.baseline_steps=0 logger.progress=false "hydra.run.dir=$WORK/smoke"

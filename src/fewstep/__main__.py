@@ -10,8 +10,21 @@ from fewstep.schema import register_schemas
 register_schemas()
 
 
+def main() -> None:
+    """Check the overrides first (a typo or a wrong choice: one ``error:`` line, exit 2), then run Hydra."""
+    import sys
+
+    from fewstep.validate import check_overrides
+
+    problem = check_overrides(sys.argv[1:])
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    _hydra_main()
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> float | None:
+def _hydra_main(cfg: DictConfig) -> float | None:
     import sys
 
     from fewstep.errors import FewstepError

@@ -173,3 +173,76 @@ def validate(cfg: DictConfig) -> DictConfig:
         with open_dict(cfg):
             cfg.sampler.guidance_scale = 0.0
     return cfg
+
+
+def check_overrides(argv: list[str]) -> str | None:
+    """Compose ``python -m fewstep`` overrides as Hydra will and return a one-line error naming the fix
+    (an unknown key with the closest valid one, a group choice that does not exist with the valid ones, a
+    value of the wrong type, an override that does not parse), or None. Hydra flags and multiruns are left
+    to Hydra; an experiment name is checked too (Hydra silently skips a missing optional experiment)."""
+    import difflib
+    from importlib import resources
+
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+    if not argv or any(a.startswith("-") for a in argv):
+        return None
+    overrides = [a for a in argv if not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
+
+    def suggest(name: str, options: list[str]) -> str:
+        close = difflib.get_close_matches(name, options, n=1)
+        return f" (did you mean {close[0]}?)" if close else ""
+
+    for arg in overrides:
+        key, _, name = arg.partition("=")
+        if key == "experiment" and name not in ("", "null"):
+            root = resources.files("fewstep.conf") / "experiment"
+            options = sorted(_yaml_names(root))
+            if name not in options:
+                return f"experiment={name} does not exist{suggest(name, options)}; choose one of: {', '.join(options)}"
+
+    def run(ovs: list[str]):
+        GlobalHydra.instance().clear()
+        try:
+            with initialize_config_module(config_module="fewstep.conf", version_base="1.3"):
+                return compose(config_name="config", overrides=ovs)
+        finally:
+            GlobalHydra.instance().clear()
+
+    try:
+        run(overrides)
+    except MissingConfigException as err:
+        group, _, name = (err.missing_cfg_file or "").rpartition("/")
+        options = list(err.options or [])
+        return f"{group}={name} is not a choice{suggest(name, options)}; choose one of: {', '.join(options)}"
+    except OverrideParseException as err:
+        return f"cannot parse the overrides: {str(err).splitlines()[0]} (Hydra syntax: key=value, lists as [a,b])"
+    except ConfigCompositionException as err:
+        cause, text = err.__cause__, str(err).splitlines()[0]
+        bad = next((o for o in overrides if f"'{o.partition('=')[0]}'" in text or text.endswith(f" {o}")), None)
+        if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and bad is not None:
+            try:  # the same override forced in with '+': check_known_keys then names the closest valid key
+                check_known_keys(run([("+" + o) if o == bad else o for o in overrides]))
+            except ConfigError as known:
+                return str(known)
+            except Exception:  # noqa: BLE001 - fall back to Hydra's first line below
+                pass
+        if isinstance(cause, ValidationError) and bad is not None:
+            return f"{bad}: {str(cause).splitlines()[0]}"
+        return text
+    except Exception:  # noqa: BLE001 - anything else: Hydra reports it in its own words
+        return None
+    return None
+
+
+def _yaml_names(root, prefix: str = "") -> list[str]:
+    names = []
+    for entry in root.iterdir():
+        if entry.is_dir():
+            names += _yaml_names(entry, f"{prefix}{entry.name}/")
+        elif entry.name.endswith(".yaml"):
+            names.append(prefix + entry.name[: -len(".yaml")])
+    return names

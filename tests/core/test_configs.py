@@ -129,3 +129,41 @@ def test_cli_prints_user_errors_as_one_line(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "error: trainer.resume=/no/such/ckpt: no such checkpoint or run dir; give an existing path, auto or none"
     ]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["trainer.max_step=5"], "unknown config key trainer.max_step (did you mean trainer.max_steps?)"),
+        (
+            ["sampler=ucgm_anyy"],
+            "sampler=ucgm_anyy is not a choice (did you mean ucgm_any?); choose one of: euler, ucgm",
+        ),
+        (["experiment=table6/sd35_ful"], "experiment=table6/sd35_ful does not exist (did you mean table6/sd35_full?)"),
+        (["trainer.lr=abc"], "trainer.lr=abc: Value 'abc' of type 'str' could not be converted to Float"),
+        (["trainer.lr=[1"], "cannot parse the overrides"),
+        (["objective=flow_matching", "objective.delta_t=0.1"], "unknown config key objective.delta_t"),
+    ],
+)
+def test_cli_overrides_are_checked_before_hydra_runs(argv, message):
+    from fewstep.validate import check_overrides
+
+    assert message in check_overrides(argv)
+
+
+def test_valid_overrides_flags_and_multiruns_pass_the_check():
+    from fewstep.validate import check_overrides
+
+    assert check_overrides(["objective=rcgm", "trainer.lr=1e-3", "hydra.run.dir=/tmp/x"]) is None
+    assert check_overrides(["-m", "trainer.lr=1e-3,2e-3"]) is None  # Hydra's own parser handles sweeps
+    assert check_overrides([]) is None
+
+
+def test_cli_typo_is_one_line_with_exit_2(tmp_path):
+    from helpers import run_cli
+
+    proc = run_cli(["sampler=ucgm_anyy"], tmp_path, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: sampler=ucgm_anyy is not a choice (did you mean ucgm_any?); choose one of: euler, ucgm, ucgm_any"
+    ]

@@ -61,11 +61,12 @@ def final_outputs(
     autocast=None,
     log=print,
     raw: bool | None = None,
+    samples_dir: Path | None = None,
 ) -> dict:
     """Grids (``samples/<method>.png``), the evaluation protocol's raw samples (``samples/<method>.npz``,
     arrays ``x`` and ``y``; ``raw`` defaults to ``evaluate``) and, with ``evaluate``, metrics keyed by method."""
     run_dir = Path(run_dir)
-    samples_dir = run_dir / "samples"
+    samples_dir = Path(samples_dir) if samples_dir is not None else run_dir / "samples"
     evaluator = data.evaluator() if evaluate and hasattr(data, "evaluator") else None
     raw = evaluate if raw is None else raw
     protocol = (raw or evaluator is not None) and hasattr(data, "eval_inputs")

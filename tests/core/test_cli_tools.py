@@ -69,6 +69,8 @@ def test_missing_run_dir_names_the_problem(tmp_path):
 def test_eval_with_sampler_overrides_scores_the_same_weights_under_another_sampler(digits_run, tmp_path):
     from fewstep.eval.__main__ import main
 
+    main([f"run_dir={digits_run}", "nfe=[2]", "baseline_steps=0"])  # the run's own samples/nfe_2.npz
+    own = np.load(digits_run / "samples" / "nfe_2.npz")["x"]
     base = main([f"run_dir={digits_run}", "nfe=[1,2]", "baseline_steps=0", f"out={tmp_path / 'a.json'}"])
     few = main([f"run_dir={digits_run}", "nfe=[1,2]", "baseline_steps=0", f"out={tmp_path / 'b.json'}",
                 "sampler.style=few", "sampler.stochast_ratio=1.0"])  # fmt: skip
@@ -76,5 +78,10 @@ def test_eval_with_sampler_overrides_scores_the_same_weights_under_another_sampl
     # one step from t = 1 targets t = 0 in either style: identical; two steps differ
     assert base["metrics"]["nfe_1"] == few["metrics"]["nfe_1"]
     assert base["metrics"]["nfe_2"]["fd"] != few["metrics"]["nfe_2"]["fd"]
+    # another sampler's samples go beside its JSON; the run's own samples are left as they were
+    assert few["samples_dir"] == str(tmp_path / "b_samples")
+    other = np.load(tmp_path / "b_samples" / "nfe_2.npz")["x"]
+    assert np.array_equal(np.load(digits_run / "samples" / "nfe_2.npz")["x"], own)
+    assert not np.array_equal(other, own)
     with pytest.raises(FewstepError, match="sampler override"):
         main([f"run_dir={digits_run}", "nfe=[1]", f"out={tmp_path / 'c.json'}", "sampler.stochast=1"])

@@ -44,9 +44,14 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"data {type(run.data).__name__} has no evaluator; see fewstep.eval.features for a hook")
     sampler_cfg = OmegaConf.merge(run.cfg.sampler, OmegaConf.from_dotlist(sampler_overrides))
     sampler = run.sampler if not sampler_overrides else _sampler(sampler_cfg)
+    path = Path(args.out) if args.out else run.run_dir / "eval.json"
+    # The run's own samples/ holds what its sampler and final weights produced: an evaluation under another
+    # sampler or checkpoint, or written elsewhere, keeps its grids and .npz beside its own JSON instead.
+    own = not sampler_overrides and args.out is None and args.checkpoint is None
+    samples_dir = run.run_dir / "samples" if own else path.parent / f"{path.stem}_samples"
     results = final_outputs(
         run.run_dir, run.model_fn(args.weights), sampler, run.data, list(args.nfe), args.baseline_steps,
-        run.device, evaluate=True, log=logging.info,
+        run.device, evaluate=True, log=logging.info, samples_dir=samples_dir,
     )  # fmt: skip
     evaluator = run.data.evaluator()
     out = {
@@ -54,11 +59,11 @@ def main(argv: list[str] | None = None) -> dict:
         "checkpoint": str(run.checkpoint),
         "step": run.step,
         "weights": args.weights,
+        "samples_dir": str(samples_dir),
         "sampler": OmegaConf.to_container(sampler_cfg),
         "metrics": results,
         "reference": evaluator.reference_points() if hasattr(evaluator, "reference_points") else {},
     }
-    path = Path(args.out) if args.out else run.run_dir / "eval.json"
     path.write_text(json.dumps(out, indent=2))
     logging.info("wrote %s", path)
     return out

@@ -73,13 +73,13 @@ class StepRunner:
     """One objective's full optimizer step on a fixed model/data configuration."""
 
     def __init__(self, overrides: list[str], device: torch.device, mixed_precision: str):
-        from fewstep.train import build_components
+        from fewstep.train import build_components, make_optimizer
 
         cfg = compose(overrides)
         torch.manual_seed(0)
         self.data, self.objective, self.model, self.teacher, self.sampler = build_components(cfg, device=device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=1e-4)
+        self.opt = make_optimizer(self.params, lr=1e-4)  # as the training loop builds it
         self.batches = self.data.batches(0)
         self.device = device
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)

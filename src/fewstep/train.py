@@ -58,6 +58,15 @@ def build_components(cfg: DictConfig, device=None):
     return data, objective, model, teacher, sampler
 
 
+def make_optimizer(params, **kwargs) -> torch.optim.AdamW:
+    """AdamW, fused where the device and dtypes allow it (one kernel per step instead of a Python loop
+    over parameters: 9% of a digits step on the CPU), else the default implementation."""
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(params, **kwargs)
+
+
 def lr_factor(step: int, tr) -> float:
     """LR multiplier: linear warm-up, then constant, cosine or linear decay to ``min_lr_ratio`` at max_steps."""
     warm = 1.0 if tr.warmup_steps <= 0 else min(1.0, (step + 1) / tr.warmup_steps)
@@ -126,7 +135,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tr.lr, betas=tuple(tr.betas), weight_decay=tr.weight_decay, eps=tr.eps)
+    optimizer = make_optimizer(params, lr=tr.lr, betas=tuple(tr.betas), weight_decay=tr.weight_decay, eps=tr.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tr))
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     student = accelerator.unwrap_model(wrapped)

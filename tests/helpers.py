@@ -26,16 +26,9 @@ FAST = [
 
 def compose(overrides: list[str] | None = None):
     """The composed config for ``python -m fewstep <overrides>`` (no Hydra run dir)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
+    from fewstep.schema import compose_config
 
-    from fewstep.schema import register_schemas
-
-    register_schemas()
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="fewstep.conf", version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides or []))
+    return compose_config(list(overrides or []))
 
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 600, module: str = "fewstep", check: bool = True):

@@ -13,7 +13,7 @@ import yaml
 
 from fewstep.report import collect, lookup_metric, write_report
 from fewstep.report import main as report_main
-from fewstep.schema import CONF_DIR, Config, register_schemas
+from fewstep.schema import CONF_DIR, Config, compose_config
 
 from helpers import FAST, run_cli
 
@@ -44,13 +44,7 @@ def schema_has(name: str) -> bool:
 
 def compose_hydra(overrides: list[str]):
     """Composed config including the ``hydra`` node (sweeper params, launcher, callbacks)."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
-    register_schemas()
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="fewstep.conf", version_base="1.3"):
-        return compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    return compose_config(overrides, return_hydra_config=True)
 
 
 def csv_rows(path: Path) -> list[dict]:

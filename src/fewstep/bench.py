@@ -57,16 +57,9 @@ VARIANTS = {
 
 
 def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
+    from fewstep.schema import compose_config
 
-    from fewstep.schema import register_schemas
-
-    register_schemas()
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="fewstep.conf", version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
+    return compose_config(overrides)
 
 
 class StepRunner:

@@ -315,3 +315,17 @@ def register_schemas() -> None:
     for group, nodes in SCHEMAS.items():
         for name, node in nodes.items():
             cs.store(group=f"schema/{group}", name=name, node=node)
+
+
+def compose_config(overrides: list[str], return_hydra_config: bool = False):
+    """The config ``python -m fewstep <overrides>`` composes (no run dir, no job), via Hydra's compose API."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_schemas()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module="fewstep.conf", version_base="1.3"):
+            return compose(config_name="config", overrides=list(overrides), return_hydra_config=return_hydra_config)
+    finally:
+        GlobalHydra.instance().clear()

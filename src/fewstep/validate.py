@@ -183,8 +183,6 @@ def check_overrides(argv: list[str]) -> str | None:
     import difflib
     from importlib import resources
 
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
@@ -204,13 +202,7 @@ def check_overrides(argv: list[str]) -> str | None:
             if name not in options:
                 return f"experiment={name} does not exist{suggest(name, options)}; choose one of: {', '.join(options)}"
 
-    def run(ovs: list[str]):
-        GlobalHydra.instance().clear()
-        try:
-            with initialize_config_module(config_module="fewstep.conf", version_base="1.3"):
-                return compose(config_name="config", overrides=ovs)
-        finally:
-            GlobalHydra.instance().clear()
+    from fewstep.schema import compose_config as run
 
     try:
         run(overrides)

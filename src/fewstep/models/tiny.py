@@ -81,19 +81,16 @@ class TinyMLP(nn.Module):
         self.blocks = nn.ModuleList([ResBlock(width, emb_dim, dropout) for _ in range(depth)])
         self.out_norm = nn.LayerNorm(width, elementwise_affine=False)
         self.out = nn.Linear(width, dim)
+        # adaLN shift/scale of the normalised features before the output layer (as DiT's final layer)
         self.out_mod = nn.Linear(emb_dim, 2 * width) if out_modulation else None
-        if self.out_mod is not None:
-            nn.init.zeros_(self.out_mod.weight)
-            nn.init.zeros_(self.out_mod.bias)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
         # Per-pixel gains on the input, set by the conditioning: the output LayerNorm rescales every
         # sample, so without this path the net cannot pass x_t (at t = 1: the noise z, which the
-        # velocity z - x contains) through at its own scale. Zero-initialised.
+        # velocity z - x contains) through at its own scale.
         self.skip = nn.Linear(emb_dim, dim) if input_skip else None
-        if self.skip is not None:
-            nn.init.zeros_(self.skip.weight)
-            nn.init.zeros_(self.skip.bias)
+        for layer in (self.out, self.out_mod, self.skip):  # zero-initialised: the output starts at 0
+            if layer is not None:
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
 
     @property
     def null_label(self) -> int:

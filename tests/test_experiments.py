@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import fields
 from typing import NamedTuple
 
 import pytest
@@ -11,7 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from fewstep.models.unavailable import TARGET, ModelFamilyUnavailable, check_available
-from fewstep.schema import CONF_DIR, Config
+from fewstep.schema import CONF_DIR
 from fewstep.validate import validate
 
 from helpers import FAST, compose, run_cli
@@ -80,19 +79,8 @@ def check_values(cfg, row: Row) -> None:
             assert list(cfg.model.lora.target_modules) == SD35_LORA_TARGETS
 
 
-def skip_unless_composable(name: str) -> None:
-    """Skip, naming what the tree still lacks for ``experiment=table6/<name>`` to compose."""
-    groups = (f"model/{ROWS[name].model}", "data/latents")
-    missing = [f"conf/{g}.yaml" for g in groups if not (CONF_DIR / f"{g}.yaml").exists()]
-    if "launch" not in {f.name for f in fields(Config)}:
-        missing.append("schema.Config.launch (the proposed LaunchConfig)")
-    if missing:
-        pytest.skip(f"table6/{name} needs {', '.join(missing)}, not in the tree yet")
-
-
 def compose_row(name: str, extra: list[str] | None = None):
     """``python -m fewstep experiment=table6/<name> <extra>`` (composed in-process)."""
-    skip_unless_composable(name)
     return compose([f"experiment=table6/{name}", *(extra or [])])
 
 
@@ -138,22 +126,12 @@ def test_unavailable_row_fails_before_anything_loads(name):
         check_available(cfg.model)
     with pytest.raises(Exception, match=message):
         instantiate(cfg.model)
-    try:
+    with pytest.raises(ModelFamilyUnavailable) as err:
         validate(cfg)
-    except ModelFamilyUnavailable as err:
-        assert message in str(err) and "\n" not in str(err)
-    else:
-        pytest.skip("validate() does not call fewstep.models.unavailable.check_available yet (proposed change)")
+    assert message in str(err.value) and "\n" not in str(err.value)
 
 
 def test_unavailable_row_fails_at_start_on_the_command_line(tmp_path):
-    cfg = compose_row("qwenimage_full", ["data.path=/nonexistent"])
-    try:
-        validate(cfg)
-    except ModelFamilyUnavailable:
-        pass
-    else:
-        pytest.skip("validate() does not call fewstep.models.unavailable.check_available yet (proposed change)")
     start = time.perf_counter()
     proc = run_cli(["experiment=table6/qwenimage_full", "data.path=/nonexistent"], tmp_path, check=False)
     assert proc.returncode != 0 and time.perf_counter() - start < 30
@@ -202,7 +180,6 @@ def test_sd35_row_trains_on_a_tiny_pipeline(name, request, tmp_path):
     """The row as written (its LoRA targets match real SD3 module names), shrunk only in size and precision."""
     from fewstep.train import train
 
-    skip_unless_composable(name)
     pretrained, cache = request.getfixturevalue("tiny_sd3_cache")
     shrink = [f"model.pretrained={pretrained}", f"data.path={cache}", "data.batch_size=2", "trainer.max_steps=2"]
     shrink += ["trainer.mixed_precision=no", "trainer.final_nfe=[1]", "trainer.grid_size=2", *FAST]

@@ -661,12 +661,17 @@ def test_sigterm_writes_a_final_checkpoint_and_exits_143(tmp_path):
 # --------------------------------------------------------------------------- 5. two processes
 
 
+# docs/reliability.md: the launcher exits 1 within 5 s of a rank's SIGKILL (measured 0.58 s and 0.67 s for
+# ranks 1 and 0 on 2 CPU cores; the bound leaves room for a loaded machine).
+LAUNCHER_EXIT_S = 5.0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("rank", [1, 0])
 def test_killing_one_rank_stops_the_job_without_a_corrupt_checkpoint(tmp_path, rank):
-    """`accelerate launch --multi_gpu --num_processes 2` on CPU; SIGKILL one worker once a checkpoint exists.
-    (Two ranks do not reproduce one process at the same global batch bit for bit: each rank draws its own
-    data and noise stream, seed + rank; see docs/reliability.md.)"""
+    """`accelerate launch --multi_gpu --num_processes 2` on CPU; SIGKILL one worker once a checkpoint exists:
+    the launcher exits 1 within LAUNCHER_EXIT_S, every checkpoint loads and resumes in one process.
+    (That two ranks equal one process with grad_accum 2 is tested in tests/core/test_train.py.)"""
     import psutil
 
     run = tmp_path / "ddp"
@@ -699,9 +704,8 @@ def test_killing_one_rank_stops_the_job_without_a_corrupt_checkpoint(tmp_path, r
             for worker in workers.values():  # the other worker, should it linger
                 if worker.is_running():
                     worker.kill()
-    assert returncode != 0, (tmp_path / "log.txt").read_text()[-3000:]
-    assert stopped_in < 180
-    print(f"launcher exited {returncode} {stopped_in:.1f} s after the kill")
+    assert returncode == 1, (tmp_path / "log.txt").read_text()[-3000:]
+    assert stopped_in < LAUNCHER_EXIT_S, f"launcher exited {stopped_in:.1f} s after the kill"
     steps = load_every_checkpoint(run / "checkpoints")
     assert steps and all(s % 5 == 0 for s in steps)
     lines = (run / "metrics.jsonl").read_text().splitlines()

@@ -31,8 +31,15 @@ def compose(overrides: list[str] | None = None):
     return compose_config(list(overrides or []))
 
 
-def run_cli(args: list[str], cwd: Path, timeout: float = 600, module: str = "fewstep", check: bool = True):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def run_cli(
+    args: list[str],
+    cwd: Path,
+    timeout: float = 600,
+    module: str = "fewstep",
+    check: bool = True,
+    env: dict | None = None,
+):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.run(
         [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )

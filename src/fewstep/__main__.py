@@ -6,24 +6,32 @@ import hydra
 from omegaconf import DictConfig
 
 from fewstep.schema import register_schemas
+from fewstep.searchpath import CONF_DIR
 
 register_schemas()
 
 
 def main() -> None:
-    """Check the overrides first (a typo or a wrong choice: one ``error:`` line, exit 2), then run Hydra."""
+    """Check the overrides first (a typo or a wrong choice: one ``error:`` line, exit 2), then run Hydra
+    with the user's config folders (``./conf``, ``FEWSTEP_CONFIG_PATH``) on its search path."""
     import sys
 
+    from fewstep.errors import FewstepError
+    from fewstep.searchpath import with_user_search_path
     from fewstep.validate import check_overrides
 
-    problem = check_overrides(sys.argv[1:])
+    try:
+        problem = check_overrides(sys.argv[1:])
+        sys.argv = [sys.argv[0], *with_user_search_path(sys.argv[1:])]
+    except FewstepError as err:
+        problem = str(err)
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
     _hydra_main()
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
     import sys
 

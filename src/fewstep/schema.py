@@ -8,11 +8,12 @@ fails at compose time with a message naming the key.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+from fewstep.searchpath import CONF_DIR
 
 
 # --------------------------------------------------------------------------- objectives
@@ -274,7 +275,6 @@ SCHEMAS = {
 }
 
 
-CONF_DIR = Path(__file__).parent / "conf"
 HELP_GROUPS = ("objective", "teacher", "sampler", "model", "data", "trainer", "logger", "experiment")
 
 
@@ -287,10 +287,20 @@ def help_template() -> str:
         "",
         "== Config groups (group=choice) ==",
     ]
+    from fewstep.searchpath import ConfigPathError, config_dirs
+
+    try:
+        roots = config_dirs()
+    except ConfigPathError:  # reported when the command runs
+        roots = [CONF_DIR]
     for group in HELP_GROUPS:
-        folder = CONF_DIR / group
         choices = sorted(
-            str(p.relative_to(folder).with_suffix("")) for p in folder.rglob("*.yaml") if not p.name.startswith("_")
+            {
+                str(p.relative_to(root / group).with_suffix(""))
+                for root in roots
+                for p in (root / group).rglob("*.yaml")
+                if not p.name.startswith("_")
+            }
         )
         lines.append(f"{group}: {', '.join(choices) if choices else '(none)'}")
     lines += [
@@ -318,14 +328,18 @@ def register_schemas() -> None:
 
 
 def compose_config(overrides: list[str], return_hydra_config: bool = False):
-    """The config ``python -m fewstep <overrides>`` composes (no run dir, no job), via Hydra's compose API."""
-    from hydra import compose, initialize_config_module
+    """The config ``python -m fewstep <overrides>`` composes (no run dir, no job), via Hydra's compose API,
+    with the user's config folders (``./conf``, ``FEWSTEP_CONFIG_PATH``) on the search path as there."""
+    from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    from fewstep.searchpath import with_user_search_path
+
     register_schemas()
+    overrides = with_user_search_path(list(overrides))
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_module(config_module="fewstep.conf", version_base="1.3"):
-            return compose(config_name="config", overrides=list(overrides), return_hydra_config=return_hydra_config)
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name="config", overrides=overrides, return_hydra_config=return_hydra_config)
     finally:
         GlobalHydra.instance().clear()

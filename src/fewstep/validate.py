@@ -181,14 +181,17 @@ def check_overrides(argv: list[str]) -> str | None:
     value of the wrong type, an override that does not parse), or None. Hydra flags and multiruns are left
     to Hydra; an experiment name is checked too (Hydra silently skips a missing optional experiment)."""
     import difflib
-    from importlib import resources
 
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
     if not argv or any(a.startswith("-") for a in argv):
         return None
-    overrides = [a for a in argv if not a.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    overrides = [
+        a
+        for a in argv
+        if not a.lstrip("+~").startswith(("hydra.", "hydra/")) or a.lstrip("+").startswith("hydra.searchpath=")
+    ]  # the search path stays: it decides which choices exist
 
     def suggest(name: str, options: list[str]) -> str:
         close = difflib.get_close_matches(name, options, n=1)
@@ -197,9 +200,11 @@ def check_overrides(argv: list[str]) -> str | None:
     for arg in overrides:
         key, _, name = arg.partition("=")
         if key == "experiment" and name not in ("", "null"):
-            root = resources.files("fewstep.conf") / "experiment"
-            options = sorted(_yaml_names(root))
-            if name not in options:
+            from fewstep.searchpath import config_dirs, given_search_path
+
+            roots = [*config_dirs(), *given_search_path(argv)]
+            options = sorted({n for root in roots if root is not None for n in _yaml_names(root / "experiment")})
+            if name not in options and None not in roots:
                 return f"experiment={name} does not exist{suggest(name, options)}; choose one of: {', '.join(options)}"
 
     from fewstep.schema import compose_config as run
@@ -232,6 +237,8 @@ def check_overrides(argv: list[str]) -> str | None:
 
 def _yaml_names(root, prefix: str = "") -> list[str]:
     names = []
+    if not root.is_dir():
+        return names
     for entry in root.iterdir():
         if entry.is_dir():
             names += _yaml_names(entry, f"{prefix}{entry.name}/")

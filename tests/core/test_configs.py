@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from hydra.utils import instantiate
 
-import fewstep
+from fewstep.searchpath import CONF_DIR
 from fewstep.validate import ConfigError, validate
 
 from helpers import compose
 
-CONF = Path(fewstep.__file__).parent / "conf"
+CONF = CONF_DIR
 GROUPS = ["objective", "teacher", "sampler", "model", "data", "trainer", "logger"]
 NEEDS_FILES = {"model": {"sd35", "sd35_lora", "sd15", "qwenimage", "qwenimage_lora", "openuni"}, "data": {"latents"}}
 

@@ -16,5 +16,8 @@ CONF_GROUPS = sorted(
 setup(
     packages=[*find_namespace_packages("src", include=["fewstep", "fewstep.*"]), "fewstep.conf", *CONF_GROUPS],
     package_dir={"": "src", "fewstep.conf": "conf"},
-    package_data={name: ["*.yaml"] for name in ("fewstep.conf", *CONF_GROUPS)},
+    package_data={
+        **{name: ["*.yaml"] for name in ("fewstep.conf", *CONF_GROUPS)},
+        "fewstep.models.architectures": ["*.json"],  # shipped architecture configs (no weights)
+    },
 )

@@ -192,6 +192,14 @@ class LatentsDataConfig:
     decode_device: str | None = None  # None: the latents' device
 
 
+@dataclass
+class SyntheticDataConfig:
+    _target_: str = "fewstep.data.synthetic.SyntheticData"
+    architecture: str = "sd35_medium"  # a shipped architecture (fewstep/models/architectures/*.json)
+    resolution: int = 1024  # pixels; latents are resolution / the VAE factor on a side
+    batch_size: int = 1
+
+
 # --------------------------------------------------------------------------- trainer / logger
 @dataclass
 class TrainerConfig:
@@ -218,6 +226,7 @@ class TrainerConfig:
     baseline_steps: int = 50  # multi-step Euler baseline sampled and evaluated at the end (0 = skip)
     evaluate: bool = True
     torch_threads: int = 0  # 0 = torch's default
+    compile: bool = False  # torch.compile the model's forward (student, teacher and sampling passes)
     grid_size: int = 100
 
 
@@ -269,7 +278,12 @@ SCHEMAS = {
     "teacher": {"ema": EMATeacherConfig, "student": StudentTeacherConfig, "frozen": FrozenTeacherConfig},
     "sampler": {"ucgm": UCGMSamplerConfig, "ucgm_any": UCGMSamplerConfig, "euler": EulerSamplerConfig},
     "model": {"tiny": TinyModelConfig, "sd35": SD35ModelConfig, "sd15": SD15ModelConfig},
-    "data": {"digits": DigitsDataConfig, "toy2d": Toy2DDataConfig, "latents": LatentsDataConfig},
+    "data": {
+        "digits": DigitsDataConfig,
+        "toy2d": Toy2DDataConfig,
+        "latents": LatentsDataConfig,
+        "synthetic": SyntheticDataConfig,
+    },
     "trainer": {"default": TrainerConfig},
     "logger": {"default": LoggerConfig},
 }

@@ -52,6 +52,10 @@ def build_components(cfg: DictConfig, device=None):
     model = build_model(cfg.model, data, objective)
     if device is not None:
         model.to(device)
+    if cfg.trainer.compile:
+        # In place: the module keeps its parameters and state-dict keys (checkpoints, EMA, export unchanged);
+        # the teacher's functional_call over swapped weights goes through the same compiled forward.
+        model.compile()
     teacher = instantiate(cfg.teacher)
     teacher.bind(model)
     sampler = instantiate(cfg.sampler, _convert_="all")

@@ -1,0 +1,99 @@
+"""Shipped real-size architectures (no weights), their random-weight instances and the synthetic data source."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fewstep.data.synthetic import SyntheticData
+from fewstep.models import architectures
+from fewstep.models.architectures import ArchitectureError, load, materialize, random_transformer
+
+PUBLISHED = {"sd35_medium": 2.24e9, "sd35_large": 8.06e9, "sana_1600m_1024px": 1.60e9, "qwen_image": 20.4e9}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_each_shipped_architecture_has_its_published_parameter_count(name):
+    import diffusers
+    from accelerate import init_empty_weights
+
+    arch = load(name)
+    with init_empty_weights():
+        model = getattr(diffusers, arch.class_name).from_config(arch.config)
+    count = sum(p.numel() for p in model.parameters())
+    assert abs(count - PUBLISHED[name]) / PUBLISHED[name] < 0.005, count
+    assert arch.params == PUBLISHED[name]
+
+
+def test_the_shipped_list_and_a_clear_error_for_an_unknown_name():
+    assert architectures.names() == sorted(PUBLISHED)
+    with pytest.raises(ArchitectureError, match="model.architecture='sd35' is not shipped; choose one of"):
+        load("sd35")
+
+
+def test_reduced_depth_keeps_width_and_drops_dual_attention_layers_past_it():
+    arch = load("sd35_medium").with_layers(2)
+    assert arch.config["num_layers"] == 2 and arch.config["dual_attention_layers"] == [0, 1]
+    assert arch.config["num_attention_heads"] == 24
+    with pytest.raises(ArchitectureError, match=r"model.num_layers=25 must be in 1..24"):
+        load("sd35_medium").with_layers(25)
+
+
+def test_random_transformer_is_materialised_in_the_dtype_with_finite_generic_init():
+    model = random_transformer("sd35_medium", torch.bfloat16, "cpu", num_layers=1)
+    params = dict(model.named_parameters())
+    assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in params.values())
+    assert not any(p.is_meta for p in params.values())
+    w = params["transformer_blocks.0.attn.to_q.weight"].float()
+    assert abs(w.std().item() - 0.02) < 0.002 and abs(w.mean().item()) < 1e-3
+    assert torch.equal(params["transformer_blocks.0.attn.to_q.bias"].float(), torch.zeros(1536))
+    assert torch.equal(params["transformer_blocks.0.attn.norm_q.weight"].float(), torch.ones(64))
+    # buffers computed at construction (SD3's sin-cos position table) keep their values
+    pos = model.pos_embed.pos_embed
+    assert pos.shape == (1, 384 * 384, 1536) and pos.abs().max() > 0.5
+    # same seed, same weights
+    again = random_transformer("sd35_medium", torch.bfloat16, "cpu", num_layers=1)
+    assert torch.equal(again.transformer_blocks[0].attn.to_q.weight, params["transformer_blocks.0.attn.to_q.weight"])
+
+
+def test_materialize_refuses_a_meta_buffer():
+    module = torch.nn.Module()
+    module.register_buffer("table", torch.empty(3, device="meta"))
+    with pytest.raises(ArchitectureError, match="buffer table"):
+        materialize(module, "cpu", torch.float32)
+
+
+@pytest.mark.parametrize(
+    ("name", "latent", "cond"),
+    [
+        ("sd35_medium", (16, 128, 128), {"prompt_embeds": (333, 4096), "pooled_prompt_embeds": (2048,)}),
+        ("sana_1600m_1024px", (32, 32, 32), {"prompt_embeds": (300, 2304), "prompt_attention_mask": (300,)}),
+        ("qwen_image", (16, 128, 128), {"prompt_embeds": (256, 3584), "prompt_embeds_mask": (256,)}),
+    ],
+)
+def test_synthetic_data_has_the_architectures_real_shapes_at_1024(name, latent, cond):
+    data = SyntheticData(name, resolution=1024, batch_size=2)
+    assert data.shape == latent
+    batch = next(data.batches(0))
+    assert tuple(batch.x.shape) == (2, *latent)
+    assert {k: tuple(v.shape[1:]) for k, v in batch.cond.items()} == cond
+    for k, v in batch.cond.items():
+        if k.endswith("mask"):
+            assert torch.equal(v, torch.ones_like(v)) and torch.equal(batch.null_cond[k], v)
+        else:
+            assert torch.equal(batch.null_cond[k], torch.zeros_like(v)) and v.std() > 0.9
+
+
+def test_synthetic_batches_are_seeded_by_position_and_slot():
+    data = SyntheticData("sana_1600m_1024px", resolution=64, batch_size=1)
+    a, b = data.batches(3, position=5), data.batches(3, position=5)
+    assert torch.equal(next(a).x, next(b).x)
+    assert not torch.equal(next(data.batches(3, 5, rank=0, world=2)).x, next(data.batches(3, 5, rank=1, world=2)).x)
+    assert not torch.equal(next(data.batches(3, 5)).x, next(data.batches(3, 6)).x)
+
+
+def test_synthetic_resolution_must_be_a_multiple_of_the_vae_factor():
+    with pytest.raises(ArchitectureError, match=r"data.resolution=1000 must be a positive multiple of 32"):
+        SyntheticData("sana_1600m_1024px", resolution=1000)
+    preview = SyntheticData("sd35_medium", resolution=64).decode(torch.randn(2, 16, 8, 8))
+    assert preview.shape == (2, 3, 8, 8) and preview.abs().max() <= 1

@@ -1,12 +1,14 @@
 """``python -m fewstep.export run_dir=DIR out=DIR2 [weights=ema|student]``: a run as a diffusers pipeline.
 
 Reads the run's ``.hydra/config.yaml`` and newest valid checkpoint (EMA weights by default) and writes
-``DIR2/``: the pretrained pipeline's components (VAE, text encoders, tokenizers) saved again, the trained
-transformer (LoRA merged) as :class:`fewstep.models.sd3.SD3TwinFlowTransformer2DModel` when the run used
-the target-time / sign embeddings (else a vanilla ``SD3Transformer2DModel``), and ``TwinFlowScheduler``
-set up like the run's sampler. ``model_index.json`` names them as ``["fewstep.models.sd3",
-"SD3TwinFlowTransformer2DModel"]`` and ``["fewstep.samplers.scheduler", "TwinFlowScheduler"]``; diffusers
-resolves such names from ``sys.modules``, so import those modules first (or use :func:`load_pipeline`)::
+``DIR2/``: the pretrained pipeline of the run's model family (SD3: ``StableDiffusion3Pipeline``, SANA:
+``SanaPipeline``, Qwen-Image: ``QwenImagePipeline``) with its components (VAE, text encoders, tokenizers) saved
+again, the trained transformer (LoRA merged) as the family's TwinFlow class (e.g.
+:class:`fewstep.models.sd3.SD3TwinFlowTransformer2DModel`) when the run used the target-time / sign
+embeddings (else the vanilla class), and ``TwinFlowScheduler`` set up like the run's sampler.
+``model_index.json`` names them as e.g. ``["fewstep.models.sd3", "SD3TwinFlowTransformer2DModel"]`` and
+``["fewstep.samplers.scheduler", "TwinFlowScheduler"]``; diffusers resolves such names from ``sys.modules``,
+so import those modules first (or use :func:`load_pipeline`)::
 
     import fewstep.models.sd3, fewstep.samplers.scheduler
     from diffusers import StableDiffusion3Pipeline
@@ -14,9 +16,9 @@ resolves such names from ``sys.modules``, so import those modules first (or use 
     image = pipe("a cat", num_inference_steps=2, guidance_scale=0.0).images[0]
 
 LoRA runs also get ``DIR2/lora/``: the adapter in the diffusers LoRA format
-(``pytorch_lora_weights.safetensors``, via ``StableDiffusion3Pipeline.save_lora_weights``), the embeddings
+(``pytorch_lora_weights.safetensors``, via the pipeline class's ``save_lora_weights``), the embeddings
 (``twinflow_embeddings.safetensors``) and the scheduler config; :func:`load_lora_pipeline` puts them on a
-base SD3 pipeline.
+base pipeline of the family.
 """
 
 from __future__ import annotations
@@ -46,8 +48,26 @@ class ExportError(FewstepError, ValueError):
 
 
 def _import_classes() -> None:
-    import fewstep.models.sd3  # noqa: F401 - registers the transformer class for diffusers' loader
-    import fewstep.samplers.scheduler  # noqa: F401 - the same for the scheduler
+    """Import every family module and the scheduler: diffusers resolves exported class names from sys.modules."""
+    import fewstep.samplers.scheduler  # noqa: F401 - registers the scheduler class for diffusers' loader
+    from fewstep.models.family import families
+
+    families()
+
+
+def _pipeline_class(name: str):
+    import diffusers
+
+    return getattr(diffusers, name)
+
+
+def _family_of_folder(path) -> object:
+    """The family of a diffusers pipeline folder (or hub id), from its ``model_index.json``."""
+    from diffusers import DiffusionPipeline
+
+    from fewstep.models.family import family_for_pipeline
+
+    return family_for_pipeline(str(DiffusionPipeline.load_config(str(path)).get("_class_name", "")))
 
 
 def scheduler_for_run(cfg, sampler=None):
@@ -99,10 +119,16 @@ def load_run_model(run_dir: Path, checkpoint: str | None, weights: str):
     if not cfg_path.exists():
         raise ExportError(f"run_dir={run_dir} is not a fewstep run dir (no .hydra/config.yaml)")
     cfg = OmegaConf.load(cfg_path)
-    if not str(cfg.model.get("_target_", "")).endswith("sd3.SD3Model"):
+    from fewstep.models.family import DiffusersFamilyModel
+
+    try:
+        model_class = get_class(str(cfg.model.get("_target_", "")))
+    except Exception:  # noqa: BLE001 - hydra raises several types for unknown targets
+        model_class = None
+    if not (isinstance(model_class, type) and issubclass(model_class, DiffusersFamilyModel)):
         raise ExportError(
-            f"run_dir={run_dir} trained {cfg.model.get('_target_')}; fewstep.export writes SD3 pipelines "
-            "(model=sd35 / sd35_lora); use fewstep.sample for other models"
+            f"run_dir={run_dir} trained {cfg.model.get('_target_')}; fewstep.export writes diffusers pipelines of "
+            "the transformer families (model=sd35, sana, qwenimage and their _lora); use fewstep.sample for others"
         )
     if checkpoint:
         ckpt = Path(checkpoint)
@@ -136,17 +162,9 @@ def load_run_model(run_dir: Path, checkpoint: str | None, weights: str):
 
 
 def export(args) -> dict:
-    from diffusers import StableDiffusion3Pipeline
     from safetensors.torch import save_file
 
-    from fewstep.models.sd3 import (
-        PretrainedNotFound,
-        _load_error,
-        has_time_pair,
-        lora_config_of,
-        parse_dtype,
-        time_pair_state_dict,
-    )
+    from fewstep.models.family import PretrainedNotFound, families, load_error, lora_config_of, parse_dtype
 
     for key in ("run_dir", "out"):
         if not args[key]:
@@ -157,21 +175,23 @@ def export(args) -> dict:
     dtype = model.weight_dtype if args.dtype == "model" else parse_dtype(args.dtype, "dtype")
     transformer = model.export_transformer(dtype)
     scheduler = scheduler_for_run(cfg)
+    family = next(f for f in families().values() if f.model_class is type(model))
+    pipeline_cls = _pipeline_class(family.pipeline_class)
     pipeline_source = args.pipeline or str(cfg.model.pretrained)
     local = Path(os.path.expanduser(pipeline_source))
     if local.exists() and not (local / "model_index.json").exists():
         raise ExportError(
-            f"{pipeline_source} is not a pipeline folder (no model_index.json): pass pipeline=<the SD3 pipeline "
-            "folder or hub id> for the VAE and text encoders"
+            f"{pipeline_source} is not a pipeline folder (no model_index.json): pass pipeline=<the "
+            f"{family.pipeline_class} folder or hub id> for the VAE and text encoders"
         )
     try:
-        pipe = StableDiffusion3Pipeline.from_pretrained(
+        pipe = pipeline_cls.from_pretrained(
             str(local) if local.exists() else pipeline_source, transformer=transformer, scheduler=scheduler
         )
     except (OSError, ValueError) as err:
         if isinstance(err, PretrainedNotFound):
             raise
-        raise _load_error("pipeline", pipeline_source, err) from err
+        raise load_error("pipeline", pipeline_source, err) from err
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out)
     info = {
@@ -180,11 +200,12 @@ def export(args) -> dict:
         "step": step,
         "weights": used,
         "objective": str(cfg.objective._target_),
-        "time_pair": has_time_pair(model.transformer),
+        "family": family.name,
+        "time_pair": model.has_time_pair(),
         "lora": bool(model.lora_enabled),
         "pipeline": pipeline_source,
-        "load": "import fewstep.models.sd3, fewstep.samplers.scheduler; "
-        f"StableDiffusion3Pipeline.from_pretrained({str(out)!r})",
+        "load": f"import {type(transformer).__module__}, fewstep.samplers.scheduler; "
+        f"{family.pipeline_class}.from_pretrained({str(out)!r})",
     }
     if model.lora_enabled:
         from peft.utils import get_peft_model_state_dict
@@ -198,12 +219,10 @@ def export(args) -> dict:
                 json.dumps(config.to_dict(), default=lambda o: sorted(o) if isinstance(o, set) else str(o))
             )
         layers = {k: v.detach().to(dtype).contiguous() for k, v in get_peft_model_state_dict(model.transformer).items()}
-        StableDiffusion3Pipeline.save_lora_weights(
+        pipeline_cls.save_lora_weights(
             lora_dir, transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata
         )
-        embeddings = {
-            k: v.detach().to(dtype).contiguous().cpu() for k, v in time_pair_state_dict(model.transformer).items()
-        }
+        embeddings = {k: v.detach().to(dtype).contiguous().cpu() for k, v in model.time_pair_state_dict().items()}
         if embeddings:
             save_file(embeddings, str(lora_dir / EMBEDDINGS_FILE), metadata={"format": "fewstep-twinflow-embeddings"})
         scheduler.save_pretrained(lora_dir / "scheduler")
@@ -215,35 +234,37 @@ def export(args) -> dict:
 
 
 def load_pipeline(path: str | os.PathLike, **kwargs):
-    """``StableDiffusion3Pipeline.from_pretrained`` of an exported folder (imports the fewstep classes first);
+    """``<Family>Pipeline.from_pretrained`` of an exported folder (imports the fewstep classes first);
     the transformer reads its target time from the pipeline's scheduler."""
     _import_classes()
-    from diffusers import StableDiffusion3Pipeline
-
-    from fewstep.models.sd3 import SD3TwinFlowTransformer2DModel
-
-    pipe = StableDiffusion3Pipeline.from_pretrained(path, **kwargs)
-    if isinstance(pipe.transformer, SD3TwinFlowTransformer2DModel):
-        pipe.transformer.use_scheduler_target_time(pipe.scheduler)
+    family = _family_of_folder(path)
+    pipe = _pipeline_class(family.pipeline_class).from_pretrained(path, **kwargs)
+    _attach_target_time(pipe)
     return pipe
 
 
+def _attach_target_time(pipe) -> None:
+    from fewstep.models.family import TwinFlowTransformerMixin
+
+    if isinstance(pipe.transformer, TwinFlowTransformerMixin):
+        pipe.transformer.use_scheduler_target_time(pipe.scheduler)
+
+
 def load_lora_pipeline(base: str | os.PathLike, lora_dir: str | os.PathLike, torch_dtype=None, **kwargs):
-    """A base SD3 pipeline with an exported LoRA: the transformer gets the TwinFlow embeddings
-    (``twinflow_embeddings.safetensors``), the adapter is loaded with ``load_lora_weights`` and the
+    """A base pipeline of the run's family with an exported LoRA: the transformer gets the TwinFlow
+    embeddings (``twinflow_embeddings.safetensors``), the adapter is loaded with ``load_lora_weights`` and the
     scheduler is the exported ``TwinFlowScheduler``."""
     _import_classes()
-    from diffusers import StableDiffusion3Pipeline
     from safetensors.torch import load_file
 
-    from fewstep.models.sd3 import SD3TwinFlowTransformer2DModel
     from fewstep.samplers.scheduler import TwinFlowScheduler
 
+    family = _family_of_folder(base)
     lora_dir = Path(lora_dir)
     extra = {}
     emb_file = lora_dir / EMBEDDINGS_FILE
     if emb_file.exists():
-        transformer = SD3TwinFlowTransformer2DModel.from_pretrained(
+        transformer = family.model_class.export_class.from_pretrained(
             base, subfolder="transformer", time_pair=True, low_cpu_mem_usage=False, torch_dtype=torch_dtype
         )
         embeddings = load_file(str(emb_file))
@@ -253,16 +274,15 @@ def load_lora_pipeline(base: str | os.PathLike, lora_dir: str | os.PathLike, tor
         extra["transformer"] = transformer
     if (lora_dir / "scheduler").exists():
         extra["scheduler"] = TwinFlowScheduler.from_pretrained(lora_dir, subfolder="scheduler")
-    pipe = StableDiffusion3Pipeline.from_pretrained(base, torch_dtype=torch_dtype, **extra, **kwargs)
+    pipe = _pipeline_class(family.pipeline_class).from_pretrained(base, torch_dtype=torch_dtype, **extra, **kwargs)
     pipe.load_lora_weights(lora_dir)
-    if isinstance(pipe.transformer, SD3TwinFlowTransformer2DModel):
-        pipe.transformer.use_scheduler_target_time(pipe.scheduler)
+    _attach_target_time(pipe)
     return pipe
 
 
 def main(argv: list[str] | None = None) -> dict:
     from fewstep.checkpoint import CheckpointError
-    from fewstep.models.sd3 import PretrainedNotFound
+    from fewstep.models.family import PretrainedNotFound
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_kv(argv, DEFAULTS, USAGE)

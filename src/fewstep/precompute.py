@@ -36,7 +36,7 @@ USAGE = (
     "usage: python -m fewstep.precompute pretrained=DIR_OR_HUB_ID images=DIR out=DIR [resolution=512] "
     "[batch_size=4] [device=cuda|cpu] [shard_size=256] [max_sequence_length=256] [buckets=true] "
     "[dtype=auto|float32|bfloat16] [embeds_dtype=bfloat16|float16|float32] [missing_caption=skip|empty] "
-    "[validation_prompts=FILE] [progress=true]"
+    "[validation_prompts=FILE] [progress=true] [null_prompt=TEXT] [complex_human_instruction=default|none|FILE]"
 )
 DEFAULTS = {
     "pretrained": "",
@@ -53,6 +53,8 @@ DEFAULTS = {
     "missing_caption": "skip",
     "validation_prompts": "",
     "progress": True,
+    "null_prompt": None,
+    "complex_human_instruction": "default",
 }
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 ASPECT_RATIOS = (1.0, 4 / 3, 3 / 4, 3 / 2, 2 / 3, 16 / 9, 9 / 16)
@@ -214,12 +216,14 @@ def plan_shards(
 
 
 class Encoders:
-    """The pipeline's VAE and text encoders (no denoiser), on ``device``."""
+    """The pipeline's VAE and text encoders (no denoiser), on ``device``; the pipeline's family
+    (:func:`fewstep.models.family.family_for_pipeline`) says how its latents are normalised and how its
+    ``encode_prompt`` is called."""
 
-    def __init__(self, pretrained: str, device: torch.device, text_dtype: torch.dtype):
+    def __init__(self, pretrained: str, device: torch.device, text_dtype: torch.dtype, options: dict | None = None):
         from diffusers import DiffusionPipeline
 
-        from fewstep.models.sd3 import _load_error, dtype_kwargs, resolve_pretrained
+        from fewstep.models.family import dtype_kwargs, family_for_pipeline, load_error, resolve_pretrained
 
         local = Path(os.path.expanduser(pretrained))
         if local.exists():
@@ -240,20 +244,20 @@ class Encoders:
             }
             pipe = DiffusionPipeline.from_pretrained(source, **dtype_kwargs(text_dtype), **skip)
         except (OSError, ValueError) as err:
-            raise _load_error("pretrained", pretrained, err) from err
+            raise load_error("pretrained", pretrained, err) from err
         self.source = source
         self.pipeline_class = index.get("_class_name", type(pipe).__name__)
+        self.family = family_for_pipeline(self.pipeline_class)
+        self.options = dict(options or {})
         self.pipe = pipe
         self.device = device
         self.vae = pipe.vae.to(device=device, dtype=torch.float32).eval()
-        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        for name in self.family.text_modules:
             module = getattr(pipe, name, None)
             if module is not None:
                 module.to(device).eval()
-        self.scaling_factor = float(self.vae.config.scaling_factor)
-        self.shift_factor = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
-        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.is_sd3 = "StableDiffusion3" in self.pipeline_class
+        self.vae_info = self.family.vae_info(self.vae)
+        self.vae_scale = self.family.vae_scale(self.vae)
         self.latent_multiple = self.vae_scale * self._denoiser_multiple(index)
 
     def _component_config(self, name: str) -> dict | None:
@@ -280,24 +284,11 @@ class Encoders:
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        latents = self.vae.encode(pixels.to(self.device, torch.float32)).latent_dist.mode()
-        return ((latents - self.shift_factor) * self.scaling_factor).float().cpu()
+        return self.family.encode_latents(self.vae, pixels.to(self.device, torch.float32)).float().cpu()
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str], max_sequence_length: int) -> dict[str, torch.Tensor]:
-        if self.is_sd3:
-            embeds, _, pooled, _ = self.pipe.encode_prompt(
-                prompt=prompts,
-                prompt_2=None,
-                prompt_3=None,
-                device=self.device,
-                num_images_per_prompt=1,
-                do_classifier_free_guidance=False,
-                max_sequence_length=max_sequence_length,
-            )
-            return {"prompt_embeds": embeds.float().cpu(), "pooled_prompt_embeds": pooled.float().cpu()}
-        out = self.pipe.encode_prompt(prompts, self.device, 1, False)
-        return {"prompt_embeds": out[0].float().cpu()}
+        return self.family.encode_text(self.pipe, prompts, self.device, max_sequence_length, self.options)
 
 
 # --------------------------------------------------------------------------- the run
@@ -340,7 +331,7 @@ def _cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, tor
 
 def precompute(args) -> dict:
     """Run the precompute for parsed ``args`` (see ``DEFAULTS``); returns the manifest."""
-    from fewstep.models.sd3 import parse_dtype
+    from fewstep.models.family import parse_dtype
 
     for key in ("pretrained", "images", "out"):
         if not args[key]:
@@ -370,7 +361,8 @@ def precompute(args) -> dict:
     else:
         validation_prompts = list(DEFAULT_VALIDATION_PROMPTS)
 
-    encoders = Encoders(args.pretrained, device, text_dtype)
+    options = {"complex_human_instruction": args.complex_human_instruction}
+    encoders = Encoders(args.pretrained, device, text_dtype, options)
     out = Path(os.path.expanduser(args.out))
     shards_dir = out / "shards"
     shards_dir.mkdir(parents=True, exist_ok=True)
@@ -426,7 +418,8 @@ def precompute(args) -> dict:
         done_infos[shard.name] = info
     progress.close()
 
-    null = _cast(encoders.encode_text([""], args.max_sequence_length), embeds_dtype)
+    null_prompt = encoders.family.null_prompt(args.null_prompt)
+    null = _cast(encoders.encode_text([null_prompt], args.max_sequence_length), embeds_dtype)
     _save_atomic(null, out / "null.safetensors")
     validation = _cast(encoders.encode_text(validation_prompts, args.max_sequence_length), embeds_dtype)
     _save_atomic(validation, out / "validation.safetensors")
@@ -466,11 +459,13 @@ def precompute(args) -> dict:
         "version": FORMAT_VERSION,
         "pretrained": pretrained,
         "pipeline_class": encoders.pipeline_class,
+        "family": encoders.family.name,
+        "null_prompt": null_prompt,
         "resolution": args.resolution,
         "buckets": args.buckets,
         "max_sequence_length": args.max_sequence_length,
         "embeds_dtype": str(embeds_dtype).replace("torch.", ""),
-        "vae": {"scaling_factor": encoders.scaling_factor, "shift_factor": encoders.shift_factor},
+        "vae": encoders.vae_info,
         "shards": entries,
         "null": "null.safetensors",
         "validation": "validation.safetensors",
@@ -496,7 +491,7 @@ def precompute(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from fewstep.models.sd3 import PretrainedNotFound
+    from fewstep.models.family import PretrainedNotFound
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_kv(argv, DEFAULTS, USAGE)

@@ -125,7 +125,7 @@ def validate(cfg: DictConfig) -> DictConfig:
             )
 
     if cfg.model.get("pretrained") is not None:  # a missing folder / uncached hub id fails before any work
-        from fewstep.models.sd3 import PretrainedNotFound, resolve_pretrained
+        from fewstep.models.family import PretrainedNotFound, resolve_pretrained
 
         component = "unet" if str(cfg.model.get("_target_", "")).endswith("DiffusionUNetModel") else "transformer"
         try:

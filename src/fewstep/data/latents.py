@@ -209,30 +209,42 @@ class LatentData:
     # -- decoding -------------------------------------------------------------------------------
 
     def vae(self, device: torch.device | str | None = None):
-        """The pipeline's VAE (loaded on first use from ``data.vae`` or the cache's ``pretrained``)."""
+        """The pipeline's VAE (loaded on first use from ``data.vae`` or the cache's ``pretrained``; its class
+        from its ``config.json``)."""
         if self._vae is None:
-            from diffusers import AutoencoderKL
+            import diffusers
 
-            from fewstep.models.sd3 import _load_error, resolve_pretrained
+            from fewstep.models.family import load_error, resolve_pretrained
 
             source, sub = resolve_pretrained(self.vae_source, "vae", key="data.vae (or the cache's pretrained)")
             try:
-                self._vae = AutoencoderKL.from_pretrained(source, subfolder=sub).eval().requires_grad_(False)
+                config = diffusers.AutoencoderKL.load_config(source, subfolder=sub)
+                cls = getattr(diffusers, str(config.get("_class_name", "AutoencoderKL")), diffusers.AutoencoderKL)
+                self._vae = cls.from_pretrained(source, subfolder=sub).eval().requires_grad_(False)
             except (OSError, ValueError) as err:
-                raise _load_error("data.vae", self.vae_source, err) from err
+                raise load_error("data.vae", self.vae_source, err) from err
         if device is not None:
             self._vae.to(device)
         return self._vae
 
+    @property
+    def family(self):
+        """The model family the cache was made for (:class:`fewstep.models.family.Family`)."""
+        from fewstep.models.family import family_for_pipeline, family_named
+
+        name = self.manifest.get("family")
+        return family_named(name) if name else family_for_pipeline(str(self.manifest.get("pipeline_class", "")))
+
     @torch.no_grad()
     def decode(self, x: torch.Tensor, chunk: int = 8) -> torch.Tensor:
-        """Images in [-1, 1] (float32, on ``x``'s device) from cached-space latents: VAE decode of
-        ``x / scaling_factor + shift_factor``."""
+        """Images in [-1, 1] (float32, on ``x``'s device) from cached-space latents, with the family's VAE
+        normalisation undone (SD3: ``x / scaling_factor + shift_factor``)."""
         device = torch.device(self.decode_device) if self.decode_device else x.device
         vae = self.vae(device)
+        family = self.family
         dtype = next(vae.parameters()).dtype
         out = []
         for part in x.split(chunk):
-            latents = part.to(device=device, dtype=dtype) / self.scaling_factor + self.shift_factor
-            out.append(vae.decode(latents, return_dict=False)[0].float().clamp(-1, 1).to(x.device))
+            images = family.decode_latents(vae, part.to(device=device, dtype=dtype))
+            out.append(images.float().clamp(-1, 1).to(x.device))
         return torch.cat(out)

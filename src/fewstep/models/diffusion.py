@@ -28,12 +28,13 @@ from fewstep.models.diff2flow import (
     diffusion_timestep_from_flow_time,
     flow_time_range,
 )
-from fewstep.models.sd3 import (
+from fewstep.models.family import (
+    Family,
     PretrainedNotFound,
-    _load_error,
     add_lora,
     chunked_no_grad,
     dtype_kwargs,
+    load_error,
     parse_dtype,
     resolve_pretrained,
 )
@@ -59,6 +60,8 @@ def _scheduler_config(source: str, subfolder: str | None, revision: str | None) 
 
 class DiffusionUNetModel(nn.Module):
     """``f(x_t, t, tt, cond) -> flow velocity`` over an epsilon / v-prediction ``UNet2DConditionModel``."""
+
+    family = "sd15"
 
     def __init__(
         self,
@@ -117,7 +120,7 @@ class DiffusionUNetModel(nn.Module):
         except PretrainedNotFound:
             raise
         except (OSError, ValueError) as err:
-            raise _load_error("model.pretrained", pretrained, err) from err
+            raise load_error("model.pretrained", pretrained, err) from err
         if data_shape and int(data_shape[0]) != unet.config.in_channels:
             raise ValueError(
                 f"the data has {data_shape[0]}-channel latents but model.pretrained={pretrained} expects "
@@ -136,7 +139,7 @@ class DiffusionUNetModel(nn.Module):
             nn.init.zeros_(self.sign_embedding.weight)
             unet.time_embedding.register_forward_hook(self._add_time_pair_embedding)
         if self.lora_enabled:
-            add_lora(unet, lora)
+            add_lora(unet, lora, default_targets=("to_q", "to_k", "to_v", "to_out.0"))
             if self.time_pair:
                 self.target_embedding.requires_grad_(True)
                 self.sign_embedding.requires_grad_(True)
@@ -182,3 +185,13 @@ class DiffusionUNetModel(nn.Module):
             return bridged_velocity(predict, x_t, t, self.alphas_cumprod, self.prediction_type, self.max_time)
         finally:
             self._times = None
+
+
+class SD15Family(Family):
+    """Stable Diffusion 1.x/2.x pipelines (precompute and ``data=latents``; no fewstep export)."""
+
+    name = "sd15"
+    pipeline_class = "StableDiffusionPipeline"
+
+
+FAMILY = SD15Family()

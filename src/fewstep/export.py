@@ -114,11 +114,13 @@ def load_run_model(run_dir: Path, checkpoint: str | None, weights: str):
     from safetensors.torch import load_file
 
     from fewstep import checkpoint as ckpt_io
+    from fewstep.runs import refuse_random_init
 
     cfg_path = run_dir / ".hydra" / "config.yaml"
     if not cfg_path.exists():
         raise ExportError(f"run_dir={run_dir} is not a fewstep run dir (no .hydra/config.yaml)")
     cfg = OmegaConf.load(cfg_path)
+    refuse_random_init(cfg, run_dir, "export")
     from fewstep.models.family import DiffusersFamilyModel
 
     try:

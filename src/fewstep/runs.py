@@ -42,7 +42,19 @@ class LoadedRun:
         return self.teacher.sampling_model
 
 
-def load_run(run_dir: str | Path, device: str | None = None, checkpoint: str | None = None) -> LoadedRun:
+def refuse_random_init(cfg: DictConfig, run_dir: str | Path, command: str) -> None:
+    """A ``model.random_init=true`` run trained random weights of a published architecture to measure speed
+    and memory: sampling, evaluating or exporting it as a trained model is refused with one line."""
+    if cfg.get("model") is not None and cfg.model.get("random_init", False):
+        raise RunDirError(
+            f"run_dir={run_dir} trained a random-weight architecture (model.random_init=true, for step time and "
+            f"memory only): fewstep.{command} refuses it; train from real weights (model.pretrained=...)"
+        )
+
+
+def load_run(
+    run_dir: str | Path, device: str | None = None, checkpoint: str | None = None, command: str = "sample"
+) -> LoadedRun:
     """Rebuild a run's components from ``.hydra/config.yaml`` and load its newest valid checkpoint."""
     from fewstep.train import build_components
 
@@ -51,6 +63,7 @@ def load_run(run_dir: str | Path, device: str | None = None, checkpoint: str | N
     if not cfg_path.exists():
         raise RunDirError(f"{run_dir} is not a fewstep run dir (no .hydra/config.yaml); pass run_dir=<a run dir>")
     cfg = OmegaConf.load(cfg_path)
+    refuse_random_init(cfg, run_dir, command)
     ckpt = Path(checkpoint) if checkpoint else ckpt_io.latest_valid(run_dir / "checkpoints")
     if ckpt is None:
         raise RunDirError(f"{run_dir}/checkpoints holds no valid checkpoint; train longer or pass checkpoint=")

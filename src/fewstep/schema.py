@@ -145,6 +145,11 @@ class SD35ModelConfig:
     prediction_type: str = "flow"
     lora: LoraModelConfig = field(default_factory=LoraModelConfig)
     no_grad_chunk: int = 0  # > 0: no-grad passes (teacher, sampling) run in row chunks of this size (less memory)
+    # Real size without weights (step time / memory only; export and eval refuse such a run): the shipped
+    # architecture (fewstep/models/architectures/*.json) with random weights, num_layers overriding its depth.
+    random_init: bool = False
+    architecture: str = "sd35_medium"
+    num_layers: int | None = None
 
 
 @dataclass

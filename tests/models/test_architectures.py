@@ -97,3 +97,46 @@ def test_synthetic_resolution_must_be_a_multiple_of_the_vae_factor():
         SyntheticData("sana_1600m_1024px", resolution=1000)
     preview = SyntheticData("sd35_medium", resolution=64).decode(torch.randn(2, 16, 8, 8))
     assert preview.shape == (2, 3, 8, 8) and preview.abs().max() <= 1
+
+
+REAL_SIZE_DRY_RUN = [
+    "model=sd35_lora", "data=synthetic", "model.random_init=true", "model.num_layers=1", "data.resolution=64",
+    "data.batch_size=4", "trainer.max_steps=2", "trainer.checkpoint_every=2", "trainer.sample_every=1000",
+    "trainer.log_every=1", "trainer.final_nfe=[1]", "trainer.baseline_steps=0", "trainer.grid_size=2", "logger=none",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_random_init_trains_at_reduced_depth_and_export_eval_sample_refuse_it(tmp_path):
+    from fewstep.export import main as export_main
+    from fewstep.runs import RunDirError, load_run
+    from fewstep.train import train
+
+    from helpers import compose
+
+    cfg = compose(REAL_SIZE_DRY_RUN)
+    assert cfg.data.architecture == cfg.model.architecture == "sd35_medium"  # the data follows the model
+    summary = train(cfg, run_dir=tmp_path / "run")
+    assert summary["steps"] == 2 and summary["trainable_params"] > 0
+    assert (tmp_path / "run/samples/nfe_1.png").exists()  # a latent preview: no VAE ships with an architecture
+    (tmp_path / "run/.hydra").mkdir()
+    from omegaconf import OmegaConf
+
+    OmegaConf.save(cfg, tmp_path / "run/.hydra/config.yaml")
+    for command, call in (
+        ("sample", lambda: load_run(tmp_path / "run")),
+        ("eval", lambda: load_run(tmp_path / "run", command="eval")),
+        ("export", lambda: export_main([f"run_dir={tmp_path / 'run'}", f"out={tmp_path / 'out'}"])),
+    ):
+        with pytest.raises(RunDirError, match=f"model.random_init=true.*fewstep.{command} refuses it"):
+            call()
+    assert not (tmp_path / "out").exists()
+
+
+def test_random_init_refuses_an_architecture_of_another_family():
+    from fewstep.models.sd3 import SD3Model
+
+    with pytest.raises(ArchitectureError, match="is a SanaTransformer2DModel, not the sd3 family's"):
+        SD3Model(random_init=True, architecture="sana_1600m_1024px", num_layers=1)
+    with pytest.raises(ArchitectureError, match="needs model.architecture"):
+        SD3Model(random_init=True, architecture="", num_layers=1)

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     sampler_overrides = [a.removeprefix("sampler.") for a in argv if a.startswith("sampler.")]
     args = parse_args([a for a in argv if not a.startswith("sampler.")], DEFAULTS, USAGE)
-    run = load_run(args.run_dir, device=args.device, checkpoint=args.checkpoint)
+    run = load_run(args.run_dir, device=args.device, checkpoint=args.checkpoint, command="eval")
     if not hasattr(run.data, "evaluator"):
         raise SystemExit(f"data {type(run.data).__name__} has no evaluator; see fewstep.eval.features for a hook")
     sampler_cfg = OmegaConf.merge(run.cfg.sampler, OmegaConf.from_dotlist(sampler_overrides))

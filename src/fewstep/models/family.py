@@ -368,6 +368,9 @@ class DiffusersFamilyModel(nn.Module):
         data_shape: list[int] | tuple[int, ...] | None = None,
         num_classes: int = 0,
         time_pair: bool = False,
+        random_init: bool = False,
+        architecture: str | None = None,
+        num_layers: int | None = None,
     ):
         super().__init__()
         pretrained = self.default_pretrained if pretrained is None else pretrained
@@ -383,7 +386,11 @@ class DiffusersFamilyModel(nn.Module):
         lora = dict(lora or {})
         self.lora_enabled = bool(lora.get("enabled", False))
         self.pretrained = str(pretrained)
-        transformer = self.load_transformer(pretrained, subfolder, revision, self.weight_dtype)
+        self.random_init = bool(random_init)
+        if self.random_init:
+            transformer = self.random_transformer(architecture, num_layers, self.weight_dtype)
+        else:
+            transformer = self.load_transformer(pretrained, subfolder, revision, self.weight_dtype)
         channels = self.data_channels(transformer.config)
         if data_shape and int(data_shape[0]) != channels:
             raise ValueError(
@@ -422,6 +429,25 @@ class DiffusersFamilyModel(nn.Module):
             raise
         except (OSError, ValueError) as err:
             raise load_error("model.pretrained", pretrained, err) from err
+
+    @classmethod
+    def random_transformer(cls, architecture: str | None, num_layers: int | None, dtype: torch.dtype):
+        """``model.random_init=true``: the shipped architecture ``model.architecture`` (published config, random
+        weights, no download; :mod:`fewstep.models.architectures`) at ``model.num_layers`` depth (None: all),
+        materialised on the training device in ``dtype``. For step-time and memory measurements only."""
+        from fewstep.models import architectures
+
+        if not architecture:
+            raise architectures.ArchitectureError(
+                f"model.random_init=true needs model.architecture (one of {', '.join(architectures.names())})"
+            )
+        arch = architectures.load(architecture)
+        if arch.class_name != cls.transformer_class.__name__:
+            raise architectures.ArchitectureError(
+                f"model.architecture={architecture} is a {arch.class_name}, not the {cls.family} family's "
+                f"{cls.transformer_class.__name__}; pick a {cls.family} architecture or another model"
+            )
+        return architectures.random_transformer(architecture, dtype, num_layers=num_layers, cls=cls.transformer_class)
 
     @staticmethod
     def data_channels(config) -> int:

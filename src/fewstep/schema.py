@@ -66,6 +66,22 @@ class FlowMatchingConfig:
     allow_diff2flow: bool = False
 
 
+@dataclass
+class MeanFlowConfig:
+    _target_: str = "fewstep.objectives.meanflow.MeanFlow"
+    target_step_count: int = 1
+    time_mu: float = -0.4
+    time_sigma: float = 1.0
+    equal_time_ratio: float = 0.75
+    adaptive_p: float = 1.0
+    adaptive_c: float = 1e-3
+    guidance_scale: float = 1.0
+    guidance_mix: float = 0.0
+    guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    cond_dropout: float = 0.0
+    allow_diff2flow: bool = False
+
+
 # --------------------------------------------------------------------------- teachers
 @dataclass
 class EMATeacherConfig:
@@ -279,7 +295,7 @@ class Config:
 
 
 SCHEMAS = {
-    "objective": {"twinflow": TwinFlowConfig, "flow_matching": FlowMatchingConfig},
+    "objective": {"twinflow": TwinFlowConfig, "flow_matching": FlowMatchingConfig, "meanflow": MeanFlowConfig},
     "teacher": {"ema": EMATeacherConfig, "student": StudentTeacherConfig, "frozen": FrozenTeacherConfig},
     "sampler": {"ucgm": UCGMSamplerConfig, "ucgm_any": UCGMSamplerConfig, "euler": EulerSamplerConfig},
     "model": {"tiny": TinyModelConfig, "sd35": SD35ModelConfig, "sd15": SD15ModelConfig},

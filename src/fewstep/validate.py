@@ -17,8 +17,46 @@ class ConfigError(FewstepError, ValueError):
     """A bad config value or combination; the message names the fix."""
 
 
+_KINDS = {"MeanFlow": "meanflow", "SCM": "scm", "DMD2": "dmd2"}
+
+
 def _objective_kind(cfg: DictConfig) -> str:
-    return "twinflow" if "estimate_order" in cfg.objective else "flow_matching"
+    """twinflow (also rcgm) | meanflow | scm | dmd2 | flow_matching."""
+    if "estimate_order" in cfg.objective:
+        return "twinflow"
+    return _KINDS.get(str(cfg.objective.get("_target_", "")).rsplit(".", 1)[-1], "flow_matching")
+
+
+def _check_range(key: str, value, lo=None, hi=None, lo_open=False, hi_open=False, hint: str = "") -> None:
+    """One line ``objective.<key>=<value> must lie in ...`` when ``value`` is outside [lo, hi] (or open ends)."""
+    bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (
+        hi is not None and (value >= hi if hi_open else value > hi)
+    )
+    if bad:
+        left = "-inf" if lo is None else lo
+        right = "inf" if hi is None else hi
+        span = f"{'(' if lo_open or lo is None else '['}{left}, {right}{')' if hi_open or hi is None else ']'}"
+        raise ConfigError(f"objective.{key}={value} must lie in {span}{hint}")
+
+
+def check_jvp_objective(obj: DictConfig, kind: str) -> None:
+    """Ranges of the MeanFlow / sCM options (SPEC §11)."""
+    _check_range("target_step_count", obj.target_step_count, 1, 8, hint=" (1-4 recommended)")
+    _check_range("time_sigma", obj.time_sigma, 0, None, lo_open=True)
+    if kind == "meanflow":
+        _check_range("equal_time_ratio", obj.equal_time_ratio, 0, 1)
+        _check_range("adaptive_p", obj.adaptive_p, 0, None)
+        _check_range("adaptive_c", obj.adaptive_c, 0, None, lo_open=True)
+        _check_range("guidance_scale", obj.guidance_scale, 0, None, lo_open=True, hint=" (1 = no CFG-in-training)")
+        _check_range("guidance_mix", obj.guidance_mix, 0, 1, hi_open=True)
+        interval = list(obj.guidance_interval)
+        if len(interval) != 2 or not 0.0 <= interval[0] < interval[1] <= 1.0:
+            raise ConfigError(f"objective.guidance_interval={interval} must be [lo, hi] with 0 <= lo < hi <= 1")
+        if (obj.guidance_scale != 1 or obj.guidance_mix != 0) and obj.cond_dropout <= 0:
+            raise ConfigError(
+                f"objective.guidance_scale={obj.guidance_scale} / guidance_mix={obj.guidance_mix} use the null "
+                "condition: set objective.cond_dropout > 0 (e.g. 0.1) so the network learns it"
+            )
 
 
 def _unknown_key(node: DictConfig, schema) -> str | None:
@@ -80,8 +118,11 @@ def validate(cfg: DictConfig) -> DictConfig:
 
     check_available(cfg.model)  # a placeholder family (qwenimage, openuni) stops here, before data or weights
     obj, tr = cfg.objective, cfg.trainer
-    few_step = _objective_kind(cfg) == "twinflow"
-    if few_step:
+    kind = _objective_kind(cfg)
+    few_step = kind != "flow_matching"
+    if kind in ("meanflow", "scm"):
+        check_jvp_objective(obj, kind)
+    if kind == "twinflow":
         if obj.estimate_order < 1:
             raise ConfigError(f"objective.estimate_order={obj.estimate_order} must be >= 1 (2 is the paper default)")
         if not 0.0 < obj.delta_t <= 0.5:

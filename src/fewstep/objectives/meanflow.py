@@ -1,0 +1,156 @@
+"""MeanFlow (arXiv 2505.13447) in fewstep's conventions (SPEC §11).
+
+The network ``f(x_t, t, tt, c)`` is the *average* velocity over ``[tt, t]``: the jump is
+``x_tt = x_t − (t − tt)·f``, so one step from noise is ``x = z − f(z, 1, 0)`` and the UCGM "any" step is
+exactly MeanFlow's multi-step sampler. Differentiating ``(t − tt)·f = ∫_tt^t v`` in ``t`` gives the
+MeanFlow identity ``f = v − (t − tt)·df/dt`` with ``df/dt = ∂f/∂x·v + ∂f/∂t`` (a JVP along ``(v, 1, 0)``);
+the regression target is its right-hand side under stop-gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fewstep.data.base import Batch, cond_cat, cond_select, cond_where
+from fewstep.objectives.base import EvalCounter, Objective
+from fewstep.objectives.jvp import time_derivative, unwrap
+from fewstep.path import expand_like, interpolate
+from fewstep.teachers.rng import RngState
+
+
+def logit_normal(n: int, mu: float, sigma: float, like: torch.Tensor) -> torch.Tensor:
+    """``sigmoid(N(mu, sigma))`` (n,), drawn on the CPU generator then moved to ``like``'s device."""
+    return torch.sigmoid(torch.randn(n) * sigma + mu).to(device=like.device, dtype=torch.float32)
+
+
+def squared_norm(delta: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``‖delta‖²`` (sum over every non-batch dim), (B,)."""
+    return delta.float().pow(2).flatten(1).sum(dim=1)
+
+
+def adaptive_weight(per_sample: torch.Tensor, p: float, c: float) -> torch.Tensor:
+    """MeanFlow's adaptive loss weight ``1 / sg(L + c)^p`` (p = 0: plain L2)."""
+    if p == 0:
+        return torch.ones_like(per_sample)
+    return 1.0 / (per_sample.detach() + c).pow(p)
+
+
+class MeanFlow(Objective):
+    """MeanFlow loss ``w·‖f(x_t, t, tt, c) − sg(ṽ − (t − tt)·df/dt)‖²`` with ``w = 1/sg(L + c)^p``.
+
+    ``ṽ`` is ``v = z − x``, or with CFG-in-training (``guidance_scale`` ω ≠ 1 or ``guidance_mix`` κ ≠ 0) on
+    rows with ``t`` in ``guidance_interval`` that kept their condition:
+    ``ṽ = ω·v + κ·f(x_t, t, t, c) + (1 − ω − κ)·f(x_t, t, t, ∅)`` (no-grad passes of the network, one
+    batched forward). Condition dropout trains the null condition those passes need.
+    """
+
+    needs_time_pair = True
+    name = "meanflow"
+
+    def __init__(
+        self,
+        target_step_count: int = 1,
+        time_mu: float = -0.4,
+        time_sigma: float = 1.0,
+        equal_time_ratio: float = 0.75,
+        adaptive_p: float = 1.0,
+        adaptive_c: float = 1e-3,
+        guidance_scale: float = 1.0,
+        guidance_mix: float = 0.0,
+        guidance_interval: tuple[float, float] = (0.0, 1.0),
+        cond_dropout: float = 0.0,
+        allow_diff2flow: bool = False,
+    ):
+        self.target_step_count = int(target_step_count)
+        self.time_mu = float(time_mu)
+        self.time_sigma = float(time_sigma)
+        self.equal_time_ratio = float(equal_time_ratio)
+        self.adaptive_p = float(adaptive_p)
+        self.adaptive_c = float(adaptive_c)
+        self.guidance_scale = float(guidance_scale)
+        self.guidance_mix = float(guidance_mix)
+        self.guidance_interval = (float(guidance_interval[0]), float(guidance_interval[1]))
+        self.cond_dropout = float(cond_dropout)
+        self.allow_diff2flow = bool(allow_diff2flow)
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale != 1.0 or self.guidance_mix != 0.0
+
+    # -- inputs --------------------------------------------------------------------------------
+
+    def sample_times(self, n: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A logit-normal pair sorted so ``tt ≤ t``; ``tt = t`` on ``equal_time_ratio`` of the rows."""
+        a = logit_normal(n, self.time_mu, self.time_sigma, like)
+        b = logit_normal(n, self.time_mu, self.time_sigma, like)
+        t, tt = torch.maximum(a, b), torch.minimum(a, b)
+        equal = torch.rand(n).to(like.device) < self.equal_time_ratio
+        return t, torch.where(equal, t, tt)
+
+    def sample_inputs(self, batch: Batch) -> dict:
+        x, cond = batch.x, batch.cond
+        b = x.shape[0]
+        dropped = torch.zeros(b, dtype=torch.bool, device=x.device)
+        if self.cond_dropout > 0:
+            dropped = torch.rand(b).to(x.device) < self.cond_dropout
+            cond = cond_where(dropped, batch.null_cond, cond)
+        t, tt = self.sample_times(b, x)
+        z = torch.randn_like(x)
+        return dict(x_t=interpolate(x, z, t), t=t, tt=tt, v=(z - x), cond=cond, null=batch.null_cond, dropped=dropped)
+
+    @torch.no_grad()
+    def guided_velocity(self, model, inp: dict, counter: EvalCounter) -> torch.Tensor:
+        """``ṽ`` (class docstring) on guided rows, ``v`` elsewhere."""
+        v, t = inp["v"], inp["t"]
+        lo, hi = self.guidance_interval
+        rows = (~inp["dropped"]) & (t >= lo) & (t <= hi)
+        n = int(rows.sum())
+        if not self.guided or n == 0:
+            return v
+        x_t, tr = inp["x_t"][rows], t[rows]
+        counter.add("guidance", 2 * n, grad=False)
+        out = unwrap(model)(
+            torch.cat([x_t, x_t]),
+            torch.cat([tr, tr]),
+            torch.cat([tr, tr]),
+            cond_cat(cond_select(inp["cond"], rows), cond_select(inp["null"], rows)),
+        )
+        f_cond, f_null = out[:n].to(v.dtype), out[n:].to(v.dtype)
+        w, k = self.guidance_scale, self.guidance_mix
+        v = v.clone()
+        v[rows] = w * v[rows] + k * f_cond + (1 - w - k) * f_null
+        return v
+
+    # -- target and loss -----------------------------------------------------------------------
+
+    def average_velocity_target(self, model, x_t, t, tt, cond, v, rng: RngState | None = None) -> torch.Tensor:
+        """``sg(v − (t − tt)·df/dt)`` with ``df/dt`` the JVP along ``(v, 1, 0)`` (float32 or wider)."""
+        _, dudt = time_derivative(model, x_t, t, tt, cond, v, rng=rng, objective=f"objective={self.name}")
+        wide = torch.float64 if v.dtype == torch.float64 else torch.float32
+        return (v.to(wide) - expand_like(t - tt, v).to(wide) * dudt.to(wide)).detach()
+
+    def per_sample_loss(self, F: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(w·L, L)`` per sample with ``L = ‖F − target‖²``."""
+        raw = squared_norm(F.to(target.dtype) - target)
+        return adaptive_weight(raw, self.adaptive_p, self.adaptive_c) * raw, raw
+
+    def loss(self, student, teacher, batch: Batch, step: int) -> tuple[torch.Tensor, dict]:
+        counter = EvalCounter(batch=len(batch))
+        with torch.no_grad():
+            inp = self.sample_inputs(batch)
+            v = self.guided_velocity(student, inp, counter)
+        x_t, t, tt, cond = inp["x_t"], inp["t"], inp["tt"], inp["cond"]
+        rng = RngState.capture()  # the JVP pass replays the grad pass's dropout masks
+        counter.add("student", x_t.shape[0], grad=True)
+        F = student(x_t, t, tt, cond)
+        counter.add("jvp", x_t.shape[0], grad=False)
+        target = self.average_velocity_target(student, x_t, t, tt, cond, v, rng)
+        weighted, raw = self.per_sample_loss(F, target)
+        loss = weighted.mean()
+        logs = {
+            "loss/main": loss.detach(),
+            "loss/mse": (raw.detach() / F[0].numel()).mean(),
+            **counter.logs(),
+            "times": (t.detach(), tt.detach()),
+        }
+        return loss, logs

@@ -1,0 +1,285 @@
+"""MeanFlow (SPEC §11) and the shared JVP machinery, pinned with numbers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fewstep.data.base import Batch
+from fewstep.errors import FewstepError
+from fewstep.models.tiny import TinyMLP
+from fewstep.objectives.base import EvalCounter
+from fewstep.objectives.jvp import ForwardADError, time_derivative
+from fewstep.objectives.meanflow import MeanFlow, adaptive_weight, squared_norm
+
+from helpers import FAST, compose
+
+
+class GaussianMeanFlow(torch.nn.Module):
+    """The exact average velocity of Gaussian data ``x ~ N(mu, s²I)`` on the straight path.
+
+    The probability-flow ODE of a Gaussian is affine: ``x_t = m(t) + σ(t)·η`` with ``m = (1 − t)·mu`` and
+    ``σ² = (1 − t)²s² + t²``, so ``x_tt = m(tt) + σ(tt)/σ(t)·(x_t − m(t))`` and the average velocity over
+    ``[tt, t]`` is ``(x_t − x_tt)/(t − tt)``; at ``tt = t`` it is the marginal velocity
+    ``m'(t) + σ'(t)/σ(t)·(x_t − m(t))``."""
+
+    def __init__(self, mu: torch.Tensor, s: float):
+        super().__init__()
+        self.mu, self.s = mu, s
+
+    def sigma(self, t):
+        return ((1 - t) ** 2 * self.s**2 + t**2).sqrt()
+
+    def velocity(self, x, t):
+        t = t[:, None]
+        dsigma = (-(1 - t) * self.s**2 + t) / self.sigma(t)
+        return -self.mu + dsigma / self.sigma(t) * (x - (1 - t) * self.mu)
+
+    def forward(self, x, t, tt, cond):
+        equal = (t == tt)[:, None]
+        t_, tt_ = t[:, None], tt[:, None]
+        x_tt = (1 - tt_) * self.mu + self.sigma(tt_) / self.sigma(t_) * (x - (1 - t_) * self.mu)
+        gap = torch.where(equal, torch.ones_like(t_), t_ - tt_)
+        return torch.where(equal, self.velocity(x, t), (x - x_tt) / gap)
+
+
+def gaussian_case(n=64, dim=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)[:dim]
+    model = GaussianMeanFlow(mu, s=0.7)
+    t = torch.rand(n, generator=g, dtype=torch.float64) * 0.98 + 0.01
+    tt = t * torch.rand(n, generator=g, dtype=torch.float64)
+    tt[::4] = t[::4]  # the tt = t rows
+    tt[1] = 0.0
+    t[1] = 1.0  # the one-step jump
+    x = mu + 0.7 * torch.randn(n, dim, generator=g, dtype=torch.float64)
+    z = torch.randn(n, dim, generator=g, dtype=torch.float64)
+    x_t = t[:, None] * z + (1 - t[:, None]) * x
+    return model, x_t, t, tt
+
+
+def test_meanflow_target_on_gaussian_data_has_zero_residual():
+    """With the exact average velocity as the network and the marginal velocity as v, the MeanFlow target
+    ``v − (t − tt)·df/dt`` equals the network's output: the identity MeanFlow trains on holds exactly."""
+    model, x_t, t, tt = gaussian_case()
+    v = model.velocity(x_t, t)
+    target = MeanFlow().average_velocity_target(model, x_t, t, tt, None, v)
+    assert target.dtype == torch.float64
+    residual = (target - model(x_t, t, tt, None)).abs().max().item()
+    assert residual < 1e-10
+    # a wrong model (the instantaneous velocity used as the average) does not satisfy it
+    wrong = MeanFlow().average_velocity_target(lambda x, a, b, c: model.velocity(x, a), x_t, t, tt, None, v)
+    assert (wrong - model(x_t, t, tt, None)).abs().max().item() > 0.1
+
+
+def test_conditional_velocity_target_is_unbiased_on_gaussian_data():
+    """Training uses v = z − x, not the marginal velocity; the target is linear in v, so averaging the
+    conditional v over (x, z) given x_t recovers the exact average velocity (Monte Carlo, 4 sigma)."""
+    model, _, _, _ = gaussian_case()
+    g = torch.Generator().manual_seed(1)
+    n = 200_000
+    mu = model.mu
+    x = mu + 0.7 * torch.randn(n, 3, generator=g, dtype=torch.float64)
+    z = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    t = torch.full((n,), 0.6, dtype=torch.float64)
+    tt = torch.full((n,), 0.2, dtype=torch.float64)
+    x_t = t[:, None] * z + (1 - t[:, None]) * x
+    target = MeanFlow().average_velocity_target(model, x_t, t, tt, None, z - x)
+    residual = target - model(x_t, t, tt, None)  # its mean over all x_t is E[E[residual | x_t]] = 0
+    stderr = residual.std(dim=0) / n**0.5
+    assert (residual.mean(dim=0).abs() < 4 * stderr).all()
+
+
+def tiny(dropout=0.0, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    model = TinyMLP([1, 4, 4], num_classes=3, width=32, depth=2, emb_dim=16, dropout=dropout, time_pair=True)
+    for p in model.parameters():  # the zero-initialised output layers would make every derivative 0
+        torch.nn.init.normal_(p, std=0.3)
+    return model.to(dtype)
+
+
+class SmoothNet(torch.nn.Module):
+    """A float64 network of x, t and tt (TinyMLP's Fourier features are float32, too coarse for FD)."""
+
+    def __init__(self, dim=16, width=32):
+        super().__init__()
+        self.inp = torch.nn.Linear(dim + 2, width)
+        self.hidden = torch.nn.Linear(width, width)
+        self.out = torch.nn.Linear(width, dim)
+        self.label = torch.nn.Embedding(4, width)
+
+    def forward(self, x, t, tt, cond):
+        h = torch.tanh(self.inp(torch.cat([x.flatten(1), t[:, None], tt[:, None]], dim=1)) + self.label(cond))
+        return self.out(torch.nn.functional.silu(self.hidden(h)) * (1 + t[:, None])).reshape(x.shape)
+
+
+def test_jvp_equals_central_finite_differences():
+    torch.manual_seed(0)
+    model = SmoothNet().double()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 1, 4, 4, generator=g, dtype=torch.float64)
+    dx = torch.randn(5, 1, 4, 4, generator=g, dtype=torch.float64)
+    t = torch.tensor([0.9, 0.5, 0.3, 0.7, 0.99], dtype=torch.float64)
+    tt = torch.tensor([0.1, 0.5, 0.0, 0.2, 0.0], dtype=torch.float64)
+    cond = torch.tensor([0, 1, 2, 3, 1])
+    out, dfdt = time_derivative(model, x, t, tt, cond, dx)
+    assert torch.equal(out, model(x, t, tt, cond))
+    eps = 1e-5
+    with torch.no_grad():
+        fd = (model(x + eps * dx, t + eps, tt, cond) - model(x - eps * dx, t - eps, tt, cond)) / (2 * eps)
+    assert (dfdt - fd).abs().max().item() < 1e-8
+    assert dfdt.abs().max().item() > 0.1
+
+
+class Attention(torch.nn.Module):
+    """One self-attention layer through ``scaled_dot_product_attention`` (CPU flash has no forward AD)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(4, 12)
+        self.time = torch.nn.Linear(2, 4)
+
+    def forward(self, x, t, tt, cond):
+        h = x.reshape(x.shape[0], 4, 4) + self.time(torch.stack([t, tt], dim=-1))[:, None]
+        q, k, v = self.qkv(h).reshape(x.shape[0], 4, 3, 2, 2).permute(2, 0, 3, 1, 4)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return out.transpose(1, 2).reshape(x.shape)
+
+
+def test_attention_runs_under_forward_ad_on_the_math_backend():
+    torch.manual_seed(0)
+    model = Attention()
+    x, t, tt = torch.randn(3, 16), torch.rand(3), torch.zeros(3)
+    with pytest.raises(RuntimeError, match="forward AD"):  # what the math backend avoids
+        torch.func.jvp(lambda a: model(a, t, tt, None), (x,), (x,))
+    _, dfdt = time_derivative(model, x, t, tt, None, torch.randn_like(x))
+    assert torch.isfinite(dfdt).all() and dfdt.abs().max() > 0
+
+
+class NoForwadADOp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 2
+
+
+class LegacyOpNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x, t, tt, cond):
+        return NoForwadADOp.apply(self.lin(x))
+
+
+def test_a_model_without_forward_ad_gets_one_line_naming_the_fix():
+    with pytest.raises(ForwardADError) as err:
+        time_derivative(LegacyOpNet(), torch.randn(2, 4), torch.rand(2), torch.zeros(2), None,
+                        torch.randn(2, 4), objective="objective=meanflow")  # fmt: skip
+    message = str(err.value)
+    assert isinstance(err.value, FewstepError) and "\n" not in message
+    assert message.startswith("LegacyOpNet cannot run under forward-mode AD (torch.func.jvp), which objective=meanflow")
+    assert "setup_context and jvp" in message and "objective=twinflow" in message
+
+
+def digits_batch(n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 4, 4, generator=g)
+    cond = torch.randint(0, 3, (n,), generator=g)
+    return Batch(x, cond, torch.full((n,), 3))
+
+
+def test_batched_loss_equals_unbatched():
+    """Each row's loss depends on that row only: the batch mean equals the mean of one-row losses."""
+    model = tiny(dtype=torch.float32)
+    obj = MeanFlow(equal_time_ratio=0.5, guidance_scale=2.0, guidance_mix=0.3, cond_dropout=0.25)
+    torch.manual_seed(5)
+    inp = obj.sample_inputs(digits_batch())
+    v = obj.guided_velocity(model, inp, EvalCounter())
+    assert inp["dropped"].any() and (inp["t"] == inp["tt"]).any() and (inp["t"] > inp["tt"]).any()
+    F = model(inp["x_t"], inp["t"], inp["tt"], inp["cond"])
+    target = obj.average_velocity_target(model, inp["x_t"], inp["t"], inp["tt"], inp["cond"], v)
+    batched, _ = obj.per_sample_loss(F, target)
+    rows = []
+    for i in range(len(F)):
+        one = {k: (val[i : i + 1] if isinstance(val, torch.Tensor) else val) for k, val in inp.items()}
+        one["null"] = inp["null"][i : i + 1]
+        v_i = obj.guided_velocity(model, one, EvalCounter())
+        F_i = model(one["x_t"], one["t"], one["tt"], one["cond"])
+        target_i = obj.average_velocity_target(model, one["x_t"], one["t"], one["tt"], one["cond"], v_i)
+        rows.append(obj.per_sample_loss(F_i, target_i)[0])
+    assert torch.allclose(batched, torch.cat(rows), rtol=1e-5, atol=1e-6)
+
+
+def test_guided_velocity_formula_and_interval():
+    """ṽ = ω·v + κ·f(c) + (1 − ω − κ)·f(∅) on rows inside the interval that kept their condition."""
+
+    def model(x, t, tt, cond):
+        assert torch.equal(t, tt)
+        return torch.where((cond == 9)[:, None], torch.full_like(x, 10.0), torch.full_like(x, 1.0))
+
+    obj = MeanFlow(guidance_scale=2.0, guidance_mix=0.5, guidance_interval=(0.2, 0.8), cond_dropout=0.1)
+    inp = {
+        "v": torch.full((4, 2), 3.0), "t": torch.tensor([0.5, 0.5, 0.1, 0.9]), "x_t": torch.zeros(4, 2),
+        "cond": torch.tensor([1, 9, 1, 1]), "null": torch.full((4,), 9), "dropped": torch.tensor([0, 1, 0, 0]).bool(),
+    }  # fmt: skip
+    counter = EvalCounter(batch=4)
+    v = obj.guided_velocity(model, inp, counter)
+    assert v[0].tolist() == [2 * 3 + 0.5 * 1 + (1 - 2 - 0.5) * 10] * 2  # -8.5
+    assert v[1:].eq(3.0).all()  # dropped row, t below and above the interval
+    assert counter.rows_nograd == 2  # one batched cond + null pass on the single guided row
+
+
+def test_time_pairs_are_sorted_logit_normal_with_the_equal_fraction():
+    torch.manual_seed(0)
+    obj = MeanFlow(time_mu=-0.4, time_sigma=1.0, equal_time_ratio=0.25)
+    t, tt = obj.sample_times(20_000, torch.zeros(1))
+    assert (tt <= t).all() and (t > 0).all() and (t < 1).all()
+    assert abs((t == tt).float().mean().item() - 0.25) < 0.015
+    logit = torch.logit(torch.cat([t[t > tt], tt[t > tt]]))
+    assert abs(logit.mean().item() + 0.4) < 0.03 and abs(logit.std().item() - 1.0) < 0.03
+
+
+def test_adaptive_weight_numbers():
+    per = torch.tensor([0.0, 1.0, 3.0])
+    assert torch.allclose(adaptive_weight(per, 1.0, 1e-3) * per, torch.tensor([0.0, 1 / 1.001, 3 / 3.001]))
+    assert torch.allclose(adaptive_weight(per, 0.5, 1.0), torch.tensor([1.0, 2**-0.5, 0.5]))
+    assert torch.equal(adaptive_weight(per, 0.0, 1e-3), torch.ones(3))
+    assert squared_norm(torch.ones(2, 3, 4)).tolist() == [12.0, 12.0]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("objective.equal_time_ratio=1.5", "objective.equal_time_ratio=1.5 must lie in [0, 1]"),
+        ("objective.adaptive_p=-1", "objective.adaptive_p=-1.0 must lie in [0, inf)"),
+        ("objective.adaptive_c=0", "objective.adaptive_c=0.0 must lie in (0, inf)"),
+        ("objective.time_sigma=0", "objective.time_sigma=0.0 must lie in (0, inf)"),
+        ("objective.target_step_count=0", "objective.target_step_count=0 must lie in [1, 8]"),
+        ("objective.guidance_scale=0", "objective.guidance_scale=0.0 must lie in (0, inf)"),
+        ("objective.guidance_mix=1", "objective.guidance_mix=1.0 must lie in [0, 1)"),
+        ("objective.guidance_interval=[0.5,0.2]", "objective.guidance_interval=[0.5, 0.2] must be [lo, hi]"),
+        ("objective.guidance_scale=2", "set objective.cond_dropout > 0"),
+    ],
+)
+def test_bad_meanflow_options_fail_in_one_line(override, message):
+    from fewstep.validate import ConfigError, validate
+
+    with pytest.raises(ConfigError) as err:
+        validate(compose(["objective=meanflow", override]))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_meanflow_trains_two_steps_on_digits(tmp_path):
+    from fewstep.train import train
+
+    summary = train(compose(["objective=meanflow", "trainer.max_steps=2", "data.batch_size=16", *FAST,
+                             "objective.guidance_scale=1.5", "objective.cond_dropout=0.1"]),
+                    run_dir=tmp_path / "run")  # fmt: skip
+    assert summary["steps"] == 2 and summary["objective"] == "MeanFlow"
+    assert summary["nfe/rows_grad"] == 16 and summary["nfe/calls_nograd"] == 2  # guidance + jvp
+    assert torch.isfinite(torch.tensor(summary["loss/main"]))

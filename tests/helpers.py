@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,19 @@ def compose(overrides: list[str] | None = None):
     from fewstep.schema import compose_config
 
     return compose_config(list(overrides or []))
+
+
+@contextmanager
+def torch_threads(n: int):
+    """Run the body with ``n`` torch threads (``trainer.torch_threads`` sets them process-wide), then restore."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def run_cli(

@@ -25,7 +25,7 @@ from fewstep.checkpoint import CheckpointError, latest_valid, list_checkpoints, 
 from fewstep.train import TrainingAborted, build_components, train
 from fewstep.validate import ConfigError
 
-from helpers import FAST, compose
+from helpers import FAST, compose, torch_threads
 
 TOY = ["data=toy2d", "model=tiny_toy", "data.batch_size=32", *FAST]
 
@@ -411,11 +411,8 @@ def test_sigkill_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     cli([*EXACT, "trainer.resume=auto", f"hydra.run.dir={killed}"], tmp_path)
     assert json.loads((killed / "summary.json").read_text())["start_step"] == 10
     straight = tmp_path / "straight"
-    threads = torch.get_num_threads()
-    try:
+    with torch_threads(1):  # EXACT sets trainer.torch_threads=1 for the whole process
         train(compose(EXACT), run_dir=straight)
-    finally:
-        torch.set_num_threads(threads)
 
     a, b = straight / "checkpoints" / "step_0000020", killed / "checkpoints" / "step_0000020"
     for name in ("model.safetensors", "teacher.safetensors"):  # weights and the EMA teacher
@@ -580,7 +577,7 @@ from pathlib import Path
 import torch
 from fewstep import checkpoint as ck
 from fewstep.train import train
-from helpers import FAST, compose
+from helpers import FAST, compose, torch_threads
 
 run, failing = Path(sys.argv[1]), sys.argv[2]
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # over the limit, write() fails with EFBIG instead

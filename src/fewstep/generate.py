@@ -85,7 +85,9 @@ def final_outputs(
             log(f"wrote {png}")
             continue
         x = to_images(data, sample_in_chunks(smp, model_fn, eval_noise, eval_cond, steps, autocast=autocast), device)
-        x = x.clamp(-1, 1)
+        value_range = getattr(data, "value_range", (-1.0, 1.0))  # images: [-1, 1]; 2-D points: unbounded
+        if value_range is not None:
+            x = x.clamp(*value_range)
         np.savez_compressed(samples_dir / f"{name}.npz", x=x.numpy(), y=eval_labels.numpy())
         log(f"wrote {png} and {name}.npz")
         if evaluator is None:

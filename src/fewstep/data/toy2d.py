@@ -12,6 +12,7 @@ from fewstep.data.base import Batch
 class Toy2DData:
     num_classes = 1
     shape = (2,)
+    value_range = None  # the points are scored as sampled (moons spans about ±1.6): no clamp to [-1, 1]
 
     def __init__(self, batch_size: int = 256, name: str = "moons"):
         from fewstep.data.toy2d_dists import sample_toy2d

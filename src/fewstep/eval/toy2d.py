@@ -3,7 +3,8 @@
 Protocol (fixed): the reference set is ``REF_SIZE`` = 10,000 fresh samples of
 the distribution drawn with ``torch.Generator().manual_seed(REF_SEED)``
 (independent of any training stream), and ``swd`` is
-:func:`~fewstep.eval.metrics.sliced_wasserstein` with 256 projections, seed 0.
+:func:`~fewstep.eval.metrics.sliced_wasserstein` with 256 projections, seed 0. Samples are scored
+as drawn, not clamped (the digits protocol's clamp to [-1, 1] would cut the moons' tips at ±1.6).
 """
 
 from __future__ import annotations

@@ -82,6 +82,18 @@ class MeanFlowConfig:
     allow_diff2flow: bool = False
 
 
+@dataclass
+class SCMConfig:
+    _target_: str = "fewstep.objectives.scm.SCM"
+    target_step_count: int = 1
+    time_mu: float = -1.0
+    time_sigma: float = 1.4
+    tangent_norm_c: float = 0.1
+    warmup_steps: int = 1000
+    cond_dropout: float = 0.0
+    allow_diff2flow: bool = False
+
+
 # --------------------------------------------------------------------------- teachers
 @dataclass
 class EMATeacherConfig:
@@ -295,7 +307,12 @@ class Config:
 
 
 SCHEMAS = {
-    "objective": {"twinflow": TwinFlowConfig, "flow_matching": FlowMatchingConfig, "meanflow": MeanFlowConfig},
+    "objective": {
+        "twinflow": TwinFlowConfig,
+        "flow_matching": FlowMatchingConfig,
+        "meanflow": MeanFlowConfig,
+        "scm": SCMConfig,
+    },
     "teacher": {"ema": EMATeacherConfig, "student": StudentTeacherConfig, "frozen": FrozenTeacherConfig},
     "sampler": {"ucgm": UCGMSamplerConfig, "ucgm_any": UCGMSamplerConfig, "euler": EulerSamplerConfig},
     "model": {"tiny": TinyModelConfig, "sd35": SD35ModelConfig, "sd15": SD15ModelConfig},

@@ -43,6 +43,9 @@ def check_jvp_objective(obj: DictConfig, kind: str) -> None:
     """Ranges of the MeanFlow / sCM options (SPEC §11)."""
     _check_range("target_step_count", obj.target_step_count, 1, 8, hint=" (1-4 recommended)")
     _check_range("time_sigma", obj.time_sigma, 0, None, lo_open=True)
+    if kind == "scm":
+        _check_range("tangent_norm_c", obj.tangent_norm_c, 0, None, hint=" (0 = no normalisation)")
+        _check_range("warmup_steps", obj.warmup_steps, 0, None, hint=" (0 = no warm-up)")
     if kind == "meanflow":
         _check_range("equal_time_ratio", obj.equal_time_ratio, 0, 1)
         _check_range("adaptive_p", obj.adaptive_p, 0, None)

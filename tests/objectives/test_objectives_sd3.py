@@ -65,3 +65,13 @@ def test_meanflow_trains_two_steps_on_tiny_sd3_lora(pretrained):
     losses, moved, logs = two_steps(objective, model)
     assert all(torch.isfinite(torch.tensor(losses))) and moved > 0
     assert logs["nfe/rows_grad"] == 3
+
+
+@pytest.mark.slow
+def test_scm_trains_two_steps_on_tiny_sd3_lora(pretrained):
+    from fewstep.objectives.scm import SCM
+
+    model = sd3_lora(pretrained, time_pair=False)
+    losses, moved, logs = two_steps(SCM(warmup_steps=1), model)
+    assert all(torch.isfinite(torch.tensor(losses))) and moved > 0
+    assert logs["loss/warmup"] == 1.0

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # The one prepared GPU check (docs/benchmarks.md, "GPU"): a CUDA smoke run of the embedded default,
-# then the benchmark tables, on digits (fp32) and on a bigger offline SD3 (bf16, full and LoRA).
+# the benchmark tables on digits (fp32) and on a bigger offline SD3 (bf16, full and LoRA), the real-size
+# table (random-weight SD3.5-medium, SANA-1.6B, Qwen-Image-20B at 1024², no download) and torch.compile.
 #
 #   OUT=/tmp/device bash scripts/device_check.sh            # on a CUDA machine, from the repo root
-#   PYTHON=.venv/bin/python SMOKE_STEPS=20 LAYERS=1 HEADS=2 RES=16 BATCH=2 QUALITY_S=2 REPEATS=2 bash scripts/device_check.sh   # CPU dry run
+#   STAGES="digits sd3 realsize compile" ...                # a subset (default: all five, smoke first)
+#   PYTHON=.venv/bin/python SMOKE_STEPS=20 LAYERS=1 HEADS=2 RES=16 BATCH=2 QUALITY_S=2 REPEATS=2 \
+#       REAL_LAYERS=1 REAL_RES=64 REAL_REPEATS=1 bash scripts/device_check.sh   # CPU dry run (reduced depth/size)
 #
 # Needs the package importable (pip install -e . or PYTHONPATH=src) plus tests/ for the tiny SD3 builder.
-# Writes $OUT/log.txt, smoke_summary.json, smoke_nfe_1.png, digits.json, sd35.json, sd35_lora.json.
+# Writes $OUT/log.txt, smoke_summary.json, smoke_nfe_1.png, digits.json, sd35.json, sd35_lora.json,
+# realsize.json (+ realsize.md) and compile.json.
 set -uo pipefail
 PY=${PYTHON:-python3}
 OUT=${OUT:-/tmp/fewstep_device}
@@ -18,7 +22,11 @@ LAYERS=${LAYERS:-8}
 HEADS=${HEADS:-16}
 RES=${RES:-64}
 BATCH=${BATCH:-16}
-SD3=${SD3:-1}   # 0: skip the SD3 stages (smoke + digits only)
+STAGES=${STAGES:-smoke digits sd3 realsize compile}
+REAL_LAYERS=${REAL_LAYERS:-}   # empty: the published depth
+REAL_RES=${REAL_RES:-1024}
+REAL_REPEATS=${REAL_REPEATS:-3}
+want() { case " $STAGES " in *" $1 "*) return 0 ;; esac; return 1; }
 mkdir -p "$OUT" "$WORK"
 export PYTHONPATH="$PWD/src:$PWD/tests:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=offline
 exec > >(tee "$OUT/log.txt") 2>&1
@@ -37,31 +45,59 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else '', '| diffusers', diffusers.__version__)"
 
 # 1. CUDA smoke: the embedded default, shortened, end to end (checkpoints, grids, evaluation), then resumed.
-stage smoke $((120 + SMOKE_STEPS / 25)) "$PY" -m fewstep "trainer.max_steps=$SMOKE_STEPS" trainer.checkpoint_every=$((SMOKE_STEPS / 2)) \
-    trainer.sample_every=$((SMOKE_STEPS / 2)) logger.progress=false "hydra.run.dir=$WORK/smoke"
-stage smoke_resume 120 "$PY" -m fewstep "trainer.max_steps=$((SMOKE_STEPS + 10))" trainer.resume=auto \
-    trainer.evaluate=false trainer.baseline_steps=0 logger.progress=false "hydra.run.dir=$WORK/smoke"
-cp "$WORK/smoke/summary.json" "$OUT/smoke_summary.json" 2>/dev/null
-cp "$WORK/smoke/samples/nfe_1.png" "$OUT/smoke_nfe_1.png" 2>/dev/null
+if want smoke; then
+    stage smoke $((120 + SMOKE_STEPS / 25)) "$PY" -m fewstep "trainer.max_steps=$SMOKE_STEPS" \
+        trainer.checkpoint_every=$((SMOKE_STEPS / 2)) trainer.sample_every=$((SMOKE_STEPS / 2)) logger.progress=false \
+        "hydra.run.dir=$WORK/smoke"
+    stage smoke_resume 120 "$PY" -m fewstep "trainer.max_steps=$((SMOKE_STEPS + 10))" trainer.resume=auto \
+        trainer.evaluate=false trainer.baseline_steps=0 logger.progress=false "hydra.run.dir=$WORK/smoke"
+    cp "$WORK/smoke/summary.json" "$OUT/smoke_summary.json" 2>/dev/null
+    cp "$WORK/smoke/samples/nfe_1.png" "$OUT/smoke_nfe_1.png" 2>/dev/null
+fi
 
-# 2. Digits: step time / evals / memory per objective, sampling, quality at an equal budget.
-stage bench_digits 240 "$PY" -m fewstep.bench "out=$WORK/digits" "repeats=$REPEATS" "quality_budget_s=$QUALITY_S"
-cp "$WORK/digits/bench.json" "$OUT/digits.json" 2>/dev/null
+# 2. Digits: step time / evals / memory per objective (each variant's memory alone in a fresh process),
+#    sampling, quality at an equal budget (QUALITY_S=0 skips it).
+if want digits; then
+    stage bench_digits 240 "$PY" -m fewstep.bench "out=$WORK/digits" "repeats=$REPEATS" "quality_budget_s=$QUALITY_S"
+    cp "$WORK/digits/bench.json" "$OUT/digits.json" 2>/dev/null
+fi
 
 # 3. A bigger offline SD3 (random weights, no download): bf16, full fine-tuning and LoRA.
-if [ "$SD3" = 0 ]; then
-    echo "device check finished with status $status (SD3 stages skipped)"
-    exit $status
+if want sd3; then
+    stage sd3_prepare 180 "$PY" tests/models/measure_memory.py --out "$WORK/sd3" --layers "$LAYERS" --heads "$HEADS" \
+        --resolution "$RES" --images 64 --prepare-only
+    PIPE=$(ls -d "$WORK"/sd3/pipe_* 2>/dev/null | head -1)
+    CACHE=$(ls -d "$WORK"/sd3/cache_* 2>/dev/null | head -1)
+    for model in sd35 sd35_lora; do
+        stage "bench_$model" 240 "$PY" -m fewstep.bench "out=$WORK/$model" "model=$model" data=latents \
+            mixed_precision=bf16 "batch_size=$BATCH" "repeats=$REPEATS" sample_batch=32 objectives_only=true \
+            "overrides=[model.pretrained=$PIPE,data.path=$CACHE]"
+        cp "$WORK/$model/bench.json" "$OUT/$model.json" 2>/dev/null
+    done
 fi
-stage sd3_prepare 180 "$PY" tests/models/measure_memory.py --out "$WORK/sd3" --layers "$LAYERS" --heads "$HEADS" \
-    --resolution "$RES" --images 64 --prepare-only
-PIPE=$(ls -d "$WORK"/sd3/pipe_* 2>/dev/null | head -1)
-CACHE=$(ls -d "$WORK"/sd3/cache_* 2>/dev/null | head -1)
-for model in sd35 sd35_lora; do
-    stage "bench_$model" 240 "$PY" -m fewstep.bench "out=$WORK/$model" "model=$model" data=latents \
-        mixed_precision=bf16 "batch_size=$BATCH" "repeats=$REPEATS" sample_batch=32 \
-        "overrides=[model.pretrained=$PIPE,data.path=$CACHE]"
-    cp "$WORK/$model/bench.json" "$OUT/$model.json" 2>/dev/null
-done
+
+# 4. Real size without weights (SPEC §12): each family's published architecture, random bf16 weights,
+#    1024², batch 1, gradient checkpointing; every (model, objective) alone in a fresh process, OOM a result.
+if want realsize; then
+    layers=${REAL_LAYERS:+,model.num_layers=$REAL_LAYERS}
+    real() {  # real NAME MODEL ARCHITECTURE VARIANTS
+        stage "real_$1" 300 "$PY" -m fewstep.bench "out=$WORK/real_$1" "model=$2" data=synthetic mixed_precision=bf16 \
+            batch_size=1 isolate=true warmup=1 "repeats=$REAL_REPEATS" objectives_only=true "variants=$4" \
+            "overrides=[model.random_init=true,model.architecture=$3,model.dtype=bfloat16,model.gradient_checkpointing=true,data.resolution=$REAL_RES$layers]"
+    }
+    real sd35_medium_lora sd35_lora sd35_medium "[flow_matching,twinflow,twinflow_no_enhance]"
+    real sd35_medium_full sd35 sd35_medium "[flow_matching,twinflow_no_enhance]"
+    real sana_full sana sana_1600m_1024px "[flow_matching,twinflow_no_enhance]"
+    real qwenimage_lora qwenimage_lora qwen_image "[flow_matching,twinflow_no_enhance]"
+    "$PY" -c "import sys; from fewstep.bench import collect; collect(sys.argv[1], sys.argv[2:])" "$OUT/realsize" \
+        "$WORK"/real_* || status=1
+fi
+
+# 5. trainer.compile: eager vs torch.compile'd model, digits (fp32), same process, interleaved.
+if want compile; then
+    stage compile_digits 240 "$PY" -m fewstep.bench "out=$WORK/compile" "repeats=$REPEATS" objectives_only=true \
+        compare_compile=true "variants=[flow_matching,twinflow_no_enhance]"
+    cp "$WORK/compile/bench.json" "$OUT/compile.json" 2>/dev/null
+fi
 echo "device check finished with status $status"
 exit $status

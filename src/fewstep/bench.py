@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -31,7 +32,8 @@ log = logging.getLogger("fewstep.bench")
 
 USAGE = (
     "usage: python -m fewstep.bench out=DIR [batch_size=128] [repeats=30] [warmup=5] [model=tiny] [data=digits] "
-    "[mixed_precision=no|bf16] [sample_batch=1000] [quality_budget_s=0] [device=cpu|cuda] [overrides=[...]]"
+    "[mixed_precision=no|bf16] [sample_batch=1000] [quality_budget_s=0] [device=cpu|cuda] [overrides=[...]] "
+    "[variants=[flow_matching,twinflow,...]] [isolate=true] [compare_compile=true]"
 )
 DEFAULTS = {
     "out": "bench_out",
@@ -46,6 +48,10 @@ DEFAULTS = {
     "device": None,
     "overrides": [],
     "objectives_only": False,
+    "variants": [],  # a subset of VARIANTS (default: all); flow_matching is the reference of every ratio
+    "isolate": False,  # each variant timed and measured alone in a fresh process (real size; OOM is a result)
+    "compare_compile": False,  # every variant also with trainer.compile=true ("<name>_compiled")
+    "variant_timeout_s": 900,
 }
 
 VARIANTS = {
@@ -103,13 +109,146 @@ def sync():
         torch.cuda.synchronize()
 
 
+def select_variants(args) -> dict[str, list[str]]:
+    """The variants to run: ``args.variants`` (default all of VARIANTS), each also compiled with
+    ``compare_compile``. Flow matching (eager) is always among them: it is the reference of every ratio."""
+    from fewstep.errors import FewstepError
+
+    names = list(args.variants) or list(VARIANTS)
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise FewstepError(f"variants: {', '.join(unknown)} unknown; choose from {', '.join(VARIANTS)}")
+    if "flow_matching" not in names:
+        raise FewstepError("variants must include flow_matching: every ratio is against a flow-matching step")
+    chosen = {n: list(VARIANTS[n]) for n in names}
+    if args.compare_compile:
+        chosen.update({f"{n}_compiled": [*VARIANTS[n], "trainer.compile=true"] for n in names})
+    return chosen
+
+
+def bench_isolated(args, device, variants: dict[str, list[str]]) -> dict:
+    """Each variant alone in a fresh process (``isolated_variant``): nothing of another variant is resident,
+    and an out-of-memory is recorded as a result. Ratios against flow matching where both ran."""
+    out = {name: isolated_variant([*base_overrides(args), *ov], args, device) for name, ov in variants.items()}
+    ref = out["flow_matching"]
+    for row in out.values():
+        if "step_time_s" in row and "step_time_s" in ref:
+            row["ratio_vs_flow_matching"] = row["step_time_s"] / ref["step_time_s"]
+            row["memory_vs_flow_matching"] = row["peak_memory_mb"] / ref["peak_memory_mb"]
+    return out
+
+
+def isolated_variant(overrides: list[str], args, device) -> dict:
+    """Run ``_isolated_child`` in a fresh interpreter; its last stdout line is the result (a crash or a
+    time-out becomes ``{"error": ...}``, never an exception here)."""
+    code = "import sys; from fewstep.bench import _isolated_child; _isolated_child(*sys.argv[1:])"
+    argv = [json.dumps(overrides), args.mixed_precision, str(device), str(args.warmup), str(args.repeats)]
+    log.info("isolated: %s", " ".join(overrides))
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=args.variant_timeout_s
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {args.variant_timeout_s} s"}
+    lines = proc.stdout.strip().splitlines()
+    try:
+        return json.loads(lines[-1])
+    except (IndexError, ValueError):
+        lines = proc.stderr.strip().splitlines() or ["no output"]
+        raised = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Exhausted)\b", line)]
+        return {"error": f"exit {proc.returncode}: {(raised or lines)[-1][:300]}"}
+
+
+def _isolated_child(overrides_json: str, mixed_precision: str, device: str, warmup: str, repeats: str) -> None:
+    """Build one variant, ``warmup`` steps, then ``repeats`` timed steps; print one JSON line: median step
+    time, mean evaluations per step, parameters, and the process's peak memory (CUDA: max allocated since
+    start, so weights, optimizer state, EMA and activations; CPU: peak RSS). OOM: ``{"oom": true}``."""
+    dev = torch.device(device)
+    try:
+        runner = StepRunner(json.loads(overrides_json), dev, mixed_precision)
+        for _ in range(int(warmup)):
+            runner.step()
+        times, evals = [], []
+        for _ in range(int(repeats)):
+            times.append(runner.step())
+            evals.append(runner.evals_per_step)
+    except torch.OutOfMemoryError as err:
+        print(json.dumps({"oom": True, "error": str(err).strip().splitlines()[0][:300], **_peak(dev)}))
+        return
+    params = list(runner.model.parameters())
+    print(json.dumps({
+        "step_time_s": statistics.median(times),
+        "step_time_iqr_s": _iqr(times),
+        "evals_per_step": statistics.fmean(evals),
+        "params": sum(p.numel() for p in params),
+        "trainable_params": sum(p.numel() for p in params if p.requires_grad),
+        **_peak(dev),
+    }))  # fmt: skip
+
+
+def _peak(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20}
+    import resource
+
+    return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def collect(out: str | Path, dirs: list[str | Path]) -> dict:
+    """Merge the ``bench.json`` of several isolated runs (one model each) into ``out.json`` / ``out.md``:
+    one table, a row per (model, objective)."""
+    rows, devices = [], []
+    for folder in dirs:
+        path = Path(folder) / "bench.json"
+        if not path.exists():
+            rows.append({"run": Path(folder).name, "error": "no bench.json (the stage failed)"})
+            continue
+        result = json.loads(path.read_text())
+        for name, r in result["objectives"].items():
+            rows.append({"run": Path(folder).name, "config": result["config"], "objective": name, **r})
+        devices.append(result["device"])
+    merged = {"device": ", ".join(sorted(set(devices))) or "?", "rows": rows}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(merged, indent=2))
+    lines = [f"# Real-size training step ({merged['device']})", "", *_isolated_table(rows, with_run=True)]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(out.with_suffix(".md").read_text())
+    return merged
+
+
+def _isolated_table(rows: list[dict], with_run: bool = False) -> list[str]:
+    head = "| run | objective |" if with_run else "| objective |"
+    lines = [
+        head + " step time (s) | × flow matching | peak memory (GB) | × flow matching | evals / step | trainable |",
+        "|---" * (head.count("|") - 1) + "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        first = f"| {r['run']} | {r.get('objective', '')} |" if with_run else f"| {r.get('objective', '')} |"
+        if r.get("oom"):
+            mem = f"OOM ({r['peak_memory_mb'] / 1024:.1f} at failure)" if "peak_memory_mb" in r else "OOM"
+            lines.append(first + f" out of memory | | {mem} | | | |")
+        elif "error" in r:
+            lines.append(first + f" failed: {r['error']} | | | | | |")
+        else:
+            lines.append(
+                first + f" {r['step_time_s']:.3f} | {r.get('ratio_vs_flow_matching', float('nan')):.2f} | "
+                f"{r['peak_memory_mb'] / 1024:.1f} | {r.get('memory_vs_flow_matching', float('nan')):.2f} | "
+                f"{r['evals_per_step']:.2f} | {r['trainable_params'] / 1e6:.0f} M |"
+            )
+    return lines
+
+
 def base_overrides(args) -> list[str]:
     return [f"model={args.model}", f"data={args.data}", f"data.batch_size={args.batch_size}", *args.overrides]
 
 
 def bench_objectives(args, device) -> dict:
+    variants = select_variants(args)
+    if args.isolate:
+        return bench_isolated(args, device, variants)
     runners = {name: StepRunner([*base_overrides(args), *ov], device, args.mixed_precision) for name, ov in
-               VARIANTS.items()}  # fmt: skip
+               variants.items()}  # fmt: skip
     for _ in range(args.warmup):
         for r in runners.values():
             r.step()
@@ -129,7 +268,7 @@ def bench_objectives(args, device) -> dict:
     for name in out:
         out[name]["ratio_vs_flow_matching"] = out[name]["step_time_s"] / fm
     del runners
-    for name, ov in VARIANTS.items():
+    for name, ov in variants.items():
         out[name]["peak_memory_mb"] = peak_memory(args, ov, device)
     return out
 
@@ -259,11 +398,14 @@ def write_markdown(result: dict, path: Path) -> None:
         "| objective | step time (ms) | × flow matching | network evals / step | peak memory (MB) |",
         "|---|---|---|---|---|",
     ]
-    for name, r in result["objectives"].items():
-        lines.append(
-            f"| {name} | {r['step_time_s'] * 1000:.2f} | {r['ratio_vs_flow_matching']:.2f} | "
-            f"{r['evals_per_step']:.2f} | {r['peak_memory_mb']:.1f} |"
-        )
+    if result.get("isolated"):
+        lines[-2:] = _isolated_table([{"objective": k, **r} for k, r in result["objectives"].items()])
+    else:
+        for name, r in result["objectives"].items():
+            lines.append(
+                f"| {name} | {r['step_time_s'] * 1000:.2f} | {r['ratio_vs_flow_matching']:.2f} | "
+                f"{r['evals_per_step']:.2f} | {r['peak_memory_mb']:.1f} |"
+            )
     if "sampling" in result:
         lines += [
             "",
@@ -308,10 +450,12 @@ def main(argv: list[str] | None = None) -> dict:
         "config": f"model={args.model} data={args.data} batch={args.batch_size} precision={args.mixed_precision}",
         "sample_batch": args.sample_batch,
         "quality_budget_s": args.quality_budget_s,
+        "isolated": bool(args.isolate),
+        "overrides": list(args.overrides),
     }
     log.info("training-step benchmark: %s", result["config"])
     result["objectives"] = bench_objectives(args, device)
-    if not args.objectives_only:
+    if not args.objectives_only and not args.isolate:  # isolate: the models may not fit beside one another
         log.info("sampling benchmark")
         result["sampling"] = bench_sampling(args, device)
     if args.quality_budget_s > 0:

@@ -26,6 +26,7 @@ STAGES=${STAGES:-smoke digits sd3 realsize compile}
 REAL_LAYERS=${REAL_LAYERS:-}   # empty: the published depth
 REAL_RES=${REAL_RES:-1024}
 REAL_REPEATS=${REAL_REPEATS:-3}
+REAL_BATCH=${REAL_BATCH:-4}   # 4: one row in each TwinFlow group (e2e/mul/any/adv); at 1 the row is a 'mul' row
 want() { case " $STAGES " in *" $1 "*) return 0 ;; esac; return 1; }
 mkdir -p "$OUT" "$WORK"
 export PYTHONPATH="$PWD/src:$PWD/tests:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=offline
@@ -77,18 +78,17 @@ if want sd3; then
 fi
 
 # 4. Real size without weights (SPEC §12): each family's published architecture, random bf16 weights,
-#    1024², batch 1, gradient checkpointing; every (model, objective) alone in a fresh process, OOM a result.
+#    1024², batch $REAL_BATCH, gradient checkpointing; every (model, objective) alone in a fresh process, OOM a result.
 if want realsize; then
     layers=${REAL_LAYERS:+,model.num_layers=$REAL_LAYERS}
     real() {  # real NAME MODEL ARCHITECTURE VARIANTS
         stage "real_$1" 300 "$PY" -m fewstep.bench "out=$WORK/real_$1" "model=$2" data=synthetic mixed_precision=bf16 \
-            batch_size=1 isolate=true warmup=1 "repeats=$REAL_REPEATS" objectives_only=true "variants=$4" \
+            "batch_size=$REAL_BATCH" isolate=true warmup=1 "repeats=$REAL_REPEATS" objectives_only=true "variants=$4" \
             "overrides=[model.random_init=true,model.architecture=$3,model.dtype=bfloat16,model.gradient_checkpointing=true,data.resolution=$REAL_RES$layers]"
     }
     real sd35_medium_lora sd35_lora sd35_medium "[flow_matching,twinflow,twinflow_no_enhance]"
-    real sd35_medium_full sd35 sd35_medium "[flow_matching,twinflow_no_enhance]"
-    real sana_full sana sana_1600m_1024px "[flow_matching,twinflow_no_enhance]"
-    real qwenimage_lora qwenimage_lora qwen_image "[flow_matching,twinflow_no_enhance]"
+    real sana_full sana sana_1600m_1024px "[flow_matching,twinflow]"
+    real qwenimage_lora qwenimage_lora qwen_image "[flow_matching,twinflow]"
     "$PY" -c "import sys; from fewstep.bench import collect; collect(sys.argv[1], sys.argv[2:])" "$OUT/realsize" \
         "$WORK"/real_* || status=1
 fi

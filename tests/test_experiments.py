@@ -47,7 +47,7 @@ ROWS = {
     "qwenimage_lora_1order": Row("qwenimage_lora", "qwenimage", 4, 32, 1e-4, (0.9, 0.99), 1.0, 1, 4.0, 0.5, True),
     "qwenimage_lora_2order": Row("qwenimage_lora", "qwenimage", 4, 32, 1e-4, (0.9, 0.99), 0.99, 2, 0.8, 0.5, True),
 }
-UNAVAILABLE = {"qwenimage", "openuni"}
+UNAVAILABLE = {"openuni"}
 UNAVAILABLE_ROWS = sorted(n for n, r in ROWS.items() if r.family in UNAVAILABLE)
 
 
@@ -133,35 +133,27 @@ def test_unavailable_row_fails_before_anything_loads(name):
 
 def test_unavailable_row_fails_at_start_on_the_command_line(tmp_path):
     start = time.perf_counter()
-    proc = run_cli(["experiment=table6/qwenimage_full", "data.path=/nonexistent"], tmp_path, check=False)
+    proc = run_cli(["experiment=table6/openuni_full", "data.path=/nonexistent"], tmp_path, check=False)
     assert proc.returncode != 0 and time.perf_counter() - start < 30
-    assert "model family qwenimage is not available yet" in proc.stderr
+    assert "model family openuni is not available yet" in proc.stderr
 
 
-@pytest.mark.parametrize("model", ["qwenimage", "qwenimage_lora", "openuni"])
-def test_placeholder_model_groups_fail_with_one_line(model, tmp_path):
-    cfg = compose([f"model={model}", "data=toy2d"])
-    family = "openuni" if model == "openuni" else "qwenimage"
-    assert cfg.model.family == family and cfg.model.lora.enabled == model.endswith("_lora")
-    with pytest.raises(ModelFamilyUnavailable, match=f"^model family {family} is not available yet: "):
+def test_placeholder_model_group_fails_with_one_line(tmp_path):
+    cfg = compose(["model=openuni", "data=toy2d"])
+    assert cfg.model.family == "openuni" and not cfg.model.lora.enabled
+    with pytest.raises(ModelFamilyUnavailable, match="^model family openuni is not available yet: "):
         check_available(cfg.model)
-    if model == "openuni":  # the CLI, whichever of validate() or the model build stops it
-        proc = run_cli([f"model={model}", "data=toy2d", *FAST], tmp_path, check=False)
-        assert proc.returncode != 0 and "model family openuni is not available yet" in proc.stderr
+    proc = run_cli(["model=openuni", "data=toy2d", *FAST], tmp_path, check=False)  # validate() or the build
+    assert proc.returncode != 0 and "model family openuni is not available yet" in proc.stderr
 
 
-@pytest.fixture(scope="module")
-def tiny_sd3_cache(tmp_path_factory):
-    """A tiny offline SD3 pipeline and a 16 px latent cache of it (4 random captioned images)."""
+def tiny_cache(root, pretrained, max_sequence_length: int):
+    """A 16 px latent cache of ``pretrained`` (4 random captioned images) under ``root``."""
     import numpy as np
     from PIL import Image
 
     from fewstep.precompute import main as precompute_main
 
-    from tiny_sd3 import save_tiny_sd3_pipeline
-
-    root = tmp_path_factory.mktemp("tiny_sd3")
-    pretrained = save_tiny_sd3_pipeline(root / "pipe")
     images = root / "images"
     images.mkdir()
     rng = np.random.default_rng(0)
@@ -170,24 +162,52 @@ def tiny_sd3_cache(tmp_path_factory):
         (images / f"img{i}.txt").write_text(f"a photo number {i}")
     cache = root / "cache"
     args = [f"pretrained={pretrained}", f"images={images}", f"out={cache}", "resolution=16", "batch_size=2"]
-    precompute_main([*args, "max_sequence_length=8", "embeds_dtype=float32", "progress=false"])
+    precompute_main([*args, f"max_sequence_length={max_sequence_length}", "embeds_dtype=float32", "progress=false"])
     return pretrained, cache
 
 
+@pytest.fixture(scope="module")
+def tiny_sd3_cache(tmp_path_factory):
+    """A tiny offline SD3 pipeline and a 16 px latent cache of it."""
+    from tiny_sd3 import save_tiny_sd3_pipeline
+
+    root = tmp_path_factory.mktemp("tiny_sd3")
+    return tiny_cache(root, save_tiny_sd3_pipeline(root / "pipe"), 8)
+
+
+@pytest.fixture(scope="module")
+def tiny_qwenimage_cache(tmp_path_factory):
+    """A tiny offline Qwen-Image pipeline and a 16 px latent cache of it (its byte-level template is ~180 tokens)."""
+    from tiny_families import save_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("tiny_qwenimage")
+    return tiny_cache(root, save_tiny_pipeline("qwenimage", root / "pipe"), 200)
+
+
+TRAINED_ROWS = [  # the Qwen-Image rows train 3 steps on the tiny pipeline (multi-second: slow)
+    pytest.param(n, marks=[pytest.mark.slow] if r.family == "qwenimage" else [])
+    for n, r in sorted(ROWS.items())
+    if r.family in ("sd35", "qwenimage")
+]
+
+
 @pytest.mark.filterwarnings("ignore:data.batch_size=2 is smaller")
-@pytest.mark.parametrize("name", sorted(n for n, r in ROWS.items() if r.family == "sd35"))
-def test_sd35_row_trains_on_a_tiny_pipeline(name, request, tmp_path):
-    """The row as written (its LoRA targets match real SD3 module names), shrunk only in size and precision."""
+@pytest.mark.parametrize("name", TRAINED_ROWS)
+def test_row_trains_on_a_tiny_pipeline(name, request, tmp_path):
+    """The row as written (its LoRA targets match the real family's module names: SD3's, the reference's Qwen-Image
+    list), shrunk only in size and precision."""
     from fewstep.train import train
 
-    pretrained, cache = request.getfixturevalue("tiny_sd3_cache")
-    shrink = [f"model.pretrained={pretrained}", f"data.path={cache}", "data.batch_size=2", "trainer.max_steps=2"]
+    family = ROWS[name].family
+    pretrained, cache = request.getfixturevalue("tiny_sd3_cache" if family == "sd35" else "tiny_qwenimage_cache")
+    steps = 2 if family == "sd35" else 3
+    shrink = [f"model.pretrained={pretrained}", f"data.path={cache}", "data.batch_size=2", f"trainer.max_steps={steps}"]
     shrink += ["trainer.mixed_precision=no", "trainer.final_nfe=[1]", "trainer.grid_size=2", *FAST]
     if ROWS[name].lora:
         shrink += ["model.lora.rank=2", "model.lora.alpha=2"]  # r=64 would outgrow the tiny transformer
     cfg = compose_row(name, shrink)
     summary = train(cfg, run_dir=tmp_path / "run")
-    assert summary["steps"] == 2 and summary["loss"] > 0
+    assert summary["steps"] == steps and summary["loss"] > 0
     if ROWS[name].lora:
         assert summary["trainable_params"] < summary["params"] / 2  # adapter + time embeddings only
     else:

@@ -181,6 +181,29 @@ class SD35ModelConfig:
 
 
 @dataclass
+class SanaModelConfig(SD35ModelConfig):
+    _target_: str = "fewstep.models.sana.SanaModel"
+    pretrained: str = "Efficient-Large-Model/Sana_1600M_1024px_diffusers"
+    lora: LoraModelConfig = field(
+        default_factory=lambda: LoraModelConfig(target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    )
+
+
+QWENIMAGE_LORA_TARGETS = [  # the reference's target list (SPEC §9)
+    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+    "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2",
+    "timestep_embedder.linear_1", "timestep_embedder.linear_2",
+]  # fmt: skip
+
+
+@dataclass
+class QwenImageModelConfig(SD35ModelConfig):
+    _target_: str = "fewstep.models.qwenimage.QwenImageModel"
+    pretrained: str = "Qwen/Qwen-Image"
+    lora: LoraModelConfig = field(default_factory=lambda: LoraModelConfig(target_modules=list(QWENIMAGE_LORA_TARGETS)))
+
+
+@dataclass
 class SD15ModelConfig:
     _target_: str = "fewstep.models.diffusion.DiffusionUNetModel"
     pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -315,7 +338,13 @@ SCHEMAS = {
     },
     "teacher": {"ema": EMATeacherConfig, "student": StudentTeacherConfig, "frozen": FrozenTeacherConfig},
     "sampler": {"ucgm": UCGMSamplerConfig, "ucgm_any": UCGMSamplerConfig, "euler": EulerSamplerConfig},
-    "model": {"tiny": TinyModelConfig, "sd35": SD35ModelConfig, "sd15": SD15ModelConfig},
+    "model": {
+        "tiny": TinyModelConfig,
+        "sd35": SD35ModelConfig,
+        "sd15": SD15ModelConfig,
+        "sana": SanaModelConfig,
+        "qwenimage": QwenImageModelConfig,
+    },
     "data": {
         "digits": DigitsDataConfig,
         "toy2d": Toy2DDataConfig,

@@ -5,6 +5,7 @@ Each failure is one line that names the setting to change.
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -114,6 +115,35 @@ def check_known_keys(cfg: DictConfig) -> None:
             )
 
 
+def check_cache_family(cfg: DictConfig) -> None:
+    """A latent cache precomputed with one model family, given to a model of another, stops here (one line)."""
+    if not str(cfg.data.get("_target_", "")).endswith("LatentData") or not cfg.data.get("path"):
+        return
+    import json
+
+    manifest_path = Path(os.path.expanduser(str(cfg.data.path))) / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError):
+        return  # LatentData reports a missing or broken cache with its own message
+    from hydra.utils import get_class
+
+    from fewstep.models.family import family_for_pipeline, family_of_model_class
+
+    try:
+        model_family = family_of_model_class(get_class(str(cfg.model.get("_target_", ""))))
+    except Exception:  # noqa: BLE001 - hydra raises several types for targets it cannot import
+        return
+    pipeline = str(manifest.get("pipeline_class", "?"))
+    cache_family = manifest.get("family") or family_for_pipeline(pipeline).name
+    if model_family and cache_family != model_family:
+        raise ConfigError(
+            f"data.path={cfg.data.path} was precomputed for the {cache_family} family ({pipeline}) but the model "
+            f"({cfg.model._target_}) is the {model_family} family; precompute a cache with the model's own pipeline "
+            f"(python -m fewstep.precompute pretrained=<the {model_family} pipeline> ...) or choose the matching model"
+        )
+
+
 def validate(cfg: DictConfig) -> DictConfig:
     """Raise ConfigError on the first bad value; return cfg with forced settings applied (with a warning)."""
     check_known_keys(cfg)
@@ -176,6 +206,8 @@ def validate(cfg: DictConfig) -> DictConfig:
             resolve_pretrained(str(cfg.model.pretrained), component, cfg.model.get("subfolder"))
         except PretrainedNotFound as err:
             raise ConfigError(str(err)) from None
+
+    check_cache_family(cfg)
 
     teacher_target = str(cfg.teacher.get("_target_", ""))
     if teacher_target.endswith("StudentTeacher") and not cfg.teacher.allow_student_teacher:

@@ -15,7 +15,10 @@ from helpers import compose
 
 CONF = CONF_DIR
 GROUPS = ["objective", "teacher", "sampler", "model", "data", "trainer", "logger"]
-NEEDS_FILES = {"model": {"sd35", "sd35_lora", "sd15", "qwenimage", "qwenimage_lora", "openuni"}, "data": {"latents"}}
+NEEDS_FILES = {
+    "model": {"sd35", "sd35_lora", "sd15", "qwenimage", "qwenimage_lora", "sana", "sana_lora", "openuni"},
+    "data": {"latents"},
+}
 
 
 def choices(group):

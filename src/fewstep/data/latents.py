@@ -184,7 +184,8 @@ class LatentData:
             for b in range(len(self.bucket_shapes)):
                 members = perm[self.bucket_of[perm] == b]
                 full = members.numel() // global_batch * global_batch
-                batches += list(members[:full].split(global_batch))
+                if full:  # a bucket smaller than one batch adds none (split() of nothing gives one empty batch)
+                    batches += list(members[:full].split(global_batch))
             order = torch.randperm(len(batches), generator=gen).tolist()
             self._plan_key, self._plan = key, [batches[i] for i in order]
         return self._plan

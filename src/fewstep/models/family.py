@@ -136,7 +136,9 @@ class TimePairEmbedding:
     default_target_time: float = 0.0
 
     @classmethod
-    def from_base(cls, base: nn.Module, sign_width: int | None = None):
+    def from_base(cls, base: nn.Module, sign_width: int | None = None, timestep_scale: float | None = None):
+        """The pretrained embedder ``base`` with the zero-initialised extras (``sign_width``: the sign table's
+        width, default the output width of ``zero_layers[0]``; ``timestep_scale`` overrides the class value)."""
         if isinstance(base, cls):
             return base
         new = cls.__new__(cls)
@@ -157,6 +159,8 @@ class TimePairEmbedding:
         new.sign_embedding = nn.Embedding(2, sign_width or ref.shape[0], device=ref.device, dtype=ref.dtype)
         nn.init.zeros_(new.sign_embedding.weight)
         new.time_pair_times = None
+        if timestep_scale is not None:
+            new.timestep_scale = float(timestep_scale)
         return new
 
     def signed_times(self, timestep: torch.Tensor, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,8 +1,8 @@
-"""Model families that SPEC §7's paper rows name but fewstep has no wrapper for yet (Qwen-Image, OpenUni).
+"""Model families that SPEC §7's paper rows name but fewstep has no wrapper for yet (OpenUni).
 
-``conf/model/qwenimage*.yaml`` and ``conf/model/openuni.yaml`` point ``_target_`` at :class:`UnavailableModel`,
-so ``experiment=table6/qwenimage_*`` and ``table6/openuni_*`` compose (their values can be read and tested)
-but a run stops at start with one line: ``model family qwenimage is not available yet ...``.
+``conf/model/openuni.yaml`` points ``_target_`` at :class:`UnavailableModel`, so ``experiment=table6/openuni_*``
+composes (its values can be read and tested) but a run stops at start with one line:
+``model family openuni is not available yet ...``.
 :func:`check_available` raises that error from the config alone, before data or weights load.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 from fewstep.validate import ConfigError
 
 TARGET = f"{__name__}.UnavailableModel"
-AVAILABLE = "model=tiny, model=tiny_toy, model=sd35 or model=sd35_lora"
+AVAILABLE = "model=tiny, tiny_toy, sd35, sd35_lora, sana, sana_lora, qwenimage or qwenimage_lora"
 
 
 class ModelFamilyUnavailable(ConfigError):

@@ -1,0 +1,344 @@
+"""SANA and Qwen-Image on tiny offline pipelines (tests/tiny_families.py): step-0 exactness of the time-pair
+embeddings (full and LoRA), LoRA trainables / EMA, precompute with the family's VAE and encode_prompt, the
+cache/family mismatch error, and (slow) TwinFlow training 3 steps → export → ``<Family>Pipeline.from_pretrained``
+generating in 2 steps equal to the native sampler."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import compose
+
+LORA = {"enabled": True, "rank": 4, "alpha": 8}
+FAMILIES = ["sana", "qwenimage"]
+# per family: image side (px; SANA's pipeline wants multiples of 32), text length, latent channels
+SIDE = {"sana": 32, "qwenimage": 16}
+MAX_SEQ = {"sana": 8, "qwenimage": 200}  # the tiny Qwen tokenizer is byte-level: its chat template is ~180 tokens
+CHANNELS = 4
+
+
+def model_class(family):
+    from fewstep.models.family import family_named
+
+    return family_named(family).model_class
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def pretrained(family, tmp_path_factory):
+    from tiny_families import save_tiny_pipeline
+
+    return save_tiny_pipeline(family, tmp_path_factory.mktemp(family) / "pipe")
+
+
+@pytest.fixture(scope="module")
+def pipe(family, pretrained):
+    import diffusers
+
+    from fewstep.models.family import family_named
+
+    pipe = getattr(diffusers, family_named(family).pipeline_class).from_pretrained(pretrained)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def encode(family, pipe, prompts):
+    """The family's condition for ``prompts`` (as the cache stores it)."""
+    from fewstep.models.family import family_named
+
+    options = {"complex_human_instruction": "none"}
+    with torch.no_grad():
+        return family_named(family).encode_text(pipe, prompts, torch.device("cpu"), MAX_SEQ[family], options)
+
+
+def vanilla_velocity(family, pipe, x, t, cond):
+    """The pretrained transformer called as its pipeline calls it."""
+    from fewstep.models.qwenimage import pack_latents, trim_text, unpack_latents
+
+    with torch.no_grad():
+        if family == "sana":
+            return pipe.transformer(
+                x,
+                cond["prompt_embeds"],
+                t.abs() * 1000,
+                encoder_attention_mask=cond["prompt_attention_mask"],
+                return_dict=False,
+            )[0]
+        embeds, mask = trim_text(cond["prompt_embeds"], cond["prompt_embeds_mask"])
+        b, _, h, w = x.shape
+        out = pipe.transformer(
+            hidden_states=pack_latents(x),
+            encoder_hidden_states=embeds,
+            encoder_hidden_states_mask=mask,
+            timestep=t.abs(),
+            img_shapes=[[(1, h // 2, w // 2)]] * b,
+            return_dict=False,
+        )[0]
+        return unpack_latents(out, h, w)
+
+
+def inputs(family, pipe):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, CHANNELS, 6, 4, generator=g)
+    t = torch.tensor([1.0, 0.7, -0.4, -0.9])
+    tt = torch.tensor([0.0, 0.2, -0.4, -0.9])
+    return x, t, tt, encode(family, pipe, ["a red cat", "dog", "a blue bird on a branch", ""])
+
+
+@pytest.mark.parametrize("lora", [None, LORA], ids=["full", "lora"])
+def test_step0_output_equals_the_pretrained_transformer(family, pretrained, pipe, lora):
+    x, t, tt, cond = inputs(family, pipe)
+    reference = vanilla_velocity(family, pipe, x, t, cond)
+    model = model_class(family)(pretrained=str(pretrained), time_pair=True, lora=lora, data_shape=[CHANNELS, 6, 4])
+    assert model.has_time_pair()
+    with torch.no_grad():
+        out = model(x, t, tt, cond)
+    assert out.shape == x.shape and torch.equal(out, reference)  # bit-exact: the extras start at zero
+    assert reference.abs().max().item() > 1e-2
+    with torch.no_grad():  # and they act once trained: the sign row changes negative-time rows only
+        model.transformer.get_submodule(model.time_embed_attr).sign_embedding.weight[1].normal_()
+        changed = (model(x, t, tt, cond) - out).flatten(1).abs().amax(1) > 1e-6
+    assert changed.tolist() == [False, False, True, True]
+
+
+def test_lora_trains_adapters_and_embeddings_and_the_ema_holds_only_them(family, pretrained, pipe):
+    from fewstep.teachers import EMATeacher
+
+    model = model_class(family)(pretrained=str(pretrained), time_pair=True, lora=LORA)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    prefixes = model.time_pair_prefixes()
+    for name in trainable:
+        assert ".lora_A." in name or ".lora_B." in name or name.removeprefix("transformer.").startswith(prefixes)
+    assert any(".target_embedder." in n for n in trainable) and any(".sign_embedding." in n for n in trainable)
+    assert not any("target_embedder" in n and "lora_" in n for n, _ in model.named_parameters())
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    teacher = EMATeacher(decay=0.99)
+    teacher.bind(model)
+    assert set(teacher.shadow) == trainable
+    x, t, tt, cond = inputs(family, pipe)
+    model(x, t, tt, cond).pow(2).mean().backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads <= trainable and any(".lora_" in n for n in grads)
+    assert any(".sign_embedding." in n for n in grads) and any(".target_embedder." in n for n in grads)
+
+
+def test_qwenimage_default_lora_targets_are_the_reference_list(tmp_path):
+    from fewstep.models.qwenimage import QwenImageModel
+    from fewstep.schema import QWENIMAGE_LORA_TARGETS
+
+    cfg = compose(["model=qwenimage_lora"])
+    assert list(cfg.model.lora.target_modules) == QWENIMAGE_LORA_TARGETS == list(QwenImageModel.default_lora_targets)
+    assert len(QWENIMAGE_LORA_TARGETS) == 14 and cfg.model.lora.rank == 64 and cfg.model.lora.alpha == 64
+
+
+# --------------------------------------------------------------------------- precompute
+
+
+@pytest.fixture(scope="module")
+def images(family, tmp_path_factory):
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp(f"images_{family}")
+    rng = np.random.default_rng(0)
+    side = SIDE[family]
+    meta = []
+    for i in range(5):
+        w, h = (side, side) if i < 4 else (side * 5 // 4, side)
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+        meta.append({"file_name": f"img{i}.png", "text": f"a red cat number {i}"})
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(m) for m in meta))
+    return folder
+
+
+def run_precompute(family, pretrained, images, out, *extra):
+    from fewstep.precompute import main
+
+    return main(
+        [
+            f"pretrained={pretrained}",
+            f"images={images}",
+            f"out={out}",
+            f"resolution={SIDE[family]}",
+            "batch_size=2",
+            f"max_sequence_length={MAX_SEQ[family]}",
+            "embeds_dtype=float32",
+            "complex_human_instruction=none",
+            "progress=false",
+            *extra,
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def cache(family, pretrained, images, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"cache_{family}")
+    run_precompute(family, pretrained, images, out)
+    return out
+
+
+def test_precompute_uses_the_family_vae_and_encode_prompt(family, pipe, cache, images):
+    from fewstep.data.latents import LatentData
+    from fewstep.models.family import family_named
+    from fewstep.precompute import load_image
+
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["family"] == family and manifest["summary"]["encoded"] == 5
+    side = SIDE[family]
+    assert (
+        f"{CHANNELS}x{side // (2 if family == 'sana' else 4)}x{side // (2 if family == 'sana' else 4)}"
+        in (manifest["summary"]["latent_buckets"])
+    )
+    square = next(e for e in manifest["shards"] if e["latent_shape"][1] == e["latent_shape"][2])
+    tensors = load_file(str(cache / square["file"]))
+    name = square["files"][0]
+    h, w = square["latent_shape"][1:]
+    pixels = load_image(images / name, (side, side))[None]
+    with torch.no_grad():
+        if family == "sana":
+            expected = pipe.vae.encode(pixels).latent * pipe.vae.config.scaling_factor
+            embeds, mask, _, _ = pipe.encode_prompt(
+                "a red cat number " + name[3],
+                do_classifier_free_guidance=False,
+                max_sequence_length=MAX_SEQ[family],
+                complex_human_instruction=None,
+            )
+            key = "prompt_attention_mask"
+            assert manifest["vae"] == {"scaling_factor": 0.41407, "shift_factor": 0.0}
+        else:
+            raw = pipe.vae.encode(pixels[:, :, None]).latent_dist.mode()[:, :, 0]
+            mean = torch.tensor(pipe.vae.config.latents_mean).view(1, -1, 1, 1)
+            std = torch.tensor(pipe.vae.config.latents_std).view(1, -1, 1, 1)
+            expected = (raw - mean) / std
+            embeds, mask = pipe.encode_prompt("a red cat number " + name[3], max_sequence_length=MAX_SEQ[family])
+            mask = torch.ones(embeds.shape[:2]) if mask is None else mask
+            key = "prompt_embeds_mask"
+            assert manifest["vae"]["latents_std"] == [1.5, 0.8, 1.2, 1.0]
+    assert torch.allclose(tensors["latents"][0], expected[0], atol=1e-5)
+    n = embeds.shape[1]
+    assert tensors["prompt_embeds"].shape[1] == MAX_SEQ[family]  # padded to a fixed length, with the mask
+    assert torch.allclose(tensors["prompt_embeds"][0, :n], embeds[0], atol=1e-5)
+    assert torch.equal(tensors[key][0, :n], mask[0].float()) and tensors[key][0, n:].sum() == 0
+    null_prompt = family_named(family).null_prompt(None)
+    assert manifest["null_prompt"] == null_prompt == ("Generate an image." if family == "qwenimage" else "")
+    data = LatentData(str(cache), batch_size=2)
+    assert data.family.name == family
+    decoded = data.decode(next(data.batches(0)).x)  # sample grids decode with the family's VAE
+    assert decoded.shape[1] == 3 and decoded.shape[-1] == side and decoded.abs().max() <= 1
+
+
+def test_a_cache_of_one_family_fails_with_another_model_in_one_line(family, cache):
+    from fewstep.validate import ConfigError, validate
+
+    other = "qwenimage" if family == "sana" else "sd35"
+    cfg = compose([f"model={other}", "objective=twinflow", "data=latents", f"data.path={cache}"])
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    message = str(err.value)
+    assert "\n" not in message and f"for the {family} family" in message
+    assert f"is the {'qwenimage' if other == 'qwenimage' else 'sd3'} family" in message
+
+
+# --------------------------------------------------------------------------- train → export → generate
+
+
+def pipeline_latents(family, pipe, latents, prompt):
+    """2-step generation from ``latents`` (B, C, h, w) at guidance 0, as (B, C, h, w) latents."""
+    from fewstep.models.qwenimage import pack_latents, unpack_latents
+
+    side = SIDE[family]
+    torch.manual_seed(1234)
+    if family == "sana":
+        return pipe(
+            prompt,
+            height=side,
+            width=side,
+            num_inference_steps=2,
+            guidance_scale=0.0,
+            latents=latents.clone(),
+            max_sequence_length=MAX_SEQ[family],
+            complex_human_instruction=None,
+            use_resolution_binning=False,
+            output_type="latent",
+        ).images
+    out = pipe(
+        prompt,
+        height=side,
+        width=side,
+        num_inference_steps=2,
+        latents=pack_latents(latents.clone()),
+        max_sequence_length=MAX_SEQ[family],
+        output_type="latent",
+    ).images
+    return unpack_latents(out, *latents.shape[2:])
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:data.batch_size=2 is smaller")
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_train_export_and_generate_in_two_steps(family, pretrained, cache, tmp_path, lora):
+    import diffusers
+
+    from fewstep.export import load_lora_pipeline, load_run_model
+    from fewstep.export import main as export_main
+    from fewstep.models.family import family_named
+    from fewstep.samplers.ucgm import UCGMSampler
+    from test_precompute_export import train_run  # the same 3-step TwinFlow run as the SD3 test
+
+    model_name = f"{family}_lora" if lora else family
+    run = tmp_path / "run"
+    summary = train_run(pretrained, cache, run, model_name)
+    assert summary["steps"] == 3 and np.isfinite(summary["loss"])
+    if lora:
+        assert summary["trainable_params"] < summary["params"]
+        shadow = load_file(str(run / "checkpoints" / "step_0000003" / "teacher.safetensors"))
+        assert all(".lora_" in k or ".target_embedder." in k or ".sign_embedding." in k for k in shadow)
+    out = tmp_path / "export"
+    info = export_main([f"run_dir={run}", f"out={out}"])
+    assert info["family"] == family and info["time_pair"] and info["step"] == 3
+    index = json.loads((out / "model_index.json").read_text())
+    export_class = family_named(family).model_class.export_class
+    assert index["transformer"] == [export_class.__module__, export_class.__name__]
+    assert index["scheduler"] == ["fewstep.samplers.scheduler", "TwinFlowScheduler"]
+
+    import fewstep.samplers.scheduler  # noqa: F401 - diffusers resolves the exported class names from sys.modules
+
+    pipeline_cls = getattr(diffusers, family_named(family).pipeline_class)
+    exported = pipeline_cls.from_pretrained(out)
+    exported.set_progress_bar_config(disable=True)
+    assert type(exported.transformer) is export_class
+    side = SIDE[family] // (2 if family == "sana" else 4)
+    latents = torch.randn(1, CHANNELS, side, side, generator=torch.Generator().manual_seed(3))
+    generated = pipeline_latents(family, exported, latents, "a red cat")
+    assert torch.isfinite(generated).all() and (generated - latents).abs().max() > 1e-3
+
+    _, ema_model, *_ = load_run_model(run, None, "ema")
+    cond = encode(family, exported, ["a red cat"])
+    torch.manual_seed(1234)
+    sampler = UCGMSampler(style="few", stochast_ratio=1.0)
+    if family == "qwenimage":  # the pipeline steps packed tokens: draw the sampler's noise in that layout too
+        from fewstep.models.qwenimage import pack_latents, unpack_latents
+
+        h, w = latents.shape[2:]
+
+        def packed_model(x, t, tt, c):
+            return pack_latents(ema_model(unpack_latents(x, h, w), t, tt, c))
+
+        native = unpack_latents(sampler.sample(packed_model, pack_latents(latents.clone()), cond, 2), h, w)
+    else:
+        native = sampler.sample(ema_model, latents.clone(), cond, 2)
+    assert (generated - native).abs().max().item() < 1e-4
+
+    if lora:
+        assert {"pytorch_lora_weights.safetensors", "twinflow_embeddings.safetensors"} <= set(info["lora_files"])
+        lora_pipe = load_lora_pipeline(pretrained, out / "lora")
+        lora_pipe.set_progress_bar_config(disable=True)
+        assert (pipeline_latents(family, lora_pipe, latents, "a red cat") - generated).abs().max().item() < 1e-4

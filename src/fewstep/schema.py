@@ -184,6 +184,7 @@ class SD35ModelConfig:
 class SanaModelConfig(SD35ModelConfig):
     _target_: str = "fewstep.models.sana.SanaModel"
     pretrained: str = "Efficient-Large-Model/Sana_1600M_1024px_diffusers"
+    architecture: str = "sana_1600m_1024px"
     lora: LoraModelConfig = field(
         default_factory=lambda: LoraModelConfig(target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     )
@@ -200,6 +201,7 @@ QWENIMAGE_LORA_TARGETS = [  # the reference's target list (SPEC §9)
 class QwenImageModelConfig(SD35ModelConfig):
     _target_: str = "fewstep.models.qwenimage.QwenImageModel"
     pretrained: str = "Qwen/Qwen-Image"
+    architecture: str = "qwen_image"
     lora: LoraModelConfig = field(default_factory=lambda: LoraModelConfig(target_modules=list(QWENIMAGE_LORA_TARGETS)))
 
 

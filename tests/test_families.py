@@ -342,3 +342,34 @@ def test_train_export_and_generate_in_two_steps(family, pretrained, cache, tmp_p
         lora_pipe = load_lora_pipeline(pretrained, out / "lora")
         lora_pipe.set_progress_bar_config(disable=True)
         assert (pipeline_latents(family, lora_pipe, latents, "a red cat") - generated).abs().max().item() < 1e-4
+
+
+def test_the_qwenimage_fsdp_accelerate_config_is_valid():
+    """scripts/accelerate/fsdp_qwenimage.yaml parses as an Accelerate config, and its wrap unit is the transformer's
+    block class (``_no_split_modules``), which Accelerate's transformer auto-wrap policy finds in the model."""
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from diffusers import QwenImageTransformer2DModel
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "accelerate" / "fsdp_qwenimage.yaml"
+    config = ClusterConfig.from_yaml_file(str(path))
+    assert str(config.distributed_type).endswith("FSDP") and config.mixed_precision == "bf16"
+    fsdp = config.fsdp_config
+    assert fsdp["fsdp_sharding_strategy"] == "FULL_SHARD" and fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert [fsdp["fsdp_transformer_layer_cls_to_wrap"]] == QwenImageTransformer2DModel._no_split_modules
+    plugin = FullyShardedDataParallelPlugin(
+        auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=[fsdp["fsdp_transformer_layer_cls_to_wrap"]],
+        state_dict_type=fsdp["fsdp_state_dict_type"],
+    )
+    tiny = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=3,
+        joint_attention_dim=16, axes_dims_rope=(8, 4, 4),
+    )  # fmt: skip
+    plugin.set_auto_wrap_policy(tiny)  # raises if the class is not in the model
+    wrap = plugin.auto_wrap_policy
+    blocks = [m for m in tiny.modules() if type(m).__name__ == "QwenImageTransformerBlock"]
+    assert len(blocks) == 2 and wrap(blocks[0], recurse=False, nonwrapped_numel=0)
+    assert not wrap(tiny.time_text_embed, recurse=False, nonwrapped_numel=0)

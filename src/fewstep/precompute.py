@@ -1,12 +1,17 @@
 """``python -m fewstep.precompute pretrained=DIR images=DIR out=DIR [resolution=512 batch_size=4 device=...]``
 
 Images + captions → a latent / text-embedding cache that ``data=latents data.path=DIR`` trains on (SPEC §4),
-encoded by the pipeline's own VAE and text encoders (SD3: two CLIPs + T5 via ``encode_prompt``).
+encoded by the pipeline's own VAE and text encoders. The pipeline folder's ``model_index.json`` names its family
+(:mod:`fewstep.models.family`), which says how latents are normalised and how ``encode_prompt`` is called
+(SD3: two CLIPs + T5; SANA: Gemma-2 with ``complex_human_instruction=default|none|FILE``; Qwen-Image:
+Qwen2.5-VL, embeddings padded to ``max_sequence_length`` with their mask). ``null_prompt=`` overrides the
+family's unconditional prompt (empty; Qwen-Image: "Generate an image.", the reference's).
 
 Captions: ``metadata.jsonl`` in the image folder (lines ``{"file_name": ..., "text": ...}``) or a ``.txt``
 beside each image. Images are resized to cover a resolution bucket (aspect ratios 1:1, 4:3, 3:2, 16:9 and
 their transposes at about ``resolution²`` pixels, sides a multiple of the latent patch) and centre-cropped;
-``buckets=false`` uses the square only. Latents are ``(mean − shift_factor)·scaling_factor`` of the VAE.
+``buckets=false`` uses the square only. Latents are the family's normalisation of the VAE mean (SD3:
+``(mean − shift_factor)·scaling_factor``).
 
 The cache (``out/``): ``shards/shard_NNNNN.safetensors`` (``latents`` (N, C, h, w) float32,
 ``prompt_embeds``, ``pooled_prompt_embeds``; one latent shape per shard) each with a ``.json`` sidecar

@@ -52,32 +52,51 @@ def test_every_experiment_composes():
         assert cfg.objective is not None
 
 
-@pytest.mark.parametrize(
-    "overrides, message",
-    [
-        (["objective.estimate_order=0"], "objective.estimate_order=0 must be >= 1"),
-        (["objective.delta_t=0.0"], "objective.delta_t=0.0 must lie in (0, 0.5]"),
-        (["objective.delta_t=0.7"], "objective.delta_t=0.7 must lie in (0, 0.5]"),
-        (["objective.target_clamp=0"], "objective.target_clamp=0.0 must be > 0"),
-        (["objective.target_step_count=9"], "objective.target_step_count=9 must lie in [1, 8]"),
-        (["objective.target_step_count=0"], "objective.target_step_count=0 must lie in [1, 8]"),
-        (["objective.probs.e2e=0", "objective.probs.mul=0", "objective.probs.any=0", "objective.probs.adv=0"],
-         "objective.probs"),
-        (["objective.probs.adv=-1"], "must be >= 0"),
-        (["teacher=student"], "teacher.allow_student_teacher=true"),
-        (["trainer.mixed_precision=fp8"], "trainer.mixed_precision"),
-        (["trainer.grad_accum=0"], "trainer.grad_accum=0 must be >= 1"),
-        (["trainer.resume=/no/such/ckpt"], "trainer.resume=/no/such/ckpt: no such checkpoint"),
-        (["model.prediction_type=epsilon"], "set diff2flow.enabled=true and objective.allow_diff2flow=true"),
-        (["model.prediction_type=epsilon", "diff2flow.enabled=true"], "objective.allow_diff2flow=true"),
-        (["trainer.lr_schedule=step"], "trainer.lr_schedule"),
-    ],
-)  # fmt: skip
-def test_bad_values_fail_before_any_weight_loads_with_the_fix(overrides, message):
+# Every check of fewstep.validate.validate(): (overrides, the key the one-line error must name, the rest of the
+# message). Tested beside their features: the MeanFlow / sCM ranges (tests/objectives/test_meanflow.py,
+# test_scm.py) and a latent cache of another model family (tests/test_families.py).
+RANGE_CHECKS = [
+    (["objective.estimate_order=0"], "objective.estimate_order=0", "must be >= 1"),
+    (["objective.delta_t=0.0"], "objective.delta_t=0.0", "must lie in (0, 0.5]"),
+    (["objective.delta_t=0.7"], "objective.delta_t=0.7", "must lie in (0, 0.5]"),
+    (["objective.target_clamp=0"], "objective.target_clamp=0.0", "must be > 0"),
+    (["objective.target_step_count=9"], "objective.target_step_count=9", "must lie in [1, 8]"),
+    (["objective.target_step_count=0"], "objective.target_step_count=0", "must lie in [1, 8]"),
+    (["objective.probs.e2e=0", "objective.probs.mul=0", "objective.probs.any=0", "objective.probs.adv=0"],
+     "objective.probs", "must be >= 0 with a positive sum"),
+    (["objective.probs.adv=-1"], "objective.probs", "must be >= 0 with a positive sum"),
+    (["objective.enhanced_range=[0.5,0.5]"], "objective.enhanced_range=[0.5, 0.5]", "0 <= lo < hi <= 1"),
+    (["objective.enhanced_range=[-0.1,0.5]"], "objective.enhanced_range=[-0.1, 0.5]", "0 <= lo < hi <= 1"),
+    (["objective.enhanced_range=[0.2,1.5]"], "objective.enhanced_range=[0.2, 1.5]", "0 <= lo < hi <= 1"),
+    (["objective.time_dist=[1.0,1.0]"], "objective.time_dist=[1.0, 1.0]", "must be [a, b, c]"),
+    (["objective.cond_dropout=1.0"], "objective.cond_dropout=1.0", "must lie in [0, 1)"),
+    (["objective=flow_matching", "objective.cond_dropout=-0.1"], "objective.cond_dropout=-0.1", "must lie in [0, 1)"),
+    (["model.prediction_type=x0"], "model.prediction_type='x0'", "is unknown"),
+    (["model.prediction_type=epsilon"], "diff2flow.enabled=true", "and objective.allow_diff2flow=true"),
+    (["model.prediction_type=epsilon", "diff2flow.enabled=true"], "objective.allow_diff2flow=true", "bridge"),
+    (["model=sd35", "model.pretrained=/no/such/pipe"], "model.pretrained=/no/such/pipe", "no such folder"),
+    (["teacher=student"], "teacher.allow_student_teacher=true", "use teacher=ema"),
+    (["trainer.mixed_precision=fp8"], "trainer.mixed_precision='fp8'", "must be no, bf16 or fp16"),
+    *[([f"trainer.{key}=0"], f"trainer.{key}=0", "must be >= 1")
+      for key in ("grad_accum", "log_every", "checkpoint_every", "sample_every", "keep_last", "max_nonfinite")],
+    (["trainer.max_steps=-1"], "trainer.max_steps=-1", "must be >= 0"),
+    (["trainer.lr_schedule=step"], "trainer.lr_schedule='step'", "must be constant, cosine or linear"),
+    (["trainer.lr=0"], "trainer.lr=0.0", "must be > 0"),
+    (["trainer.betas=[0.9]"], "trainer.betas=[0.9]", "must be two numbers in [0, 1)"),
+    (["trainer.betas=[0.9,1.0]"], "trainer.betas=[0.9, 1.0]", "must be two numbers in [0, 1)"),
+    (["trainer.final_nfe=[1,0]"], "trainer.final_nfe=[1, 0]", "must be positive step counts"),
+    (["objective=flow_matching", "data.batch_size=0"], "data.batch_size=0", "must be >= 1"),
+    (["trainer.resume=/no/such/ckpt"], "trainer.resume=/no/such/ckpt", "no such checkpoint or run dir"),
+    (["logger.kind=csv"], "logger.kind='csv'", "must be jsonl, wandb or none"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("overrides, key, message", RANGE_CHECKS, ids=[" ".join(r[0]) for r in RANGE_CHECKS])
+def test_every_range_check_fails_in_one_line_naming_the_key(overrides, key, message):
     with pytest.raises(ConfigError) as err:
         validate(compose(overrides))
-    assert message in str(err.value)
-    assert "\n" not in str(err.value)
+    text = str(err.value)
+    assert key in text and message in text and "\n" not in text, text
 
 
 def test_student_teacher_allowed_with_opt_in():

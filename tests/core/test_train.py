@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fewstep.train import TrainingAborted, train
+from fewstep.train import TrainingAborted, lr_factor, train
 
 from helpers import FAST, compose, run_cli
 
@@ -174,3 +175,84 @@ def test_wandb_logger_runs_offline_without_an_account(tmp_path, monkeypatch):
     offline = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(offline) == 1
     assert [r["step"] for r in rows(tmp_path / "run")] == [5, 6]  # metrics.jsonl is written as well
+
+
+def schedule(kind: str, warmup: int, max_steps: int, min_ratio: float):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(lr_schedule=kind, warmup_steps=warmup, max_steps=max_steps, min_lr_ratio=min_ratio)
+
+
+COS_36 = 0.8090169943749475  # cos(pi/5): progress 0.2 of a cosine decay
+
+
+@pytest.mark.parametrize(
+    "kind, warmup, max_steps, min_ratio, expected",
+    [
+        # warm-up (step + 1)/4 for 4 steps, then decay over 10 steps to 0.1 at step 14, flat after
+        ("cosine", 4, 14, 0.1, {0: 0.25, 1: 0.5, 3: 1.0, 4: 1.0, 6: 0.1 + 0.9 * 0.5 * (1 + COS_36), 9: 0.55, 14: 0.1,
+                                20: 0.1}),
+        ("linear", 4, 14, 0.1, {0: 0.25, 2: 0.75, 4: 1.0, 6: 0.1 + 0.9 * 0.8, 9: 0.55, 13: 0.19, 14: 0.1, 30: 0.1}),
+        ("constant", 4, 14, 0.1, {0: 0.25, 1: 0.5, 3: 1.0, 9: 1.0, 14: 1.0, 30: 1.0}),
+        ("cosine", 0, 10, 0.0, {0: 1.0, 5: 0.5, 10: 0.0, 11: 0.0}),  # the default: no warm-up, decay to 0
+        ("linear", 0, 8, 0.0, {0: 1.0, 2: 0.75, 6: 0.25, 8: 0.0}),
+    ],
+)  # fmt: skip
+def test_lr_factor_by_hand(kind, warmup, max_steps, min_ratio, expected):
+    tr = schedule(kind, warmup, max_steps, min_ratio)
+    assert {step: lr_factor(step, tr) for step in expected} == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.slow
+def test_grad_accum_updates_the_ema_once_per_optimizer_step_and_logs_the_schedule(tmp_path, monkeypatch):
+    """trainer.grad_accum=3 for 4 steps: 12 micro-batch losses, 4 AdamW steps, exactly 4 EMA updates (the
+    warm-up decay after 4 updates: 0 -> 0.495 -> 0.6199875 -> 0.6902922 -> 0.7367031); the logged LR is
+    lr x lr_factor(step) (warm-up 2, cosine to 0.1 at step 4: 1, 1, 0.55, 0.1)."""
+    from fewstep.objectives.twinflow import TwinFlow
+    from fewstep.teachers import EMATeacher
+
+    lerps, losses = [], []
+    real_lerp, real_loss = EMATeacher._lerp, TwinFlow.loss
+    monkeypatch.setattr(EMATeacher, "_lerp", staticmethod(lambda *a: lerps.append(1) or real_lerp(*a)))
+    monkeypatch.setattr(TwinFlow, "loss", lambda self, *a: losses.append(1) or real_loss(self, *a))
+    over = [*TOY, "trainer.grad_accum=3", "trainer.max_steps=4", "trainer.log_every=1", "trainer.lr=1e-3"]
+    over += ["trainer.lr_schedule=cosine", "trainer.warmup_steps=2", "trainer.min_lr_ratio=0.1"]
+    train(compose(over), run_dir=tmp_path / "run")
+    assert len(losses) == 12 and len(lerps) == 4
+    state = json.loads((final_ckpt(tmp_path / "run") / "state.json").read_text())
+    assert state["teacher"]["last_step"] == 3
+    assert state["teacher"]["current_decay"] == pytest.approx(0.7367031, abs=1e-7)
+    adam = torch.load(final_ckpt(tmp_path / "run") / "optim.pt", weights_only=True)["optimizer"]["state"]
+    assert {int(s["step"]) for s in adam.values()} == {4}
+    assert [r["lr"] for r in rows(tmp_path / "run")] == pytest.approx([1e-3, 1e-3, 0.55e-3, 0.1e-3], rel=1e-9)
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """Accelerate keeps one process-wide state: a run in another precision needs it reset (before and after)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+@pytest.mark.slow
+def test_bf16_training_on_the_cpu_matches_fp32(tmp_path, fresh_accelerator_state):
+    """trainer.mixed_precision=bf16 on the CPU (autocast): 8 digits steps, finite losses within 5e-3 relative of
+    the same run in fp32 at every step (measured: at most 7.5e-4), and not identical (autocast is in effect;
+    step 1 is identical: the zero-initialised output layers make both runs' first outputs exactly 0)."""
+    from accelerate.state import AcceleratorState
+
+    common = ["data=digits", "data.batch_size=32", "model.width=64", "model.emb_dim=32", *FAST]
+    common += ["trainer.max_steps=8", "trainer.log_every=1"]
+    losses = {}
+    for precision in ("no", "bf16"):
+        AcceleratorState._reset_state(True)
+        run = tmp_path / precision
+        train(compose([*common, f"trainer.mixed_precision={precision}"]), run_dir=run)
+        losses[precision] = [r["loss"] for r in rows(run)]
+    fp32, bf16 = losses["no"], losses["bf16"]
+    assert len(bf16) == 8 and all(math.isfinite(v) for v in bf16)
+    assert bf16 == pytest.approx(fp32, rel=5e-3)
+    assert bf16[0] == fp32[0] and max(abs(a - b) for a, b in zip(fp32[1:], bf16[1:])) > 1e-5

@@ -270,10 +270,16 @@ def test_rng_restore_aligns_dropout_passes():
 
 def reference_loss(obj: TwinFlow, model, teacher_fn, batch: Batch) -> torch.Tensor:
     """The SPEC §2 loss the plain way: teacher passes on the whole batch, cond and uncond as separate
-    passes, rectify fake and real as separate passes. Same random draws as the objective."""
-    x, cond = batch.x.clone(), batch.cond
+    passes, rectify fake and real as separate passes, the real-velocity term on its own pass. Same random
+    draws as the objective: condition dropout, the shuffled null's permutation, t ~ Beta(a, b)·c, z, ..."""
+    x, cond = batch.x.clone(), batch.cond.clone()
     b = len(x)
-    t = sample_time(b, obj.time_dist, x)
+    if obj.cond_dropout > 0:  # rows trained on the null condition
+        drop = torch.rand(b) < obj.cond_dropout
+        cond[drop] = batch.null_cond[drop]
+    uncond = cond[torch.randperm(b)] if obj.null_condition == "shuffled" else batch.null_cond
+    a, bb, c = obj.time_dist
+    t = torch.distributions.Beta(torch.tensor(a), torch.tensor(bb)).sample((b,)).clamp(0, 1) * c
     z = torch.randn_like(x)
     tt = t - torch.rand_like(t) * obj.consistency_ratio * t
     tt_mul = t - torch.rand_like(t) * t * min(0.05, obj.consistency_ratio)
@@ -294,8 +300,9 @@ def reference_loss(obj: TwinFlow, model, teacher_fn, batch: Batch) -> torch.Tens
     with torch.no_grad():
         target = v.clone()
         Fc = teacher_fn(x_t, t, t, cond)
-        Fu = teacher_fn(x_t, t, t, batch.null_cond)
-        enh = (~adv) & (t > 0) & (t < 1)
+        Fu = teacher_fn(x_t, t, t, uncond)
+        lo, hi = obj.enhanced_range
+        enh = (~adv) & (t > lo) & (t < hi)
         target[enh] += obj.enhanced_ratio * (Fc - Fu)[enh]
         y = reference_rcgm(
             teacher_fn, F.detach(), x_t, t, tt, target, cond, obj.estimate_order, obj.delta_t, obj.target_clamp
@@ -311,24 +318,128 @@ def reference_loss(obj: TwinFlow, model, teacher_fn, batch: Batch) -> torch.Tens
         fake = model(x2, -t2, -t2, cond[e2e])
         real = model(x2, t2, t2, cond[e2e])
     delta = (fake - real).clamp(-1, 1)
-    return loss + obj.dist_match_coef * barron_distance(F[e2e], (F[e2e] - delta).detach()).mean()
+    loss = loss + obj.dist_match_coef * barron_distance(F[e2e], (F[e2e] - delta).detach()).mean()
+    if obj.real_velocity:  # d(f(x_t, t, t), v) on the real (non-adversarial) rows
+        real_rows = ~adv
+        F_real = model(x_t[real_rows], t[real_rows], t[real_rows], cond[real_rows])
+        loss = loss + obj.real_velocity_weight * barron_distance(F_real, v[real_rows]).mean()
+    return loss
 
 
-def test_batched_loss_equals_unbatched_reference():
+def expected_nfe(obj: TwinFlow, times: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
+    """The network evaluations a TwinFlow step must log, counted from the (t, tt) it returns: the adversarial
+    rows' one-step generation, cond + uncond on the rows inside the enhanced range, ``estimate_order`` rollout
+    passes on the rows with ``t − δ > tt``, fake + real rectify passes on the e2e rows, the student (and the
+    real-velocity pass) with grad."""
+    t, tt = times
+    b = len(t)
+    sizes = partition_sizes(b, obj.probs)
+    adv = t < 0
+    assert int(adv.sum()) == sizes["adv"] and bool((t[: sizes["e2e"]] == 1).all())
+    lo, hi = obj.enhanced_range
+    n_adv, n_e2e = sizes["adv"], sizes["e2e"]
+    n_enh = int(((~adv) & (t > lo) & (t < hi)).sum()) if obj.enhanced_ratio != 0 else 0
+    n_roll = int(((~adv) & (t - obj.delta_t > tt)).sum())
+    n_rect = n_e2e if obj.adversarial and obj.dist_match_coef != 0 else 0
+    passes = [(n_adv, 1), (n_enh, 2), (n_roll, obj.estimate_order), (n_rect, 2)]  # (rows, passes over them)
+    rows_grad = b + (b - n_adv if obj.real_velocity else 0)
+    rows_nograd = sum(n * k for n, k in passes)
+    return {
+        "nfe/calls_grad": 1 + int(obj.real_velocity),
+        "nfe/calls_nograd": sum((k if n > 0 else 0) for n, k in [(n_adv, 1), (n_enh, 1), (n_roll, obj.estimate_order),
+                                                                  (n_rect, 1)]),
+        "nfe/rows_grad": rows_grad,
+        "nfe/rows_nograd": rows_nograd,
+        "nfe/per_step": (rows_grad + rows_nograd) / b,
+    }  # fmt: skip
+
+
+# Each objective option against the reference, and against the same settings without it: every option must
+# change the loss (same weights; cond_dropout's baseline draws the same dropout mask and drops no row). The
+# enhanced target reaches the loss only through the RCGM residual, which target_clamp 1 saturates on most
+# rows (the residual is divided by delta_t), so the condition options run unclamped.
+UNCLAMPED = {"target_clamp": 100.0}
+OPTIONS = {
+    "default": ({}, None),
+    "unclamped": (UNCLAMPED, None),
+    "cond_dropout": ({"cond_dropout": 0.4, **UNCLAMPED}, {"cond_dropout": 1e-9, **UNCLAMPED}),
+    "null_shuffled": ({"null_condition": "shuffled", **UNCLAMPED}, UNCLAMPED),
+    "real_velocity": ({"real_velocity": True, "real_velocity_weight": 0.7}, {}),
+    "enhanced_range": ({"enhanced_range": (0.3, 0.8), **UNCLAMPED}, UNCLAMPED),
+    "time_dist": ({"time_dist": (2.0, 1.0, 0.8)}, {}),
+}
+
+
+def option_loss(options: dict, reference: bool):
+    """TwinFlow(enhanced 0.6, order 2, options) on a fixed batch: the objective's loss and logs, or the
+    reference loss. Teacher and student have every weight non-zero (the zero-initialised modulation layers
+    too, else the label would not reach the output and cond/uncond passes would agree) and differ."""
     model = tiny_model(seed=7)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
     ema = EMATeacher(decay=0.9)
     ema.bind(model)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    obj = TwinFlow(enhanced_ratio=0.6, estimate_order=2)
-    batch = Batch(torch.randn(24, 6), torch.arange(24) % 3, torch.full((24,), 3))
+    obj = TwinFlow(**{"enhanced_ratio": 0.6, "estimate_order": 2, **options})
+    batch = Batch(torch.randn(24, 6, generator=torch.Generator().manual_seed(5)), torch.arange(24) % 3,
+                  torch.full((24,), 3))  # fmt: skip
     torch.manual_seed(11)
-    got, logs = obj.loss(model, ema, batch, 0)
-    torch.manual_seed(11)
-    expected = reference_loss(obj, model, ema.model, batch)
+    if reference:
+        return obj, reference_loss(obj, model, ema.model, batch), None
+    return obj, *obj.loss(model, ema, batch, 0)
+
+
+@pytest.mark.parametrize("option", sorted(OPTIONS))
+def test_batched_loss_equals_unbatched_reference(option):
+    options, without = OPTIONS[option]
+    obj, got, logs = option_loss(options, reference=False)
+    _, expected, _ = option_loss(options, reference=True)
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)
-    # fewer network rows than the reference's full-batch passes: 6 adv + 24 student + 2x12 enhance
-    # + rollout rows + 2x6 rectify
-    assert logs["nfe/rows_grad"] == 24
-    assert logs["nfe/rows_nograd"] < 6 + 2 * 24 + 2 * 24 + 2 * 6
+    if without is not None:
+        _, baseline, _ = option_loss(without, reference=False)
+        assert abs(got.item() - baseline.item()) > 1e-3 * abs(baseline.item()), "the option changed nothing"
+    # exact network-evaluation counts; fewer rows than the reference's full-batch passes
+    counts = {k: v for k, v in logs.items() if k.startswith("nfe/")}
+    assert counts == expected_nfe(obj, logs["times"])
+    assert counts["nfe/rows_nograd"] < 6 + 2 * 24 + 2 * 24 + 2 * 6
+
+
+def test_nfe_counts_of_a_batch_without_adversarial_rows_or_enhancement():
+    """RCGM, enhancement off: only rollout passes without grad; counts still follow from the returned times."""
+    model = tiny_model(seed=3)
+    obj = TwinFlow(adversarial=False, enhanced_ratio=0.0, estimate_order=3)
+    teacher = EMATeacher(decay=0.5)
+    teacher.bind(model)
+    torch.manual_seed(2)
+    _, logs = obj.loss(model, teacher, Batch(torch.randn(30, 6), torch.arange(30) % 3, torch.full((30,), 3)), 0)
+    t, tt = logs["times"]
+    n_roll = int((t - obj.delta_t > tt).sum())
+    assert 0 < n_roll < 30
+    assert logs["nfe/calls_grad"] == 1 and logs["nfe/rows_grad"] == 30
+    assert logs["nfe/calls_nograd"] == 3 and logs["nfe/rows_nograd"] == 3 * n_roll
+    assert logs["nfe/per_step"] == (30 + 3 * n_roll) / 30
+    assert logs == {**logs, **expected_nfe(obj, logs["times"])}
+
+
+def test_flow_matching_counts_one_grad_pass():
+    model = tiny_model(time_pair=False)
+    teacher = StudentTeacher(allow_student_teacher=True)
+    teacher.bind(model)
+    _, logs = FlowMatching(cond_dropout=0.2).loss(model, teacher, Batch(torch.randn(16, 6), torch.arange(16) % 3,
+                                                                         torch.full((16,), 3)), 0)  # fmt: skip
+    assert {k: v for k, v in logs.items() if k.startswith("nfe/")} == {
+        "nfe/calls_grad": 1, "nfe/calls_nograd": 0, "nfe/rows_grad": 16, "nfe/rows_nograd": 0, "nfe/per_step": 1.0,
+    }  # fmt: skip
+
+
+def test_time_dist_is_a_scaled_beta():
+    """objective.time_dist = [a, b, c]: t ~ Beta(a, b)·c. Beta(2, 5)·0.8 has mean 0.8·2/7 = 0.22857 and
+    standard deviation 0.8·sqrt(10 / (49·8)) = 0.12778; the standard error of 20,000 draws is 0.0009."""
+    torch.manual_seed(0)
+    t = sample_time(20_000, (2.0, 5.0, 0.8), torch.zeros(1))
+    assert t.dtype == torch.float32 and 0.0 <= t.min().item() and t.max().item() <= 0.8
+    assert t.mean().item() == pytest.approx(0.8 * 2 / 7, abs=0.004)
+    assert t.std().item() == pytest.approx(0.8 * math.sqrt(10 / (49 * 8)), abs=0.004)

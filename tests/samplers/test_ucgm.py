@@ -12,6 +12,7 @@ from fewstep.samplers.ucgm import (
     UCGMSampler,
     UCGMStepper,
     default_rfba_gap_steps,
+    draw_noise,
     heun_correction,
     resolve_stochast_ratio,
     target_time,
@@ -226,6 +227,38 @@ def test_seeded_sampling_is_deterministic():
     e = sampler.sample(model, noise, cond, 4)
     assert torch.equal(d, e)
     assert a.dtype == noise.dtype and a.shape == noise.shape
+
+
+def test_stochastic_noise_comes_from_the_generator_whatever_the_state_device_and_dtype():
+    """The noise of a stochastic step is the generator's float32 draw on the generator's device, then moved to
+    the state: a CPU generator (what fewstep.generate passes) gives the same noise for a state on any device.
+    Without a GPU, the meta device (shapes, no values) stands in for another device: a sampler whose state
+    lives there consumes exactly the CPU generator draws of the same sampler on the CPU."""
+    reference = torch.randn(3, 5, generator=torch.Generator().manual_seed(7))  # float32 on the CPU
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        eps = draw_noise(torch.zeros(3, 5, dtype=dtype), torch.Generator().manual_seed(7))
+        assert eps.dtype == dtype and torch.equal(eps, reference.to(dtype))
+    assert draw_noise(torch.zeros(3, 5, device="meta"), torch.Generator().manual_seed(7)).device.type == "meta"
+
+    def zero_velocity(x, t, tt, cond):
+        return torch.zeros_like(x)
+
+    sampler = UCGMSampler(style="few", stochast_ratio=0.5)
+    states = {}
+    for device in ("cpu", "meta"):
+        g = torch.Generator().manual_seed(7)
+        out = sampler.sample(zero_velocity, torch.zeros(3, 2, 2, 2, device=device), None, 4, generator=g)
+        assert out.device.type == device
+        states[device] = g.get_state()
+    assert torch.equal(states["cpu"], states["meta"])
+    assert not torch.equal(states["cpu"], torch.Generator().manual_seed(7).get_state())  # noise was drawn
+
+    torch.manual_seed(3)  # no generator: the CPU global RNG, for a state on any device
+    sampler.sample(zero_velocity, torch.zeros(3, 2, 2, 2, device="meta"), None, 4)
+    after_meta = torch.get_rng_state()
+    torch.manual_seed(3)
+    sampler.sample(zero_velocity, torch.zeros(3, 2, 2, 2), None, 4)
+    assert torch.equal(after_meta, torch.get_rng_state())
 
 
 def test_state_is_float64_and_model_sees_input_dtype():

@@ -252,16 +252,23 @@ def train_run(pretrained, cache, run_dir, model, *extra):
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:data.batch_size=2 is smaller")
-@pytest.mark.parametrize("model", ["sd35", "sd35_lora"])
-def test_train_export_and_generate(pretrained, cache, tmp_path, model):
+@pytest.mark.parametrize(
+    "model, extra",
+    [("sd35", []), ("sd35_lora", []), ("sd35", ["teacher.sampling_decay=0.5"])],
+    ids=["sd35", "sd35_lora", "sd35-sampling_decay"],
+)
+def test_train_export_and_generate(pretrained, cache, tmp_path, model, extra):
+    """Export → the pipeline samples exactly like the native sampler on the weights fewstep.eval scores
+    (``load_run(...).model_fn("ema")``): the teacher EMA, or the sampling EMA with teacher.sampling_decay."""
     from diffusers import StableDiffusion3Pipeline
 
-    from fewstep.export import load_lora_pipeline, load_pipeline, load_run_model
+    from fewstep.export import load_lora_pipeline, load_pipeline
     from fewstep.export import main as export_main
+    from fewstep.runs import load_run
     from fewstep.samplers.ucgm import UCGMSampler
 
     run = tmp_path / "run"
-    summary = train_run(pretrained, cache, run, model)
+    summary = train_run(pretrained, cache, run, model, *extra)
     assert summary["steps"] == 3
     if model == "sd35_lora":
         assert summary["trainable_params"] < summary["params"]
@@ -299,17 +306,23 @@ def test_train_export_and_generate(pretrained, cache, tmp_path, model):
     generated = two_step_latents(pipe)
     assert torch.isfinite(generated).all() and (generated - latents).abs().max() > 1e-3
 
-    # the exported pipeline samples exactly like the native sampler on the run's EMA model
-    _, ema_model, *_ = load_run_model(run, None, "ema")
+    # the exported pipeline samples exactly like the native sampler on the weights fewstep.eval scores
+    scored = load_run(run, device="cpu", command="eval")
     with torch.no_grad():
         embeds, _, pooled, _ = pipe.encode_prompt(
             prompt, None, None, do_classifier_free_guidance=False, max_sequence_length=MAX_SEQ
         )
-    torch.manual_seed(1234)
-    native = UCGMSampler(style="few", stochast_ratio=1.0).sample(
-        ema_model, latents.clone(), {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}, 2
-    )
-    assert (generated - native).abs().max().item() < 1e-4
+
+    def native(model_fn):
+        torch.manual_seed(1234)
+        return UCGMSampler(style="few", stochast_ratio=1.0).sample(
+            model_fn, latents.clone(), {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}, 2
+        )
+
+    assert (generated - native(scored.model_fn("ema"))).abs().max().item() < 1e-4
+    if extra:  # not the teacher EMA: the sampling EMA is what was scored and exported
+        assert scored.teacher.sampling_key == "sampling_shadow"
+        assert (generated - native(scored.teacher.model)).abs().max().item() > 1e-3
 
     images = load_pipeline(out)(
         [prompt, "a dog"],

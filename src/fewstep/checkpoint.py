@@ -89,7 +89,7 @@ def save_checkpoint(
         for key in [k for k, v in tstate.items() if isinstance(v, dict) or v is None]:
             tensors = tstate.pop(key)
             if tensors is not None:  # the teacher's weight averages: teacher.safetensors, teacher_<key>.safetensors
-                save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / _teacher_file(key)))
+                save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / teacher_file(key)))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
         torch.save({"ranks": rng_states or [rng_state()]}, tmp / "rng.pt")
         files = {p.name: p.stat().st_size for p in tmp.iterdir()}
@@ -201,7 +201,8 @@ def clean_stale(ckpt_root: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def _teacher_file(key: str) -> str:
+def teacher_file(key: str) -> str:
+    """The file of the teacher state entry ``key`` (a weight average) inside a checkpoint folder."""
     return "teacher.safetensors" if key == "shadow" else f"teacher_{key}.safetensors"
 
 

@@ -1,6 +1,7 @@
 """``python -m fewstep.export run_dir=DIR out=DIR2 [weights=ema|student]``: a run as a diffusers pipeline.
 
-Reads the run's ``.hydra/config.yaml`` and newest valid checkpoint (EMA weights by default) and writes
+Reads the run's ``.hydra/config.yaml`` and newest valid checkpoint (by default the weights ``fewstep.sample``
+and ``fewstep.eval`` use: the sampling EMA with ``teacher.sampling_decay``, else the teacher EMA) and writes
 ``DIR2/``: the pretrained pipeline of the run's model family (SD3: ``StableDiffusion3Pipeline``, SANA:
 ``SanaPipeline``, Qwen-Image: ``QwenImagePipeline``) with its components (VAE, text encoders, tokenizers) saved
 again, the trained transformer (LoRA merged) as the family's TwinFlow class (e.g.
@@ -97,16 +98,6 @@ def scheduler_for_run(cfg, sampler=None):
     )
 
 
-def _teacher_decay(cfg) -> float | None:
-    target = str(cfg.teacher.get("_target_", ""))
-    if target.endswith("FrozenTeacher"):
-        return 1.0
-    if target.endswith("StudentTeacher"):
-        return 0.0
-    decay = cfg.teacher.get("decay")
-    return None if decay is None else float(decay)
-
-
 def load_run_model(run_dir: Path, checkpoint: str | None, weights: str):
     """The run's model with the chosen weights loaded; returns (cfg, model, checkpoint, step, weights used)."""
     from hydra.utils import get_class, instantiate
@@ -146,9 +137,13 @@ def load_run_model(run_dir: Path, checkpoint: str | None, weights: str):
     state = ckpt_io.load_checkpoint(ckpt, model, teacher=None, restore_rng=False)
     used = "student"
     if weights == "ema":
-        decay = _teacher_decay(cfg)
-        shadow_file = ckpt / "teacher.safetensors"
-        if decay is not None and 0.0 < decay < 1.0 and shadow_file.exists():
+        # the weights fewstep.sample / fewstep.eval use: the teacher's sampling_key (the sampling EMA with
+        # teacher.sampling_decay, else the teacher EMA), read from its file without building the teacher
+        key = instantiate(cfg.teacher).sampling_key
+        shadow_file = ckpt / ckpt_io.teacher_file(key) if key is not None else None
+        if shadow_file is not None:
+            if not shadow_file.exists():
+                raise ExportError(f"{ckpt} has no {shadow_file.name} (the run's {key}); export weights=student")
             shadow = load_file(str(shadow_file))
             params = dict(model.named_parameters())
             unknown = sorted(set(shadow) - set(params))
@@ -159,7 +154,7 @@ def load_run_model(run_dir: Path, checkpoint: str | None, weights: str):
                     params[k].copy_(v)
             used = "ema"
         else:
-            log.info("the run keeps no EMA to sample with (teacher decay %s): exporting the student weights", decay)
+            log.info("the run samples with the student (%s): exporting the student weights", cfg.teacher._target_)
     return cfg, model, ckpt, int(state["step"]), used
 
 

@@ -173,23 +173,111 @@ def test_partition_rejects_all_zero():
         partition_sizes(8, {"e2e": 0, "mul": 0, "any": 0, "adv": 0})
 
 
-def test_ema_warmup_first_five_decays_and_weights():
+def five_updates(teacher: EMATeacher) -> tuple[list[float], list[float]]:
+    """Bind to a 1-weight student, set the weight to 1, 2, ..., 5 before updates 0-4 (each twice: idempotent
+    within a step); returns the (teacher, sampling) decays each update used."""
     student = torch.nn.Linear(2, 1, bias=False)
-    teacher = EMATeacher(decay=0.99)
     teacher.bind(student)
-    decays = []
+    decays, sampling_decays = [], []
     for step in range(5):
         decays.append(teacher.current_decay)
+        sampling_decays.append(teacher.current_sampling_decay)
         with torch.no_grad():
             student.weight.fill_(float(step + 1))
         teacher.update(student, step)
-        teacher.update(student, step)  # idempotent within a step
-    assert decays == pytest.approx([0.0, 0.495, 0.6199875, 0.69029220, 0.73670311], abs=1e-7)
-    # shadow: w1 = 1 (decay 0), w2 = .495*1 + .505*2, ...
+        teacher.update(student, step)
+    return decays, sampling_decays
+
+
+def ema_of_steps(decays: list[float]) -> float:
+    """w_1 = 1 (decay 0), w_{k+1} = d_k·w_k + (1 − d_k)·(k + 1), for weights 1..5."""
     w = 0.0
     for d, k in zip(decays, range(1, 6)):
         w = d * w + (1 - d) * k
-    assert teacher.shadow["weight"].flatten()[0].item() == pytest.approx(w, abs=1e-6)
+    return w
+
+
+def test_ema_warmup_first_five_decays_and_weights():
+    teacher = EMATeacher(decay=0.99)
+    decays, _ = five_updates(teacher)
+    assert decays == pytest.approx([0.0, 0.495, 0.6199875, 0.69029220, 0.73670311], abs=1e-7)
+    assert teacher.shadow["weight"].flatten()[0].item() == pytest.approx(ema_of_steps(decays), abs=1e-6)
+
+
+def test_sampling_ema_warms_up_on_its_own_schedule_and_is_what_the_run_samples_with():
+    """teacher.sampling_decay: a second average with the same warm-up rule towards its own decay; the teacher
+    passes keep the decay-0.9 EMA, sampling uses the 0.99 one."""
+    teacher = EMATeacher(decay=0.9, sampling_decay=0.99)
+    decays, sampling_decays = five_updates(teacher)
+    assert decays == pytest.approx([0.0, 0.45, 0.57375, 0.64328203, 0.68906999], abs=1e-7)
+    assert sampling_decays == pytest.approx([0.0, 0.495, 0.6199875, 0.69029220, 0.73670311], abs=1e-7)
+    expected = {"shadow": ema_of_steps(decays), "sampling_shadow": ema_of_steps(sampling_decays)}
+    assert teacher.shadow["weight"].flatten()[0].item() == pytest.approx(expected["shadow"], abs=1e-6)
+    assert teacher.sampling_shadow["weight"].flatten()[0].item() == pytest.approx(expected["sampling_shadow"], abs=1e-6)
+    assert teacher.sampling_key == "sampling_shadow"
+    x = torch.ones(1, 2)
+    assert teacher.sampling_model(x).item() == pytest.approx(2 * expected["sampling_shadow"], abs=1e-5)
+    assert teacher.model(x).item() == pytest.approx(2 * expected["shadow"], abs=1e-5)
+    assert abs(expected["shadow"] - expected["sampling_shadow"]) > 0.1
+
+
+def test_sampling_ema_round_trips_through_a_checkpoint(tmp_path):
+    """Saved as teacher_sampling_shadow.safetensors with its warm-up counter; a resumed teacher continues exactly
+    as the uninterrupted one; a checkpoint without it refuses to resume a sampling_decay run."""
+    from fewstep.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+    def fresh(sampling_decay=0.99):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 2)
+        teacher = EMATeacher(decay=0.9, sampling_decay=sampling_decay)
+        teacher.bind(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+        return model, teacher, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+    def step(model, teacher, opt, i):
+        teacher.update(model, i)
+        model(torch.full((4, 3), float(i))).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+    model, teacher, opt, sched = fresh()
+    for i in range(3):
+        step(model, teacher, opt, i)
+    ckpt = save_checkpoint(tmp_path / "ckpts", 3, model, teacher, opt, sched, data_position=3)
+    assert (ckpt / "teacher_sampling_shadow.safetensors").exists()
+    resumed = fresh()
+    load_checkpoint(ckpt, *resumed[:2], optimizer=resumed[2], scheduler=resumed[3], restore_rng=False)
+    assert resumed[1].current_sampling_decay == teacher.current_sampling_decay == pytest.approx(0.6902922, abs=1e-7)
+    for i in range(3, 5):
+        step(model, teacher, opt, i)
+        step(*resumed[:3], i)
+    for name in ("shadow", "sampling_shadow"):
+        for k, v in getattr(teacher, name).items():
+            assert torch.equal(v, getattr(resumed[1], name)[k]), (name, k)
+
+    plain = fresh(sampling_decay=None)
+    plain_ckpt = save_checkpoint(tmp_path / "plain", 1, *plain, data_position=1)
+    with pytest.raises(CheckpointError, match="resume with teacher.sampling_decay=null"):
+        load_checkpoint(plain_ckpt, *fresh()[:2], restore_rng=False)
+
+
+def test_sampling_key_names_the_weights_a_run_is_judged_by():
+    """fewstep.sample, fewstep.eval and fewstep.export all take the teacher's sampling_key."""
+    from fewstep.teachers import FrozenTeacher
+
+    student = torch.nn.Linear(2, 1)
+    cases = [
+        (EMATeacher(decay=0.99), "shadow"),
+        (EMATeacher(decay=0.99, sampling_decay=0.999), "sampling_shadow"),
+        (EMATeacher(decay=0.0, sampling_decay=0.9), "sampling_shadow"),
+        (EMATeacher(decay=0.0), None),
+        (FrozenTeacher(), None),
+        (StudentTeacher(allow_student_teacher=True), None),
+    ]
+    for teacher, key in cases:
+        teacher.bind(student)
+        assert teacher.sampling_key == key
+        assert (teacher.sampling_model is student) == (key is None)
 
 
 def test_ema_decay_edges():

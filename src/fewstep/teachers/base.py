@@ -50,9 +50,17 @@ class Teacher:
         return call
 
     @property
+    def sampling_key(self) -> str | None:
+        """The weights a run is judged by: the entry of ``state_dict()`` (and of the checkpoint's
+        ``teacher*.safetensors``) that ``fewstep.sample``, ``fewstep.eval`` and ``fewstep.export`` use;
+        None = the student's own weights."""
+        return None
+
+    @property
     def sampling_model(self) -> Callable[..., torch.Tensor]:
-        """The weights to sample with: the EMA where one is kept, else the student."""
-        return self.student
+        """The model to sample with: the student called with the :attr:`sampling_key` weights."""
+        key = self.sampling_key
+        return self.student if key is None else self._call_with(getattr(self, key))
 
     def state_dict(self) -> dict:
         return {"shadow": dict(self.shadow) if self.shadow is not None else None}
@@ -97,10 +105,12 @@ class EMATeacher(Teacher):
             self.sampling_shadow = {k: p.detach().clone() for k, p in params.items()}
 
     @property
-    def sampling_model(self) -> Callable[..., torch.Tensor]:
-        if self.sampling_shadow is not None:
-            return self._call_with(self.sampling_shadow)
-        return self.model if 0.0 < self.decay < 1.0 else self.student
+    def sampling_key(self) -> str | None:
+        """The sampling EMA when ``sampling_decay`` is set, else the teacher EMA (decay 0 is the student itself,
+        decay 1 the frozen initial weights: both sample with the student)."""
+        if self.sampling_decay is not None:
+            return "sampling_shadow"
+        return "shadow" if 0.0 < self.decay < 1.0 else None
 
     @staticmethod
     def _lerp(shadow: dict[str, torch.Tensor], params: dict, decay: float) -> None:

@@ -2,12 +2,17 @@
 
 Training: per objective (flow_matching, rcgm, twinflow with and without the enhanced target) on the
 same model and batch, the median wall time of a full optimizer step (loss, backward, AdamW), with
-the objectives' steps interleaved after a warm-up so machine noise hits them alike; network
-evaluations per step (forward rows / batch, from the objective's own counter); peak memory (CUDA:
-max allocated; CPU: peak RSS growth of a fresh subprocess over its own steps). Sampling: latency per
-image (batch 1) and images/s (batch ``sample_batch``) at 1/2/4 NFE against the 50-step Euler
-baseline. Quality at equal wall-clock budget (``quality_budget_s`` > 0): each objective trains for
-the same seconds, then 1-NFE (and 50-step Euler) quality. Ratios are measured in the same run.
+the objectives' steps interleaved after a warm-up so machine noise hits them alike, repeated in
+``runs`` separate runs (fresh runners each). The step ratio against flow matching is reported as its
+spread: the median, quartiles and range of the per-repeat ratios (a variant's step over the
+flow-matching step of the same interleaved round) and each run's median. Network evaluations per step
+are the mean over the timed steps (forward rows / batch, from the objective's own counter). Peak
+memory is measured per variant in a fresh subprocess on every device, so nothing from the timing (or
+another variant) is resident: CUDA: max allocated over the steps (weights, optimizer state and EMA
+included); CPU: peak RSS growth over the steps. Sampling: latency per image (batch 1) and images/s
+(batch ``sample_batch``) at 1/2/4 NFE against the 50-step Euler baseline. Quality at equal wall-clock
+budget (``quality_budget_s`` > 0): each objective trains for the same seconds, then 1-NFE (and
+50-step Euler) quality. Ratios are measured in the same run.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ log = logging.getLogger("fewstep.bench")
 
 USAGE = (
     "usage: python -m fewstep.bench out=DIR [batch_size=128] [repeats=30] [warmup=5] [model=tiny] [data=digits] "
-    "[mixed_precision=no|bf16] [sample_batch=1000] [quality_budget_s=0] [device=cpu|cuda] [overrides=[...]] "
+    "[runs=3] [mixed_precision=no|bf16] [sample_batch=1000] [quality_budget_s=0] [device=cpu|cuda] [overrides=[...]] "
     "[variants=[flow_matching,twinflow,...]] [isolate=true] [compare_compile=true]"
 )
 DEFAULTS = {
@@ -40,6 +45,7 @@ DEFAULTS = {
     "batch_size": 128,
     "repeats": 30,
     "warmup": 5,
+    "runs": 3,
     "model": "tiny",
     "data": "digits",
     "mixed_precision": "no",
@@ -69,7 +75,8 @@ def compose(overrides: list[str]):
 
 
 class StepRunner:
-    """One objective's full optimizer step on a fixed model/data configuration."""
+    """One objective's full optimizer step on a fixed model/data configuration. ``evals`` records every
+    step's network evaluations (forward rows / batch)."""
 
     def __init__(self, overrides: list[str], device: torch.device, mixed_precision: str):
         from fewstep.train import build_components, make_optimizer
@@ -84,7 +91,7 @@ class StepRunner:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
         self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else None
         self.step_index = 0
-        self.evals_per_step = float("nan")
+        self.evals: list[float] = []
 
     def step(self) -> float:
         batch = next(self.batches).to(self.device)
@@ -100,7 +107,7 @@ class StepRunner:
         self.opt.zero_grad(set_to_none=True)
         sync()
         self.step_index += 1
-        self.evals_per_step = float(logs["nfe/per_step"])
+        self.evals.append(float(logs["nfe/per_step"]))
         return time.perf_counter() - t0
 
 
@@ -166,12 +173,8 @@ def _isolated_child(overrides_json: str, mixed_precision: str, device: str, warm
     dev = torch.device(device)
     try:
         runner = StepRunner(json.loads(overrides_json), dev, mixed_precision)
-        for _ in range(int(warmup)):
-            runner.step()
-        times, evals = [], []
-        for _ in range(int(repeats)):
-            times.append(runner.step())
-            evals.append(runner.evals_per_step)
+        timed = time_runners({"variant": runner}, int(warmup), int(repeats))["variant"]
+        times, evals = timed["times"], timed["evals"]
     except torch.OutOfMemoryError as err:
         print(json.dumps({"oom": True, "error": str(err).strip().splitlines()[0][:300], **_peak(dev)}))
         return
@@ -243,72 +246,146 @@ def base_overrides(args) -> list[str]:
     return [f"model={args.model}", f"data={args.data}", f"data.batch_size={args.batch_size}", *args.overrides]
 
 
+def time_runners(runners: dict[str, StepRunner], warmup: int, repeats: int) -> dict[str, dict[str, list[float]]]:
+    """``warmup`` then ``repeats`` interleaved rounds (one step of every runner per round, so machine noise
+    hits them alike). Returns, per runner, the timed steps' ``times`` (s) and ``evals`` (warm-up excluded)."""
+    for _ in range(warmup):
+        for runner in runners.values():
+            runner.step()
+    out = {name: {"times": [], "evals": []} for name in runners}
+    for _ in range(repeats):
+        for name, runner in runners.items():
+            out[name]["times"].append(runner.step())
+            out[name]["evals"].append(runner.evals[-1])
+    return out
+
+
+def time_variants(args, device, variants: dict[str, list[str]] = VARIANTS) -> dict[str, dict]:
+    """One timing run: fresh runners for ``variants``, timed by ``time_runners``. Returns plain numbers
+    (per variant ``times``, ``evals``, ``params``); nothing built here outlives the call."""
+    runners = {name: StepRunner([*base_overrides(args), *ov], device, args.mixed_precision)
+               for name, ov in variants.items()}  # fmt: skip
+    out = time_runners(runners, args.warmup, args.repeats)
+    for name, runner in runners.items():
+        out[name]["params"] = sum(p.numel() for p in runner.model.parameters())
+    return out
+
+
+def summarize_timings(runs: list[dict[str, dict]], reference: str = "flow_matching") -> dict[str, dict]:
+    """Per variant over the timing ``runs``: median step time and its IQR, evaluations per step averaged
+    over every timed step, and the spread of the step ratio against ``reference`` (per-repeat ratios:
+    the variant's step over the reference's step of the same round; their median, quartiles, range and
+    each run's median)."""
+    out = {}
+    for name in runs[0]:
+        times = [t for run in runs for t in run[name]["times"]]
+        evals = [e for run in runs for e in run[name]["evals"]]
+        per_run = [[t / ref for t, ref in zip(run[name]["times"], run[reference]["times"])] for run in runs]
+        ratios = [r for run in per_run for r in run]
+        out[name] = {
+            "step_time_s": statistics.median(times),
+            "step_time_iqr_s": _iqr(times),
+            "evals_per_step": statistics.fmean(evals),
+            "params": runs[0][name]["params"],
+            "ratio_vs_flow_matching": statistics.median(ratios),
+            "ratio_quartiles": _quartiles(ratios),
+            "ratio_range": [min(ratios), max(ratios)],
+            "ratio_run_medians": [statistics.median(r) for r in per_run],
+            "timed_steps": len(times),
+        }
+    return out
+
+
 def bench_objectives(args, device) -> dict:
     variants = select_variants(args)
     if args.isolate:
         return bench_isolated(args, device, variants)
-    runners = {name: StepRunner([*base_overrides(args), *ov], device, args.mixed_precision) for name, ov in
-               variants.items()}  # fmt: skip
-    for _ in range(args.warmup):
-        for r in runners.values():
-            r.step()
-    times = {name: [] for name in runners}
-    for _ in range(args.repeats):  # interleaved: noise hits every objective alike
-        for name, r in runners.items():
-            times[name].append(r.step())
-    out = {}
-    for name, r in runners.items():
-        out[name] = {
-            "step_time_s": statistics.median(times[name]),
-            "step_time_iqr_s": _iqr(times[name]),
-            "evals_per_step": r.evals_per_step,
-            "params": sum(p.numel() for p in r.model.parameters()),
-        }
-    fm = out["flow_matching"]["step_time_s"]
-    for name in out:
-        out[name]["ratio_vs_flow_matching"] = out[name]["step_time_s"] / fm
-    del runners
+    runs = []
+    for i in range(args.runs):
+        log.info("timing run %d/%d", i + 1, args.runs)
+        runs.append(time_variants(args, device, variants))
+    out = summarize_timings(runs)
     for name, ov in variants.items():
-        out[name]["peak_memory_mb"] = peak_memory(args, ov, device)
+        out[name].update(measure_variant_memory([*base_overrides(args), *ov], args.mixed_precision, device))
     return out
 
 
-def _iqr(xs: list[float]) -> float:
+def _quartiles(xs: list[float]) -> list[float]:
     if len(xs) < 2:
-        return 0.0
-    q = statistics.quantiles(xs, n=4)
-    return q[2] - q[0]
+        return [xs[0], xs[0]]
+    q = statistics.quantiles(xs, n=4, method="inclusive")  # within [min, max] even for few values
+    return [q[0], q[2]]
 
 
-def peak_memory(args, variant_overrides: list[str], device) -> float:
-    """CUDA: max allocated over a few steps. CPU: peak RSS growth of a fresh subprocess during its steps
-    (after one warm-up step): the memory a step needs beyond the resident model, optimizer and data."""
-    if device.type == "cuda":
-        runner = StepRunner([*base_overrides(args), *variant_overrides], device, args.mixed_precision)
-        runner.step()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        for _ in range(3):
-            runner.step()
-        return torch.cuda.max_memory_allocated() / 2**20
-    # RSS sampled every 0.2 ms while the steps run, minus RSS before them; glibc is told to return
-    # freed large blocks at once (MALLOC_MMAP_THRESHOLD_) so RSS follows live memory.
-    code = "import sys; from fewstep.bench import measure_step_rss; measure_step_rss(sys.argv[1], sys.argv[2])"
+def _iqr(xs: list[float]) -> float:
+    q1, q3 = _quartiles(xs)
+    return q3 - q1
+
+
+def measure_variant_memory(overrides: list[str], mixed_precision: str, device, steps: int = 3) -> dict:
+    """One variant's memory, measured in isolation: in a fresh subprocess on every device, so no model,
+    optimizer or EMA from the timing loop (or from another variant) is resident. Returns the child's
+    ``peak_memory_mb`` and ``resident_before_mb``, see ``variant_memory_here``."""
+    code = "import sys; from fewstep.bench import _memory_child; _memory_child(*sys.argv[1:])"
+    # glibc is told to return freed large blocks at once (MALLOC_MMAP_THRESHOLD_) so RSS follows live memory
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     proc = subprocess.run(
-        [sys.executable, "-c", code, json.dumps([*base_overrides(args), *variant_overrides]), args.mixed_precision],
+        [sys.executable, "-c", code, json.dumps(overrides), mixed_precision, str(device), str(steps)],
         capture_output=True, text=True, timeout=600, env=env,
     )  # fmt: skip
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-2000:])
-    return float(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def measure_step_rss(overrides_json: str, mixed_precision: str, steps: int = 4) -> None:
-    """Subprocess body of ``peak_memory`` on CPU: print the peak RSS growth (MiB) over ``steps`` steps."""
+def _memory_child(overrides_json: str, mixed_precision: str, device: str, steps: str) -> None:
+    result = variant_memory_here(json.loads(overrides_json), mixed_precision, torch.device(device), int(steps))
+    print(json.dumps(result))
+
+
+def live_tensor_bytes() -> int:
+    """Bytes of the distinct tensor storages Python can reach in this process (CPU and GPU)."""
+    import gc
+
+    seen, total = set(), 0
+    for obj in gc.get_objects():
+        if issubclass(type(obj), torch.Tensor):
+            storage = obj.untyped_storage()
+            key = (storage.data_ptr(), obj.device.type)
+            if key not in seen:
+                seen.add(key)
+                total += storage.nbytes()
+    return total
+
+
+RESIDENT_LIMIT = 2**20  # bytes of tensors a process may hold before a memory measurement (a fresh one: ~0)
+
+
+def variant_memory_here(overrides: list[str], mixed_precision: str, device: torch.device, steps: int = 3) -> dict:
+    """Measure one variant in this process, which must hold no other tensors (at most ``RESIDENT_LIMIT``
+    bytes, else RuntimeError; ``measure_variant_memory`` runs it in a fresh process):
+    ``resident_before_mb`` is what was resident before the runner was built.
+
+    CUDA: ``max_memory_allocated`` over ``steps`` steps after one warm-up step (weights, optimizer state,
+    EMA and the step's activations). CPU: peak RSS growth over ``steps`` steps after one warm-up step,
+    sampled every 0.2 ms (the memory a step needs beyond the resident model, optimizer and data)."""
     import threading
 
-    runner = StepRunner(json.loads(overrides_json), torch.device("cpu"), mixed_precision)
+    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else live_tensor_bytes()
+    if before > RESIDENT_LIMIT:
+        raise RuntimeError(
+            f"{before / 2**20:.1f} MiB of tensors already resident: measure each variant alone "
+            "(measure_variant_memory runs it in a fresh process)"
+        )
+    if device.type == "cuda":
+        runner = StepRunner(overrides, device, mixed_precision)
+        runner.step()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(steps):
+            runner.step()
+        return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20, "resident_before_mb": before / 2**20}
+    runner = StepRunner(overrides, device, mixed_precision)
     runner.step()
     page = os.sysconf("SC_PAGE_SIZE")
 
@@ -330,7 +407,7 @@ def measure_step_rss(overrides_json: str, mixed_precision: str, steps: int = 4) 
         runner.step()
     done.set()
     watcher.join()
-    print(json.dumps((peak[0] - base) / 2**20))
+    return {"peak_memory_mb": (peak[0] - base) / 2**20, "resident_before_mb": before / 2**20}
 
 
 @torch.no_grad()
@@ -395,17 +472,30 @@ def write_markdown(result: dict, path: Path) -> None:
     lines += [
         "## Training step",
         "",
-        "| objective | step time (ms) | × flow matching | network evals / step | peak memory (MB) |",
-        "|---|---|---|---|---|",
+        "| objective | step time (ms) | × flow matching | ratio IQR | ratio min–max | ratio per run "
+        "| network evals / step | peak memory (MB) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     if result.get("isolated"):
         lines[-2:] = _isolated_table([{"objective": k, **r} for k, r in result["objectives"].items()])
     else:
         for name, r in result["objectives"].items():
+            q1, q3 = r["ratio_quartiles"]
+            lo, hi = r["ratio_range"]
+            per_run = " / ".join(f"{x:.2f}" for x in r["ratio_run_medians"])
             lines.append(
-                f"| {name} | {r['step_time_s'] * 1000:.2f} | {r['ratio_vs_flow_matching']:.2f} | "
-                f"{r['evals_per_step']:.2f} | {r['peak_memory_mb']:.1f} |"
+                f"| {name} | {r['step_time_s'] * 1000:.2f} | {r['ratio_vs_flow_matching']:.2f} | {q1:.2f}–{q3:.2f} | "
+                f"{lo:.2f}–{hi:.2f} | {per_run} | {r['evals_per_step']:.2f} | {r['peak_memory_mb']:.1f} |"
             )
+        lines += [
+            "",
+            f"Step time: median of {next(iter(result['objectives'].values()))['timed_steps']} timed steps "
+            f"({result['runs']} runs × {result['repeats']} interleaved rounds after {result['warmup']} warm-up rounds "
+            "each). "
+            "× flow matching: median of the per-round ratios (a step over the flow-matching step of the same round), "
+            "their quartiles, range and each run's median. Network evals: mean over the timed steps. Peak memory: "
+            "each variant alone in a fresh process.",
+        ]
     if "sampling" in result:
         lines += [
             "",
@@ -436,19 +526,25 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv, DEFAULTS, USAGE)
     from fewstep.errors import FewstepError
 
-    for key in ("repeats", "batch_size", "sample_batch"):
+    for key in ("repeats", "runs", "batch_size", "sample_batch"):
         if int(getattr(args, key)) < 1:
             raise FewstepError(f"{key}={getattr(args, key)} must be >= 1 ({USAGE})")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {
+        "command": " ".join(["python -m fewstep.bench", *(sys.argv[1:] if argv is None else argv)]),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "config": f"model={args.model} data={args.data} batch={args.batch_size} precision={args.mixed_precision}",
         "sample_batch": args.sample_batch,
+        "runs": args.runs,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "load_avg_1min": os.getloadavg()[0],
         "quality_budget_s": args.quality_budget_s,
         "isolated": bool(args.isolate),
         "overrides": list(args.overrides),
@@ -463,6 +559,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["quality"] = bench_quality(args, device)
         first = next(iter(next(iter(result["quality"].values()))["eval"].values()), {})
         result["quality_metrics"] = list(first)
+    result["load_avg_1min_end"] = os.getloadavg()[0]
     (out / "bench.json").write_text(json.dumps(result, indent=2))
     write_markdown(result, out / "bench.md")
     print((out / "bench.md").read_text())

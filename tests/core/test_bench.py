@@ -1,28 +1,59 @@
-"""fewstep.bench writes its tables with the keys the issues ask for (numbers, not timings)."""
+"""fewstep.bench: its tables and keys, the spread and averages it reports (hand-computed), and that
+each variant's memory is measured with nothing else resident."""
 
 from __future__ import annotations
 
+import gc
 import json
 
-from fewstep.bench import main
+import pytest
+import torch
+
+from fewstep.bench import (
+    DEFAULTS,
+    USAGE,
+    VARIANTS,
+    StepRunner,
+    live_tensor_bytes,
+    main,
+    measure_variant_memory,
+    summarize_timings,
+    time_runners,
+    time_variants,
+    variant_memory_here,
+)
+from fewstep.runs import parse_args
+
+TOY = ["model=tiny_toy", "data=toy2d", "data.batch_size=32"]
+CPU = torch.device("cpu")
 
 
+def _live_runners() -> int:
+    return sum(type(obj) is StepRunner for obj in gc.get_objects())
+
+
+@pytest.mark.slow  # subprocesses
 def test_bench_writes_json_and_markdown(tmp_path):
     out = tmp_path / "bench"
-    main([f"out={out}", "data=toy2d", "model=tiny_toy", "batch_size=32", "repeats=2", "warmup=1", "sample_batch=64"])
+    main([f"out={out}", "data=toy2d", "model=tiny_toy", "batch_size=32", "repeats=2", "warmup=1", "runs=2",
+          "sample_batch=64"])  # fmt: skip
     result = json.loads((out / "bench.json").read_text())
+    assert result["command"].startswith("python -m fewstep.bench out=") and result["runs"] == 2
     objs = result["objectives"]
     assert set(objs) == {"flow_matching", "rcgm", "twinflow", "twinflow_no_enhance"}
     for r in objs.values():
-        assert r["step_time_s"] > 0 and r["peak_memory_mb"] >= 0
+        assert r["step_time_s"] > 0 and r["peak_memory_mb"] >= 0 and r["timed_steps"] == 4
+        assert len(r["ratio_run_medians"]) == 2
+        assert r["ratio_range"][0] <= r["ratio_quartiles"][0] <= r["ratio_vs_flow_matching"] <= r["ratio_range"][1]
     assert objs["flow_matching"]["evals_per_step"] == 1.0
     assert objs["flow_matching"]["ratio_vs_flow_matching"] == 1.0
+    assert objs["flow_matching"]["ratio_range"] == [1.0, 1.0]
     # twinflow runs more (no-grad) network evaluations than rcgm, which runs more than flow matching
     assert objs["twinflow"]["evals_per_step"] > objs["twinflow_no_enhance"]["evals_per_step"] > 1.0
     assert set(result["sampling"]) == {"nfe_1", "nfe_2", "nfe_4", "euler_50"}
     assert result["sampling"]["euler_50"]["speedup_vs_euler_50"] == 1.0
     md = (out / "bench.md").read_text()
-    assert "| twinflow |" in md and "| nfe_1 | 1 |" in md
+    assert "| twinflow |" in md and "| nfe_1 | 1 |" in md and "ratio min–max" in md
 
 
 def test_isolated_variants_run_each_alone_and_collect_merges_them(tmp_path):
@@ -83,3 +114,67 @@ def test_variants_are_checked_and_compare_compile_adds_compiled_copies():
         args = bench.parse_args([f"variants=[{','.join(bad)}]"], bench.DEFAULTS, bench.USAGE)
         with pytest.raises(FewstepError, match=message):
             bench.select_variants(args)
+
+
+def test_summary_spread_and_means_hand_computed():
+    # two runs; per-round ratios run 1: 2/1, 5/2, 8/4, 3/1 = 2, 2.5, 2, 3; run 2: 3/1, 3/2 = 3, 1.5
+    runs = [
+        {"flow_matching": {"times": [1.0, 2.0, 4.0, 1.0], "evals": [1.0] * 4, "params": 5},
+         "twinflow": {"times": [2.0, 5.0, 8.0, 3.0], "evals": [3.0, 4.0, 3.0, 6.0], "params": 7}},
+        {"flow_matching": {"times": [1.0, 2.0], "evals": [1.0] * 2, "params": 5},
+         "twinflow": {"times": [3.0, 3.0], "evals": [2.0, 6.0], "params": 7}},
+    ]  # fmt: skip
+    tw = summarize_timings(runs)["twinflow"]
+    assert tw["evals_per_step"] == pytest.approx(24 / 6)  # mean of every timed step, not the last (6.0)
+    assert tw["step_time_s"] == 3.0  # median of 2, 5, 8, 3, 3, 3
+    assert tw["ratio_run_medians"] == [2.25, 2.25]
+    assert tw["ratio_vs_flow_matching"] == 2.25  # median of 1.5, 2, 2, 2.5, 3, 3
+    assert tw["ratio_range"] == [1.5, 3.0]
+    # quartiles (inclusive) of 1.5, 2, 2, 2.5, 3, 3: positions 1.25 and 3.75 from 0: 2 + 0, 2.5 + 0.75 x 0.5
+    assert tw["ratio_quartiles"] == pytest.approx([2.0, 2.875])
+    assert tw["timed_steps"] == 6 and tw["params"] == 7
+
+
+def test_evals_per_step_is_the_mean_over_the_timed_steps():
+    runners = {
+        "flow_matching": StepRunner([*TOY, *VARIANTS["flow_matching"]], CPU, "no"),
+        "twinflow": StepRunner([*TOY, *VARIANTS["twinflow"]], CPU, "no"),
+    }
+    timed = time_runners(runners, warmup=2, repeats=6)
+    counts = runners["twinflow"].evals  # every step the runner took, warm-up included
+    assert len(counts) == 8 and timed["twinflow"]["evals"] == counts[2:]
+    assert len(set(counts[2:])) > 1  # the count varies per step, so the last one is not the mean
+    runs = [{name: {**timed[name], "params": 0} for name in timed}]
+    summary = summarize_timings(runs)
+    assert summary["twinflow"]["evals_per_step"] == pytest.approx(sum(counts[2:]) / 6)
+    assert summary["flow_matching"]["evals_per_step"] == 1.0
+
+
+def test_timing_leaves_no_runner_alive():
+    """Nothing built for the timing survives it (the loop variable of the old code kept the last runner,
+    its model, AdamW state and EMA resident during the CUDA memory measurement)."""
+    gc.collect()
+    before = _live_runners()
+    kept = StepRunner([*TOY, *VARIANTS["flow_matching"]], CPU, "no")
+    assert _live_runners() == before + 1  # the count sees a live runner
+    del kept
+    args = parse_args([*[f"{k}={v}" for k, v in {"model": "tiny_toy", "data": "toy2d", "batch_size": 32}.items()],
+                       "repeats=2", "warmup=1"], DEFAULTS, USAGE)  # fmt: skip
+    timings = time_variants(args, CPU)
+    assert _live_runners() == before  # freed on return, without a garbage collection
+    assert set(timings) == set(VARIANTS)
+    json.dumps(timings)  # plain numbers only: no tensor or module is referenced from the result
+
+
+@pytest.mark.slow  # subprocesses
+def test_memory_is_measured_with_nothing_else_resident():
+    """measure_variant_memory runs the variant in a fresh process: a model and 64 MiB held here are not
+    resident there. Measured in this process, they would be, and variant_memory_here refuses."""
+    held = (StepRunner([*TOY, *VARIANTS["twinflow"]], CPU, "no"), torch.ones(16, 2**20))
+    assert live_tensor_bytes() >= 64 * 2**20
+    result = measure_variant_memory([*TOY, *VARIANTS["twinflow"]], "no", CPU)
+    assert result["resident_before_mb"] < 1.0
+    assert result["peak_memory_mb"] >= 0
+    with pytest.raises(RuntimeError, match="resident"):
+        variant_memory_here([*TOY, *VARIANTS["twinflow"]], "no", CPU)
+    del held

@@ -5,7 +5,7 @@
 #
 #   OUT=/tmp/device bash scripts/device_check.sh            # on a CUDA machine, from the repo root
 #   STAGES="digits sd3 realsize compile" ...                # a subset (default: all five, smoke first)
-#   PYTHON=.venv/bin/python SMOKE_STEPS=20 LAYERS=1 HEADS=2 RES=16 BATCH=2 QUALITY_S=2 REPEATS=2 \
+#   PYTHON=.venv/bin/python SMOKE_STEPS=20 LAYERS=1 HEADS=2 RES=16 BATCH=2 QUALITY_S=2 REPEATS=2 RUNS=1 SD3_RUNS=1 \
 #       REAL_LAYERS=1 REAL_RES=64 REAL_REPEATS=1 bash scripts/device_check.sh   # CPU dry run (reduced depth/size)
 #
 # Needs the package importable (pip install -e . or PYTHONPATH=src) plus tests/ for the tiny SD3 builder.
@@ -18,6 +18,8 @@ WORK=${WORK:-/tmp/fewstep_device_work}
 SMOKE_STEPS=${SMOKE_STEPS:-3000}
 QUALITY_S=${QUALITY_S:-30}
 REPEATS=${REPEATS:-30}
+RUNS=${RUNS:-3}         # timing runs per bench (the step-ratio spread over runs); SD3 benches: SD3_RUNS
+SD3_RUNS=${SD3_RUNS:-2}
 LAYERS=${LAYERS:-8}
 HEADS=${HEADS:-16}
 RES=${RES:-64}
@@ -59,7 +61,8 @@ fi
 # 2. Digits: step time / evals / memory per objective (each variant's memory alone in a fresh process),
 #    sampling, quality at an equal budget (QUALITY_S=0 skips it).
 if want digits; then
-    stage bench_digits 240 "$PY" -m fewstep.bench "out=$WORK/digits" "repeats=$REPEATS" "quality_budget_s=$QUALITY_S"
+    stage bench_digits 240 "$PY" -m fewstep.bench "out=$WORK/digits" "repeats=$REPEATS" "runs=$RUNS" \
+        "quality_budget_s=$QUALITY_S"
     cp "$WORK/digits/bench.json" "$OUT/digits.json" 2>/dev/null
 fi
 
@@ -71,7 +74,7 @@ if want sd3; then
     CACHE=$(ls -d "$WORK"/sd3/cache_* 2>/dev/null | head -1)
     for model in sd35 sd35_lora; do
         stage "bench_$model" 240 "$PY" -m fewstep.bench "out=$WORK/$model" "model=$model" data=latents \
-            mixed_precision=bf16 "batch_size=$BATCH" "repeats=$REPEATS" sample_batch=32 objectives_only=true \
+            mixed_precision=bf16 "batch_size=$BATCH" "repeats=$REPEATS" "runs=$SD3_RUNS" sample_batch=32 objectives_only=true \
             "overrides=[model.pretrained=$PIPE,data.path=$CACHE]"
         cp "$WORK/$model/bench.json" "$OUT/$model.json" 2>/dev/null
     done
@@ -95,7 +98,7 @@ fi
 
 # 5. trainer.compile: eager vs torch.compile'd model, digits (fp32), same process, interleaved.
 if want compile; then
-    stage compile_digits 240 "$PY" -m fewstep.bench "out=$WORK/compile" "repeats=$REPEATS" objectives_only=true \
+    stage compile_digits 240 "$PY" -m fewstep.bench "out=$WORK/compile" "repeats=$REPEATS" runs=1 objectives_only=true \
         compare_compile=true "variants=[flow_matching,twinflow_no_enhance]"
     cp "$WORK/compile/bench.json" "$OUT/compile.json" 2>/dev/null
 fi

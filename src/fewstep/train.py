@@ -54,7 +54,7 @@ def build_components(cfg: DictConfig, device=None):
         model.to(device)
     if cfg.trainer.compile:
         # In place: the module keeps its parameters and state-dict keys (checkpoints, EMA, export unchanged);
-        # the teacher's functional_call over swapped weights goes through the same compiled forward.
+        # the teacher's call over swapped-in weights (Teacher._call_with) goes through the same compiled forward.
         model.compile()
     teacher = instantiate(cfg.teacher)
     teacher.bind(model)
@@ -221,6 +221,10 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                 sync = accelerator.no_sync(wrapped) if micro < grad_accum - 1 else nullcontext()
                 with sync, accelerator.autocast():
                     loss, micro_logs = objective.loss(wrapped, teacher, batch, step)
+                if grad_accum == 1:  # the same numbers, without the accumulation ops
+                    accelerator.backward(loss)
+                    loss_sum, logs = loss.detach().float(), micro_logs
+                    continue
                 accelerator.backward(loss / grad_accum)
                 loss_sum += loss.detach().float() / grad_accum
                 for k, v in micro_logs.items():

@@ -3,7 +3,7 @@
 A teacher never copies the student module. It keeps a shadow of the
 student's *trainable* parameters only (so a LoRA run's EMA holds adapter and
 embedding weights, not the frozen base) and calls the student module with
-those parameters swapped in (``torch.func.functional_call``).
+those parameters swapped in (as ``torch.func.functional_call`` does, see ``Teacher._call_with``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from fewstep.teachers.rng import RngState
 
@@ -42,10 +41,28 @@ class Teacher:
         return self._call_with(self.shadow)
 
     def _call_with(self, shadow: dict[str, torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """The student called with ``shadow`` in place of its trainable parameters (what
+        ``torch.func.functional_call(student, shadow, ..., strict=False)`` does, tied aliases included),
+        by swapping the entries of each owning module's ``_parameters`` and putting them back: the same
+        forward, without functional_call's per-call bookkeeping."""
         student = self.student
+        by_id = {id(p): shadow[name] for name, p in student.named_parameters() if name in shadow}
+        slots = [
+            (module._parameters, key, by_id[id(p)])
+            for module in student.modules()
+            for key, p in module._parameters.items()
+            if p is not None and id(p) in by_id
+        ]
 
         def call(*args, **kwargs):
-            return functional_call(student, shadow, args, kwargs, strict=False)
+            saved = [(params, key, params[key]) for params, key, _ in slots]
+            try:
+                for params, key, value in slots:
+                    params[key] = value
+                return student(*args, **kwargs)
+            finally:
+                for params, key, old in saved:
+                    params[key] = old
 
         return call
 
@@ -115,7 +132,8 @@ class EMATeacher(Teacher):
     @staticmethod
     def _lerp(shadow: dict[str, torch.Tensor], params: dict, decay: float) -> None:
         ema = list(shadow.values())
-        cur = [params[k].detach().to(v.dtype) for k, v in shadow.items()]
+        # (called under no_grad: no detach needed; .to only where the dtypes differ, one op per tensor less)
+        cur = [params[k] if params[k].dtype == v.dtype else params[k].to(v.dtype) for k, v in shadow.items()]
         torch._foreach_lerp_(ema, cur, 1.0 - decay)  # ema <- d·ema + (1−d)·student
 
     @staticmethod

@@ -28,6 +28,7 @@ STAGES=${STAGES:-smoke digits sd3 realsize compile}
 REAL_LAYERS=${REAL_LAYERS:-}   # empty: the published depth
 REAL_RES=${REAL_RES:-1024}
 REAL_REPEATS=${REAL_REPEATS:-3}
+REAL_STAGE_S=${REAL_STAGE_S:-300}   # limit of each real-size stage
 REAL_BATCH=${REAL_BATCH:-4}   # 4: one row in each TwinFlow group (e2e/mul/any/adv); at 1 the row is a 'mul' row
 want() { case " $STAGES " in *" $1 "*) return 0 ;; esac; return 1; }
 mkdir -p "$OUT" "$WORK"
@@ -85,7 +86,7 @@ fi
 if want realsize; then
     layers=${REAL_LAYERS:+,model.num_layers=$REAL_LAYERS}
     real() {  # real NAME MODEL ARCHITECTURE VARIANTS
-        stage "real_$1" 300 "$PY" -m fewstep.bench "out=$WORK/real_$1" "model=$2" data=synthetic mixed_precision=bf16 \
+        stage "real_$1" "$REAL_STAGE_S" "$PY" -m fewstep.bench "out=$WORK/real_$1" "model=$2" data=synthetic mixed_precision=bf16 \
             "batch_size=$REAL_BATCH" isolate=true warmup=1 "repeats=$REAL_REPEATS" objectives_only=true "variants=$4" \
             "overrides=[model.random_init=true,model.architecture=$3,model.dtype=bfloat16,model.gradient_checkpointing=true,data.resolution=$REAL_RES$layers]"
     }

@@ -15,17 +15,25 @@ a shipped file of the same name wins: give your own files new names.
 from __future__ import annotations
 
 import os
-from importlib import resources
 from pathlib import Path
 
 from fewstep.errors import FewstepError
 
 
 def _shipped_conf_dir() -> Path:
+    """The folder of the installed ``fewstep.conf`` package holding ``config.yaml``; else (``src/`` on sys.path
+    without the install's mapping, e.g. a checkout run with PYTHONPATH=src) the checkout's ``conf/``."""
     try:
-        return Path(str(resources.files("fewstep.conf")))
-    except ModuleNotFoundError:  # src/ on sys.path without the install's mapping (an editable install from
-        return Path(__file__).resolve().parents[2] / "conf"  # before conf/ moved): the checkout's conf/
+        import fewstep.conf as package
+
+        folders = [Path(package.__file__).parent] if getattr(package, "__file__", None) else []
+        folders += [Path(str(p)) for p in getattr(package, "__path__", [])]  # a namespace package's folders
+        for folder in folders:
+            if folder.is_absolute() and (folder / "config.yaml").is_file():
+                return folder
+    except ModuleNotFoundError:
+        pass
+    return Path(__file__).resolve().parents[2] / "conf"
 
 
 CONF_DIR = _shipped_conf_dir()

@@ -235,6 +235,12 @@ def test_precompute_uses_the_family_vae_and_encode_prompt(family, pipe, cache, i
     assert decoded.shape[1] == 3 and decoded.shape[-1] == side and decoded.abs().max() <= 1
 
 
+def test_precompute_refuses_a_missing_instruction_file_before_loading(family, pretrained, images, tmp_path):
+    with pytest.raises(SystemExit) as err:
+        run_precompute(family, pretrained, images, tmp_path / "c", f"complex_human_instruction={tmp_path / 'no.txt'}")
+    assert str(err.value).startswith("error: complex_human_instruction=") and "\n" not in str(err.value)
+
+
 def test_a_cache_of_one_family_fails_with_another_model_in_one_line(family, cache):
     from fewstep.validate import ConfigError, validate
 
@@ -373,3 +379,24 @@ def test_the_qwenimage_fsdp_accelerate_config_is_valid():
     blocks = [m for m in tiny.modules() if type(m).__name__ == "QwenImageTransformerBlock"]
     assert len(blocks) == 2 and wrap(blocks[0], recurse=False, nonwrapped_numel=0)
     assert not wrap(tiny.time_text_embed, recurse=False, nonwrapped_numel=0)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:data.batch_size=2 is smaller")
+def test_a_resumed_lora_run_equals_an_uninterrupted_one(family, pretrained, cache, tmp_path):
+    """2 steps + resume to 4 gives the same adapter, embeddings, EMA and optimizer state as 4 steps straight."""
+    from test_precompute_export import train_run
+
+    every = ["trainer.checkpoint_every=2", "trainer.lr_schedule=constant"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train_run(pretrained, cache, straight, f"{family}_lora", "trainer.max_steps=4", *every)
+    train_run(pretrained, cache, split, f"{family}_lora", "trainer.max_steps=2", *every)
+    train_run(pretrained, cache, split, f"{family}_lora", "trainer.max_steps=4", "trainer.resume=auto", *every)
+    a, b = (run / "checkpoints" / "step_0000004" for run in (straight, split))
+    for name in ("model.safetensors", "teacher.safetensors"):
+        wa, wb = load_file(str(a / name)), load_file(str(b / name))
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert any(".sign_embedding." in k for k in load_file(str(a / "teacher.safetensors")))
+    oa = torch.load(a / "optim.pt", weights_only=True)["optimizer"]["state"]
+    ob = torch.load(b / "optim.pt", weights_only=True)["optimizer"]["state"]
+    assert oa.keys() == ob.keys() and all(torch.equal(oa[k]["exp_avg_sq"], ob[k]["exp_avg_sq"]) for k in oa)

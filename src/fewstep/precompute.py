@@ -366,7 +366,12 @@ def precompute(args) -> dict:
     else:
         validation_prompts = list(DEFAULT_VALIDATION_PROMPTS)
 
-    options = {"complex_human_instruction": args.complex_human_instruction}
+    chi = "none" if args.complex_human_instruction is None else str(args.complex_human_instruction)
+    if chi.lower() not in ("default", "none", "false", "") and not Path(chi).expanduser().is_file():
+        raise PrecomputeError(
+            f"complex_human_instruction={chi}: use default, none or a file of instruction lines (no such file)"
+        )
+    options = {"complex_human_instruction": chi}
     encoders = Encoders(args.pretrained, device, text_dtype, options)
     out = Path(os.path.expanduser(args.out))
     shards_dir = out / "shards"

@@ -224,13 +224,7 @@ def instruction_lines(pipe, option) -> list[str] | None:
         return None
     if text.lower() == "default":
         return inspect.signature(type(pipe).__call__).parameters["complex_human_instruction"].default
-    path = Path(text).expanduser()
-    if not path.is_file():
-        from fewstep.precompute import PrecomputeError
-
-        raise PrecomputeError(
-            f"complex_human_instruction={option}: use default, none or a file of instruction lines (no such file)"
-        )
+    path = Path(text).expanduser()  # precompute has checked that it exists
     return path.read_text().splitlines()
 
 

@@ -72,9 +72,12 @@ def save_checkpoint(
     data_position: int,
     extra: dict | None = None,
     rng_states: list[dict] | None = None,
+    networks: dict | None = None,
 ) -> Path:
     """Write a checkpoint atomically. ``rng_states`` holds one RNG state per process (rank order);
-    by default this process's state alone."""
+    by default this process's state alone. ``networks``: name → ``(module, optimizer, scheduler, average)``
+    of an objective's own networks (``network_<name>.safetensors``, ``network_<name>_ema.safetensors``,
+    their optimizer state in ``optim.pt``); none for single-network objectives (the files are then as before)."""
     ckpt_root = Path(ckpt_root)
     ckpt_root.mkdir(parents=True, exist_ok=True)
     clean_stale(ckpt_root)  # a killed writer's leftovers; frees their space before this write
@@ -90,7 +93,20 @@ def save_checkpoint(
             tensors = tstate.pop(key)
             if tensors is not None:  # the teacher's weight averages: teacher.safetensors, teacher_<key>.safetensors
                 save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / teacher_file(key)))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
+        optim = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        net_states = {}
+        for name, (module, net_opt, net_sched, average) in (networks or {}).items():
+            save_file(student_state(module), str(tmp / f"network_{name}.safetensors"))
+            net_optim = {"optimizer": net_opt.state_dict(), "scheduler": net_sched.state_dict()}
+            optim.setdefault("networks", {})[name] = net_optim
+            if average is not None:
+                avg = average.state_dict()
+                shadow = avg.pop("shadow")
+                if shadow is not None:
+                    save_file({k: v.detach().contiguous().cpu() for k, v in shadow.items()},
+                              str(tmp / f"network_{name}_ema.safetensors"))  # fmt: skip
+                net_states[name] = {k: v for k, v in avg.items() if not isinstance(v, dict)}
+        torch.save(optim, tmp / "optim.pt")
         torch.save({"ranks": rng_states or [rng_state()]}, tmp / "rng.pt")
         files = {p.name: p.stat().st_size for p in tmp.iterdir()}
         state = {
@@ -98,6 +114,7 @@ def save_checkpoint(
             "step": step,
             "data_position": data_position,
             "teacher": tstate,
+            **({"networks": net_states} if net_states else {}),
             "files": files,
             **(extra or {}),
         }
@@ -290,20 +307,43 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
     raise CheckpointError(f"trainer.resume={resume}: no valid checkpoint found there")
 
 
+def _load_module(path: Path, module, ckpt: Path, what: str = "the model") -> None:
+    weights = load_file(str(path))
+    missing = set(student_state(module)) - set(weights)
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {ckpt} does not match {what} ({len(missing)} tensors missing, "
+            f"e.g. {sorted(missing)[0]}); resume with the run's own model and objective config"
+        )
+    module.load_state_dict(weights, strict=False)
+
+
 def load_checkpoint(
-    ckpt: Path, student, teacher=None, optimizer=None, scheduler=None, restore_rng=True, rank: int = 0
-) -> dict:
+    ckpt: Path, student, teacher=None, optimizer=None, scheduler=None, restore_rng=True, rank: int = 0,
+    networks: dict | None = None,
+) -> dict:  # fmt: skip
+    """Restore what :func:`save_checkpoint` wrote (``networks`` as there); returns ``state.json``."""
     state = verify(ckpt)
     ckpt = Path(ckpt)
     try:
-        weights = load_file(str(ckpt / "model.safetensors"))
-        missing = set(student_state(student)) - set(weights)
-        if missing:
-            raise CheckpointError(
-                f"checkpoint {ckpt} does not match the model ({len(missing)} tensors missing, "
-                f"e.g. {sorted(missing)[0]}); resume with the run's own model config"
-            )
-        student.load_state_dict(weights, strict=False)
+        _load_module(ckpt / "model.safetensors", student, ckpt)
+        opt = None
+        for name, (module, net_opt, net_sched, average) in (networks or {}).items():
+            path = ckpt / f"network_{name}.safetensors"
+            if not path.exists():
+                raise CheckpointError(
+                    f"checkpoint {ckpt} has no network {name!r}: it was written by another objective; resume "
+                    "with the run's own objective or set trainer.resume=none"
+                )
+            _load_module(path, module, ckpt, what=f"the objective's network {name!r}")
+            if average is not None:
+                ema_path = ckpt / f"network_{name}_ema.safetensors"
+                shadow = load_file(str(ema_path)) if ema_path.exists() else None
+                average.load_state_dict({**state["networks"][name], "shadow": shadow})
+            if net_opt is not None:
+                opt = opt or torch.load(ckpt / "optim.pt", map_location="cpu", weights_only=True)
+                net_opt.load_state_dict(opt["networks"][name]["optimizer"])
+                net_sched.load_state_dict(opt["networks"][name]["scheduler"])
         if teacher is not None:
             tstate = dict(state["teacher"])
             for p in ckpt.glob("teacher*.safetensors"):
@@ -343,3 +383,27 @@ def prune(ckpt_root: Path, keep_last: int) -> None:
     for i, c in enumerate(ckpts):  # invalid ones newer than the newest valid one are left for inspection
         if c not in keep and (c in valid or i < newest):
             _remove(c)
+
+
+def load_initial_weights(source: str | Path, student, use_ema: bool = True) -> Path:
+    """``trainer.init_from``: start ``student`` from a finished run's weights (a run dir: its newest valid
+    checkpoint; or a checkpoint folder). Loads ``model.safetensors`` and, with ``use_ema``, overlays the run's
+    EMA teacher weights (``teacher.safetensors``, what the run sampled with). Every tensor in the file must
+    exist in ``student`` with its shape; tensors only the student has (e.g. the zero-initialised time-pair
+    embeddings of an SD3 model on top of a flow-matching run) keep their initial values. Returns the checkpoint."""
+    ckpt = resolve_resume(str(source), Path(source))
+    if ckpt is None:
+        raise CheckpointError(f"trainer.init_from={source}: no valid checkpoint there; give a finished run dir")
+    weights = load_file(str(ckpt / "model.safetensors"))
+    ema = ckpt / "teacher.safetensors"
+    if use_ema and ema.exists():
+        weights.update(load_file(str(ema)))
+    own = student.state_dict()
+    foreign = [k for k in weights if k not in own or own[k].shape != weights[k].shape]
+    if foreign:
+        raise CheckpointError(
+            f"trainer.init_from={source}: {len(foreign)} tensors do not fit this model (e.g. {foreign[0]}); "
+            "use the same model config as that run"
+        )
+    student.load_state_dict(weights, strict=False)
+    return ckpt

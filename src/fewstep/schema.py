@@ -94,6 +94,21 @@ class SCMConfig:
     allow_diff2flow: bool = False
 
 
+@dataclass
+class DMD2Config:
+    _target_: str = "fewstep.objectives.dmd2.DMD2"
+    target_step_count: int = 1
+    critic_steps: int = 5
+    fake_lr: float | None = None
+    guidance_scale: float = 1.0
+    time_min: float = 0.02
+    time_max: float = 0.98
+    gan: bool = False
+    gan_weight: float = 1e-3
+    gan_critic_weight: float = 1e-2
+    allow_diff2flow: bool = False
+
+
 # --------------------------------------------------------------------------- teachers
 @dataclass
 class EMATeacherConfig:
@@ -278,6 +293,8 @@ class TrainerConfig:
     checkpoint_every: int = 1000
     keep_last: int = 2
     resume: str = "auto"  # auto | none | PATH (a checkpoint dir or a run dir)
+    init_from: str | None = None  # start from a finished run's weights (run dir or checkpoint dir); docs/objectives.md
+    init_from_ema: bool = True  # with init_from: use that run's EMA teacher weights (what it sampled with)
     max_nonfinite: int = 20  # abort after this many non-finite steps in a row
     time_limit_s: float = 0.0  # stop early after this many seconds of training (0 = no limit)
     final_nfe: list[int] = field(default_factory=lambda: [1, 2, 4])
@@ -337,6 +354,7 @@ SCHEMAS = {
         "flow_matching": FlowMatchingConfig,
         "meanflow": MeanFlowConfig,
         "scm": SCMConfig,
+        "dmd2": DMD2Config,
     },
     "teacher": {"ema": EMATeacherConfig, "student": StudentTeacherConfig, "frozen": FrozenTeacherConfig},
     "sampler": {"ucgm": UCGMSamplerConfig, "ucgm_any": UCGMSamplerConfig, "euler": EulerSamplerConfig},

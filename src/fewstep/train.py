@@ -1,6 +1,8 @@
 """The one training loop (Accelerate). It knows four interfaces and nothing else:
 ``Objective.loss``, ``Teacher`` (``bind``/``update``/``model``), ``Sampler.sample`` and the model
-call ``f(x_t, t, tt, cond)``. No objective-specific branches live here.
+call ``f(x_t, t, tt, cond)``. No objective-specific branches live here: an objective that trains more
+networks (DMD2) declares them (``Objective.setup``/``networks``) and which of them step at a step
+(``Objective.stepping``); the loop builds their optimizers, wraps, checkpoints and averages them by name.
 
 EMA order: the teacher is updated once per optimizer step, before the step's first micro-batch.
 The student's weights do not change between that point and its forward pass, so this equals the
@@ -16,8 +18,9 @@ import math
 import resource
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 from hydra.utils import instantiate
@@ -87,6 +90,17 @@ def slot_seed(seed: int, step: int, slot: int, n_slots: int) -> int:
     return (seed * 1_000_003 + step * n_slots + slot) % (2**63)
 
 
+class Trainable(NamedTuple):
+    """One trainable network of a run: the student, or a network an objective owns (``Objective.networks``)."""
+
+    wrapped: Any  # what the objective calls (Accelerate-prepared)
+    module: torch.nn.Module  # unwrapped: what is averaged and checkpointed
+    optimizer: Any
+    scheduler: Any
+    params: list
+    average: Any  # its EMA (the student's: the teacher) or None
+
+
 class _StopRequest:
     """SIGINT/SIGTERM: finish the current step, write a checkpoint, exit."""
 
@@ -136,14 +150,39 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
 
     set_seed(tr.seed)
     data, objective, model, teacher, sampler = build_components(cfg)
+    if tr.init_from:
+        ckpt_io.load_initial_weights(tr.init_from, model, use_ema=tr.init_from_ema)
+    objective.setup(model, data)  # the objective's own networks (none for single-network objectives)
+    owned = dict(objective.networks)
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, lr=tr.lr, betas=tuple(tr.betas), weight_decay=tr.weight_decay, eps=tr.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tr))
-    wrapped, optimizer = accelerator.prepare(model, optimizer)
+
+    def optimizer_for(trainable, lr):
+        opt = make_optimizer(trainable, lr=lr, betas=tuple(tr.betas), weight_decay=tr.weight_decay, eps=tr.eps)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, tr))
+
+    optimizer, scheduler = optimizer_for(params, tr.lr)
+    net_params = {n: [p for p in net.module.parameters() if p.requires_grad] for n, net in owned.items()}
+    net_opts = {n: optimizer_for(net_params[n], owned[n].lr or tr.lr) for n in owned}
+    prepared = accelerator.prepare(
+        model, optimizer, *(net.module for net in owned.values()), *(net_opts[n][0] for n in owned)
+    )
+    wrapped, optimizer = prepared[:2]
     student = accelerator.unwrap_model(wrapped)
     teacher.bind(student)
+    groups = {"student": Trainable(wrapped, student, optimizer, scheduler, params, teacher)}
+    for i, name in enumerate(owned):
+        net_wrapped, net_opt = prepared[2 + i], prepared[2 + len(owned) + i]
+        average = instantiate(cfg.teacher) if owned[name].ema else None
+        if average is not None:
+            average.bind(accelerator.unwrap_model(net_wrapped))
+        groups[name] = Trainable(
+            net_wrapped, accelerator.unwrap_model(net_wrapped), net_opt, net_opts[name][1], net_params[name], average
+        )
+    extra = {n: g for n, g in groups.items() if n != "student"}
+    objective.bind({n: g.wrapped for n, g in extra.items()}, {n: g.average for n, g in extra.items() if g.average})
+    networks = {n: (g.module, g.optimizer, g.scheduler, g.average) for n, g in extra.items()}  # for checkpoints
     # Same initial weights on every rank (seeded above); training noise is reseeded per micro-batch below.
     set_seed(tr.seed + accelerator.process_index)
 
@@ -151,7 +190,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     resumed_window: tuple[dict, int] = ({}, 0)  # the metrics window open at the checkpoint (sums, steps)
     if resume_from is not None:
         state = ckpt_io.load_checkpoint(
-            resume_from, student, teacher, optimizer, scheduler, rank=accelerator.process_index
+            resume_from, student, teacher, optimizer, scheduler, rank=accelerator.process_index, networks=networks
         )
         start_step, data_position = state["step"], state["data_position"]
         nonfinite_total = state.get("nonfinite_total", 0)
@@ -190,7 +229,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                 ckpt_root, step, student, teacher, optimizer, scheduler, data_position,
                 extra={"nonfinite_total": nonfinite_total, "log_window": {k: to_float(v) for k, v in window.items()},
                        "log_window_n": window_n},
-                rng_states=rng_states,
+                rng_states=rng_states, networks=networks,
             )  # fmt: skip
             ckpt_io.prune(ckpt_root, tr.keep_last)
         accelerator.wait_for_everyone()
@@ -212,13 +251,19 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     student.train()
     with _StopRequest() as stop:
         while step < tr.max_steps:
-            teacher.update(student, step)
+            stepping = [groups[n] for n in objective.stepping(step)]
+            for g in stepping:
+                if g.average is not None:
+                    g.average.update(g.module, step)
             logs: dict = {}
             loss_sum = torch.zeros((), device=device)
             for micro in range(grad_accum):
                 batch = next(streams[micro]).to(device)
                 torch.manual_seed(slot_seed(tr.seed, step, slots[micro], world * grad_accum))
-                sync = accelerator.no_sync(wrapped) if micro < grad_accum - 1 else nullcontext()
+                sync = ExitStack()
+                if micro < grad_accum - 1:
+                    for g in groups.values():
+                        sync.enter_context(accelerator.no_sync(g.wrapped))
                 with sync, accelerator.autocast():
                     loss, micro_logs = objective.loss(wrapped, teacher, batch, step)
                 if grad_accum == 1:  # the same numbers, without the accumulation ops
@@ -229,17 +274,19 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                 loss_sum += loss.detach().float() / grad_accum
                 for k, v in micro_logs.items():
                     logs[k] = v if k == "times" else logs.get(k, 0.0) + v / grad_accum
-            grad_norm = accelerator.clip_grad_norm_(params, max_norm)
+            grad_norm = accelerator.clip_grad_norm_([p for g in stepping for p in g.params], max_norm)
             finite = bool(torch.isfinite(loss_sum)) and bool(torch.isfinite(grad_norm))
             if finite:
-                optimizer.step()
-                scheduler.step()
+                for g in stepping:
+                    g.optimizer.step()
+                    g.scheduler.step()
                 consecutive_bad = 0
             else:
                 nonfinite_total += 1
                 consecutive_bad += 1
                 log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", step, consecutive_bad)
-            optimizer.zero_grad(set_to_none=True)
+            for g in groups.values():
+                g.optimizer.zero_grad(set_to_none=True)
             step += 1
             data_position += 1
             if consecutive_bad >= tr.max_nonfinite:

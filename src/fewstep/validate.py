@@ -40,6 +40,32 @@ def _check_range(key: str, value, lo=None, hi=None, lo_open=False, hi_open=False
         raise ConfigError(f"objective.{key}={value} must lie in {span}{hint}")
 
 
+def check_dmd2(cfg: DictConfig) -> None:
+    """Ranges of the DMD2 options, and its pretrained teacher (SPEC §11)."""
+    obj = cfg.objective
+    if obj.target_step_count != 1:
+        raise ConfigError(
+            f"objective.target_step_count={obj.target_step_count}: DMD2 trains a one-step generator here "
+            "(multi-step backward simulation is not implemented); use 1"
+        )
+    _check_range("critic_steps", obj.critic_steps, 1, None, hint=" (fake-score updates per generator update)")
+    if obj.fake_lr is not None:
+        _check_range("fake_lr", obj.fake_lr, 0, None, lo_open=True)
+    _check_range("guidance_scale", obj.guidance_scale, 1, None, hint=" (1 = no CFG on the real score)")
+    if not 0.0 <= obj.time_min < obj.time_max <= 1.0:
+        raise ConfigError(
+            f"objective.time_min={obj.time_min}, time_max={obj.time_max} must satisfy 0 <= min < max <= 1"
+        )
+    _check_range("gan_weight", obj.gan_weight, 0, None)
+    _check_range("gan_critic_weight", obj.gan_critic_weight, 0, None)
+    pretrained = cfg.model.get("pretrained") is not None and not cfg.model.get("random_init", False)
+    if not pretrained and not cfg.trainer.get("init_from"):
+        raise ConfigError(
+            "objective=dmd2 needs a pretrained teacher and this model starts from random weights: set "
+            "trainer.init_from=RUN_DIR (a finished run, e.g. objective=flow_matching on the same model and data)"
+        )
+
+
 def check_jvp_objective(obj: DictConfig, kind: str) -> None:
     """Ranges of the MeanFlow / sCM options (SPEC §11)."""
     _check_range("target_step_count", obj.target_step_count, 1, 8, hint=" (1-4 recommended)")
@@ -155,6 +181,8 @@ def validate(cfg: DictConfig) -> DictConfig:
     few_step = kind != "flow_matching"
     if kind in ("meanflow", "scm"):
         check_jvp_objective(obj, kind)
+    if kind == "dmd2":
+        check_dmd2(cfg)
     if kind == "twinflow":
         if obj.estimate_order < 1:
             raise ConfigError(f"objective.estimate_order={obj.estimate_order} must be >= 1 (2 is the paper default)")
@@ -184,7 +212,7 @@ def validate(cfg: DictConfig) -> DictConfig:
                 "some groups will be empty in every step",
                 stacklevel=2,
             )
-    if not 0.0 <= obj.cond_dropout < 1.0:
+    if not 0.0 <= obj.get("cond_dropout", 0.0) < 1.0:
         raise ConfigError(f"objective.cond_dropout={obj.cond_dropout} must lie in [0, 1)")
 
     # The model family must speak flow matching, or go through the bridge with both flags set.
@@ -236,6 +264,10 @@ def validate(cfg: DictConfig) -> DictConfig:
     if tr.resume not in ("auto", "none", "") and not Path(tr.resume).exists():
         raise ConfigError(
             f"trainer.resume={tr.resume}: no such checkpoint or run dir; give an existing path, auto or none"
+        )
+    if tr.get("init_from") and not Path(tr.init_from).is_dir():
+        raise ConfigError(
+            f"trainer.init_from={tr.init_from}: no such run or checkpoint folder; give a finished run's directory"
         )
     if cfg.logger.kind not in ("jsonl", "wandb", "none"):
         raise ConfigError(f"logger.kind={cfg.logger.kind!r} must be jsonl, wandb or none")

@@ -75,3 +75,40 @@ def test_scm_trains_two_steps_on_tiny_sd3_lora(pretrained):
     losses, moved, logs = two_steps(SCM(warmup_steps=1), model)
     assert all(torch.isfinite(torch.tensor(losses))) and moved > 0
     assert logs["loss/warmup"] == 1.0
+
+
+@pytest.mark.slow
+def test_dmd2_trains_two_steps_on_tiny_sd3_lora_with_a_second_adapter(pretrained):
+    """The fake score is a second LoRA adapter on the student's frozen base (held once); step 0 updates the
+    fake score and GAN head, step 1 the generator, as the loop would (``Objective.stepping``)."""
+    from types import SimpleNamespace
+
+    from fewstep.objectives.dmd2 import DMD2
+
+    objective = DMD2(critic_steps=1, gan=True, guidance_scale=2.0)
+    model = sd3_lora(pretrained, time_pair=False)
+    objective.setup(model, SimpleNamespace(shape=LATENT))
+    fake = objective.networks["fake_score"].module
+    own = dict(model.named_parameters())
+    for name, p in fake.named_parameters():
+        assert (p is own[name]) == (not p.requires_grad), name  # frozen base shared, adapter copied
+    assert any(".lora_" in n for n, p in fake.named_parameters() if p.requires_grad)
+    nets = {"student": model, **{n: net.module for n, net in objective.networks.items()}}
+    params = {n: [p for p in m.parameters() if p.requires_grad] for n, m in nets.items()}
+    opts = {n: torch.optim.AdamW(ps, lr=1e-3) for n, ps in params.items()}
+    before = {n: [p.detach().clone() for p in ps] for n, ps in params.items()}
+    teacher = EMATeacher(decay=0.9)
+    teacher.bind(model)
+    for step in range(2):
+        torch.manual_seed(step)
+        loss, logs = objective.loss(model, teacher, latent_batch(seed=step), step)
+        assert torch.isfinite(loss)
+        loss.backward()
+        for name in objective.stepping(step):
+            opts[name].step()
+        for opt in opts.values():
+            opt.zero_grad()
+    for name in nets:
+        moved = max((p.detach() - b).abs().max().item() for p, b in zip(params[name], before[name]))
+        assert moved > 0, name
+    assert logs["nfe/rows_nograd"] == 2 * 3 + 3  # real score cond + null (one batched pass), fake score

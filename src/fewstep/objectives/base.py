@@ -95,13 +95,51 @@ class EvalCounter:
         }
 
 
+@dataclass
+class Network:
+    """A trainable module an objective owns besides the student (DMD2's fake score, its GAN head).
+
+    The loop gives it an AdamW optimizer (``lr``: None = ``trainer.lr``) and an LR schedule like the
+    student's, wraps it with Accelerate, checkpoints and resumes it under its name, and with ``ema=True``
+    keeps an average of it of the configured teacher kind (``Objective.average(name)``)."""
+
+    module: torch.nn.Module
+    lr: float | None = None
+    ema: bool = False
+
+
 class Objective:
     """Base class: subclasses implement ``loss``. ``needs_time_pair`` says whether the
-    model must take a target time and a time sign (TwinFlow/RCGM) or stays vanilla."""
+    model must take a target time and a time sign (TwinFlow/RCGM) or stays vanilla.
+
+    Objectives that train more than the student override ``setup`` (build ``self.networks``: name →
+    :class:`Network`, from the student after its initial weights are loaded) and ``stepping`` (the names
+    whose optimizers step at a training step; ``"student"`` is the student). The loop binds the prepared
+    (wrapped) modules with ``bind`` and averages by name. The defaults keep a single-network objective as
+    it was: no networks, the student steps every step."""
 
     needs_time_pair: bool = False
     #: "flow" objectives need a flow-matching model (or the diff2flow bridge).
     needs_flow_model: bool = True
+    networks: dict[str, Network] = {}  # noqa: RUF012 - replaced per instance by setup()
+
+    def setup(self, student: torch.nn.Module, data=None) -> None:  # noqa: B027 - optional hook
+        """Build ``self.networks`` (called once with the student and the data source, before wrapping and
+        before a checkpoint is loaded)."""
+
+    def stepping(self, step: int) -> tuple[str, ...]:
+        """The networks whose optimizers step at ``step``; the others' gradients are discarded."""
+        return ("student",)
+
+    def bind(self, modules: dict[str, torch.nn.Module], averages: dict | None = None) -> None:
+        """The loop's prepared modules (name → wrapped module) and averages (name → teacher) of ``networks``."""
+        self.bound = dict(modules)
+        self.averages = dict(averages or {})
+
+    def network(self, name: str) -> torch.nn.Module:
+        """The module to call for ``name``: the prepared one once bound, else the one built by ``setup``."""
+        bound = getattr(self, "bound", {})
+        return bound[name] if name in bound else self.networks[name].module
 
     def loss(self, student, teacher, batch: Batch, step: int) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError

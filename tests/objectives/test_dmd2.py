@@ -1,0 +1,226 @@
+"""DMD2 (SPEC §11) and the interface for objectives that own networks: math pinned with numbers, the
+update schedule, exact resume of every network, EMA of an owned network, trainer.init_from."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fewstep.data.base import Batch
+from fewstep.objectives.base import EvalCounter, Network
+from fewstep.objectives.dmd2 import DMD2, GanHead, share_frozen_copy
+from fewstep.objectives.flow_matching import FlowMatching
+
+from helpers import FAST, compose
+
+TOY = ["data=toy2d", "model=tiny_toy", "data.batch_size=16", *FAST]
+
+
+def test_generator_gradient_is_the_normalised_score_difference():
+    """With real and fake scores whose data estimates are constants a and b, d loss/d x̂ = w·(b − a)/N with
+    w = 1/mean|x̂ − a| per sample (N = number of elements): DMD2's normalised distribution-matching step."""
+    a, b = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([0.0, 1.0, 2.0])
+
+    def score_to(target):
+        return lambda x_t, t, tt, c: (x_t - target) / t[:, None]
+
+    obj = DMD2()
+    obj.real_score = score_to(a)
+    obj.networks = {"fake_score": Network(torch.nn.Identity())}
+    obj.bound = {"fake_score": score_to(b)}
+    torch.manual_seed(0)  # the noise level t is drawn inside; the estimates do not depend on it
+    x_hat = torch.tensor([[3.0, 0.0, 1.0], [1.0, -2.0, 0.8]], requires_grad=True)
+    loss = obj.distribution_matching_loss(x_hat, None, None, EvalCounter(batch=2))
+    loss.backward()
+    w = 1 / (x_hat.detach() - a).abs().mean(dim=1, keepdim=True)
+    assert torch.allclose(x_hat.grad, w * (b - a) / 6, rtol=1e-5)
+    assert torch.allclose(loss, 0.5 * (w * (b - a)).pow(2).mean(), rtol=1e-5)
+
+
+def test_real_score_guidance_is_one_batched_pass():
+    obj = DMD2(guidance_scale=3.0)
+    calls = []
+
+    def real(x, t, tt, c):
+        calls.append(len(x))
+        return torch.where((c == 9)[:, None], torch.full_like(x, 1.0), torch.full_like(x, 2.0))
+
+    obj.real_score = real
+    counter = EvalCounter(batch=2)
+    out = obj.real_velocity(torch.zeros(2, 3), torch.rand(2), torch.tensor([0, 1]), torch.tensor([9, 9]), counter)
+    assert calls == [4] and counter.rows_nograd == 4
+    assert out.eq(1 + 3 * (2 - 1)).all()
+
+
+def test_schedule_alternates_critic_and_generator_updates():
+    obj = DMD2(critic_steps=3, gan=True)
+    plan = [obj.stepping(s) for s in range(8)]
+    critic = ("fake_score", "gan_head")
+    assert plan == [critic, critic, critic, ("student",), critic, critic, critic, ("student",)]
+    assert DMD2(critic_steps=5).stepping(0) == ("fake_score",)
+
+
+def test_setup_copies_trainable_weights_and_shares_frozen_ones():
+    torch.manual_seed(0)
+    student = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 3))
+    student[0].requires_grad_(False)  # a frozen base layer, as in a LoRA run
+    copy = share_frozen_copy(student)
+    assert copy[0].weight is student[0].weight  # held once
+    assert copy[1].weight is not student[1].weight and torch.equal(copy[1].weight, student[1].weight)
+    obj = DMD2(gan=True)
+    obj.setup(student, SimpleNamespace(shape=(3,)))
+    assert set(obj.networks) == {"fake_score", "gan_head"}
+    assert not any(p.requires_grad for p in obj.real_score.parameters())
+    assert all(p.requires_grad for p in obj.networks["fake_score"].module[1].parameters())
+    assert student[1].weight.requires_grad  # the student's own weights stay trainable
+    head = GanHead((1, 8, 8))
+    assert head(torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8), torch.rand(2)).shape == (2,)
+
+
+class EmaAux(FlowMatching):
+    """A test objective owning one extra network with an EMA: flow matching for the student and, on odd steps,
+    a regression of an auxiliary net onto the student's detached output (only the aux optimizer steps)."""
+
+    def setup(self, student, data=None):
+        self.networks = {"aux": Network(torch.nn.Linear(2, 2), lr=5e-3, ema=True)}
+
+    def stepping(self, step):
+        return ("aux",) if step % 2 else ("student",)
+
+    def loss(self, student, teacher, batch: Batch, step: int):
+        if step % 2 == 0:
+            return super().loss(student, teacher, batch, step)
+        aux = self.network("aux")
+        loss = (aux(batch.x) - batch.x.flip(1)).pow(2).mean()
+        return loss, {"loss/main": loss.detach(), "times": (torch.ones(len(batch)), torch.ones(len(batch)))}
+
+
+def final(run):
+    return sorted((run / "checkpoints").glob("step_*"))[-1]
+
+
+def assert_same_checkpoints(a, b, names):
+    for name in names:
+        wa, wb = load_file(str(a / name)), load_file(str(b / name))
+        assert set(wa) == set(wb) and all(torch.equal(wa[k], wb[k]) for k in wa), name
+    oa, ob = (torch.load(c / "optim.pt", weights_only=True) for c in (a, b))
+    for key in oa.get("networks", {}):
+        sa, sb = oa["networks"][key]["optimizer"]["state"], ob["networks"][key]["optimizer"]["state"]
+        assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa), key
+    assert all(torch.equal(oa["optimizer"]["state"][i]["exp_avg"], ob["optimizer"]["state"][i]["exp_avg"])
+               for i in oa["optimizer"]["state"])  # fmt: skip
+
+
+@pytest.mark.slow
+def test_owned_network_is_averaged_checkpointed_and_resumed_exactly(tmp_path):
+    base = [*TOY, "objective=flow_matching", "objective._target_=test_dmd2.EmaAux", "teacher.decay=0.5",
+            "trainer.checkpoint_every=4", "trainer.lr_schedule=constant"]  # fmt: skip
+    from fewstep.train import train
+
+    train(compose([*base, "trainer.max_steps=8"]), run_dir=tmp_path / "straight")
+    train(compose([*base, "trainer.max_steps=4"]), run_dir=tmp_path / "split")
+    train(compose([*base, "trainer.max_steps=8", "trainer.resume=auto"]), run_dir=tmp_path / "split")
+    a, b = final(tmp_path / "straight"), final(tmp_path / "split")
+    files = ["model.safetensors", "teacher.safetensors", "network_aux.safetensors", "network_aux_ema.safetensors"]
+    assert_same_checkpoints(a, b, files)
+    state = json.loads((a / "state.json").read_text())
+    assert state["networks"]["aux"]["last_step"] == 7  # the aux EMA updates on the aux steps only
+    assert state["teacher"]["last_step"] == 6  # and the student's on the student's
+    aux, ema = load_file(str(a / "network_aux.safetensors")), load_file(str(a / "network_aux_ema.safetensors"))
+    assert not torch.equal(aux["weight"], ema["weight"])
+
+
+@pytest.fixture(scope="module")
+def flow_matching_run(tmp_path_factory):
+    from fewstep.train import train
+
+    run = tmp_path_factory.mktemp("fm") / "run"
+    train(compose([*TOY, "objective=flow_matching", "trainer.max_steps=6"]), run_dir=run)
+    return run
+
+
+@pytest.mark.slow
+def test_dmd2_resumed_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path, flow_matching_run):
+    from fewstep.train import train
+
+    base = [*TOY, "objective=dmd2", f"trainer.init_from={flow_matching_run}", "objective.critic_steps=2",
+            "objective.gan=true", "trainer.checkpoint_every=5", "trainer.lr_schedule=constant"]  # fmt: skip
+    summary = train(compose([*base, "trainer.max_steps=9"]), run_dir=tmp_path / "straight")
+    train(compose([*base, "trainer.max_steps=5"]), run_dir=tmp_path / "split")
+    train(compose([*base, "trainer.max_steps=9", "trainer.resume=auto"]), run_dir=tmp_path / "split")
+    a, b = final(tmp_path / "straight"), final(tmp_path / "split")
+    assert a.name == b.name == "step_0000009"
+    files = ["model.safetensors", "teacher.safetensors", "network_fake_score.safetensors",
+             "network_gan_head.safetensors"]  # fmt: skip
+    assert_same_checkpoints(a, b, files)
+    # the generator moved away from its flow-matching start, the fake score too
+    start = load_file(str(final(flow_matching_run) / "teacher.safetensors"))
+    gen, fake = load_file(str(a / "model.safetensors")), load_file(str(a / "network_fake_score.safetensors"))
+    assert any(not torch.equal(gen[k], start[k]) for k in start)
+    assert any(not torch.equal(fake[k], gen[k]) for k in fake)
+    assert summary["steps"] == 9
+
+
+@pytest.mark.slow
+def test_init_from_loads_the_runs_ema_weights(tmp_path, flow_matching_run):
+    from fewstep.checkpoint import CheckpointError, load_initial_weights
+    from fewstep.train import build_components
+
+    ckpt = final(flow_matching_run)
+    _, _, model, _, _ = build_components(compose([*TOY, "objective=flow_matching"]))
+    assert load_initial_weights(flow_matching_run, model) == ckpt
+    ema = load_file(str(ckpt / "teacher.safetensors"))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in ema.items())
+    load_initial_weights(flow_matching_run, model, use_ema=False)
+    raw = load_file(str(ckpt / "model.safetensors"))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in raw.items())
+    # a model of another shape (TinyMLP with the time-pair input of TwinFlow, a narrower net) is refused
+    for extra in ("objective=twinflow", "model.width=32"):
+        _, _, other, _, _ = build_components(compose([*TOY, "objective=flow_matching", extra]))
+        with pytest.raises(CheckpointError, match="tensors do not fit this model.*use the same model config"):
+            load_initial_weights(flow_matching_run, other)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("objective.critic_steps=0", "objective.critic_steps=0 must lie in [1, inf)"),
+        ("objective.guidance_scale=0.5", "objective.guidance_scale=0.5 must lie in [1, inf)"),
+        ("objective.time_min=0.99", "objective.time_min=0.99, time_max=0.98 must satisfy"),
+        ("objective.fake_lr=0", "objective.fake_lr=0.0 must lie in (0, inf)"),
+        ("objective.gan_weight=-1", "objective.gan_weight=-1.0 must lie in [0, inf)"),
+        ("objective.target_step_count=2", "multi-step backward simulation is not implemented"),
+        ("trainer.init_from=/nonexistent/run", "trainer.init_from=/nonexistent/run: no such run"),
+    ],
+)
+def test_bad_dmd2_options_fail_in_one_line(override, message, tmp_path):
+    from fewstep.validate import ConfigError, validate
+
+    with pytest.raises(ConfigError) as err:
+        validate(compose(["objective=dmd2", f"trainer.init_from={tmp_path}", override]))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_dmd2_on_a_random_model_asks_for_init_from():
+    from fewstep.validate import ConfigError, validate
+
+    with pytest.raises(ConfigError, match="objective=dmd2 needs a pretrained teacher.*trainer.init_from=RUN_DIR"):
+        validate(compose(["objective=dmd2"]))
+
+
+@pytest.mark.slow
+def test_dmd2_trains_two_steps_on_digits_from_a_flow_matching_run(tmp_path):
+    from fewstep.train import train
+
+    digits = ["data.batch_size=16", "trainer.max_steps=2", *FAST]
+    train(compose(["objective=flow_matching", *digits]), run_dir=tmp_path / "fm")
+    cfg = compose(["objective=dmd2", f"trainer.init_from={tmp_path / 'fm'}", "objective.critic_steps=1",
+                   "objective.gan=true", "objective.guidance_scale=1.5", *digits])  # fmt: skip
+    summary = train(cfg, run_dir=tmp_path / "dmd2")
+    assert summary["steps"] == 2 and summary["objective"] == "DMD2"
+    rows = [json.loads(line) for line in (tmp_path / "dmd2" / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss/dm", "loss/fake_score", "loss/gan_generator", "loss/gan_critic"} <= set(rows[-1])

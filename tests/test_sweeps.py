@@ -23,6 +23,7 @@ GRIDS = {
     "delta_t_x_enhanced": {"objective.delta_t": 3, "objective.enhanced_ratio": 3},
     "order_x_steps": {"objective.estimate_order": 3, "objective.target_step_count": 3},
     "toy2d_smoke": {"objective.delta_t": 2, "objective.estimate_order": 2},
+    "objectives": {"objective": 6},
 }
 DIGITS_BUDGET_S = 30 * 60  # a default digits sweep must finish in 30 min on 2 cores
 PER_RUN_OVERHEAD_S = 40  # start-up, 1/2/4-NFE evaluation and checkpoints, on top of trainer.time_limit_s

@@ -43,7 +43,7 @@ KEY_METRICS = ("acc", "fd", "pixel_fd", "swd")
 HIGHER_IS_BETTER = {"acc", "precision", "recall"}
 # The heatmap's metric: the first one any run has.
 HEADLINE = ("nfe_1/fd", "nfe_1/swd", "loss")
-BASE_COLUMNS = ("steps", "steps_per_s", "wall_time_s", "loss", "peak_memory_mb")
+BASE_COLUMNS = ("steps", "steps_per_s", "nfe/per_step", "wall_time_s", "loss", "peak_memory_mb")
 
 
 @dataclass
@@ -303,7 +303,8 @@ def write_markdown(
     path: Path, root: Path, runs: list[Run], params: list[str], metrics: list[str], headline: str, plots: list[str]
 ) -> None:
     shown = [m for m in metrics if m.split("/", 1)[1] in KEY_METRICS]
-    labels = {"steps_per_s": "steps/s", "wall_time_s": "wall s", "loss": "final loss", "peak_memory_mb": "peak MB"}
+    labels = {"steps_per_s": "steps/s", "nfe/per_step": "evals/step", "wall_time_s": "wall s", "loss": "final loss",
+              "peak_memory_mb": "peak MB"}  # fmt: skip
     header = ["run", "status", *params, *(labels.get(c, c) for c in BASE_COLUMNS), *shown]
     rows = [
         [run.name, run.status]

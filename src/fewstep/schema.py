@@ -415,7 +415,16 @@ def help_template() -> str:
     return "\n".join(lines)
 
 
+def when(value, expected, result):
+    """``${fewstep_when:a,b,c}`` is ``c`` when ``a == b``, else null: a setting for one arm of a multirun over
+    another key (experiment=sweep/objectives gives trainer.init_from to the dmd2 arm only)."""
+    return result if str(value) == str(expected) else None
+
+
 def register_schemas() -> None:
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("fewstep_when", when, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     cs.store(

@@ -4,7 +4,8 @@ Runs the bench's StepRunner (the training loop's step: EMA update, loss, backwar
 the embedded default (model=tiny, data=digits, batch 128; TwinFlow with enhanced 0 unless overridden) and
 times each phase with perf_counter over STEPS steps after a warm-up (CPU ops are synchronous). Network
 passes are timed per pass name (``TwinFlow._call``); "other" is the step's remainder (target arithmetic,
-masks, RNG capture/restore, loss). Prints a table (median ms per step) and JSON on the last line.
+masks, RNG capture/restore, loss). Prints a table (median ms per step) and JSON on the last line (also
+written to $OUT when set).
 """
 
 from __future__ import annotations
@@ -76,10 +77,23 @@ def main() -> None:
     med = {k: statistics.median(v + [0.0] * (n - len(v))) for k, v in rows.items()}
     mean = {k: sum(v) / n for k, v in rows.items()}
     print(f"{' '.join(extra)}: {torch.get_num_threads()} threads, {n} steps, load {os.getloadavg()[0]:.2f}")
-    print(f"| phase | median ms | mean ms | share of mean total |\n|---|---|---|---|")
+    print("| phase | median ms | mean ms | share of mean total |\n|---|---|---|---|")
     for k in sorted(mean, key=lambda k: -mean[k]):
         print(f"| {k} | {med[k]:.2f} | {mean[k]:.2f} | {mean[k] / mean['total']:.0%} |")
-    print(json.dumps({"overrides": extra, "threads": torch.get_num_threads(), "median_ms": med, "mean_ms": mean}))
+    result = {
+        "command": " ".join(["python scripts/profile_step.py", *sys.argv[1:]]),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        "load_avg_1min": os.getloadavg()[0],
+        "overrides": extra,
+        "threads": torch.get_num_threads(),
+        "steps": n,
+        "median_ms": med,
+        "mean_ms": mean,
+    }
+    print(json.dumps(result))
+    if os.environ.get("OUT"):
+        with open(os.environ["OUT"], "w") as fh:
+            json.dump(result, fh, indent=1)
 
 
 if __name__ == "__main__":

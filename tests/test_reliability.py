@@ -491,21 +491,21 @@ def test_nan_loss_in_a_row_aborts_keeping_a_resumable_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("kind", ["missing", "empty"])
 def test_missing_or_empty_latent_dir_fails_before_the_model_is_built(tmp_path, kind, monkeypatch):
-    from fewstep.data.latents import LatentCacheError
+    from fewstep.errors import FewstepError
 
     path = tmp_path / "cache"
     if kind == "empty":
         path.mkdir()
+    pretrained = tmp_path / "pipe"  # the check reads the transformer's config.json only
+    (pretrained / "transformer").mkdir(parents=True)
+    (pretrained / "transformer" / "config.json").write_text('{"in_channels": 4}')
     monkeypatch.setattr("fewstep.train.build_model", lambda *a, **k: pytest.fail("model built"), raising=False)
     start = time.perf_counter()
-    with pytest.raises(Exception) as err:
-        train(compose(["data=latents", f"data.path={path}", *FAST]), run_dir=tmp_path / "run")
+    with pytest.raises(FewstepError) as err:
+        model = ["model=sd35", f"model.pretrained={pretrained}"]
+        train(compose([*model, "data=latents", f"data.path={path}", *FAST]), run_dir=tmp_path / "run")
     assert time.perf_counter() - start < 30
-    cause = err.value
-    while cause is not None and not isinstance(cause, LatentCacheError):
-        cause = cause.__cause__
-    assert cause is not None, repr(err.value)
-    message = one_line(cause)
+    message = one_line(err.value)
     assert f"data.path={path}" in message and "precompute" in message
     assert ("no such folder" if kind == "missing" else "no manifest.json") in message
     assert not (tmp_path / "run" / "checkpoints").exists()

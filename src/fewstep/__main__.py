@@ -35,19 +35,20 @@ def main() -> None:
 def _hydra_main(cfg: DictConfig) -> float | None:
     import sys
 
-    from fewstep.errors import FewstepError
+    from fewstep.errors import user_error
     from fewstep.train import train
 
     _export_submitit_dist_env()
     try:
         summary = train(cfg)
-    except FewstepError as err:  # a setting, path or file to fix: one line, no traceback
+    except Exception as err:  # a setting, path or file to fix (also inside instantiate): one line, no traceback
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # a sweep records the failed point (and its report shows it) and goes on
-        print(f"error: {err}", file=sys.stderr)
+        found = user_error(err)
+        if found is None or HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # a bug keeps its traceback; a sweep records the failed point (its report shows it) and goes on
+        print(f"error: {found}", file=sys.stderr)
         sys.exit(2)
     if cfg.get("optimize_metric"):  # the value a Hydra sweeper (Optuna) optimises; rank 0 holds the evaluation
         from fewstep.report import lookup_metric

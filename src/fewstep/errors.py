@@ -9,12 +9,32 @@ class FewstepError(Exception):
     """A user-fixable problem; the message names the fix."""
 
 
+def user_error(err: BaseException) -> FewstepError | None:
+    """The FewstepError ``err`` is, or the one Hydra's ``instantiate`` wrapped while building a component
+    (a missing pretrained folder, an unreachable hub id, a bad cache); None for anything else (a bug)."""
+    from hydra.errors import InstantiationException
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, FewstepError):
+            return err
+        if not isinstance(err, InstantiationException):
+            return None
+        seen.add(id(err))
+        err = err.__cause__
+    return None
+
+
 def run_cli(main, *args, **kwargs):
-    """Call a command's ``main``; a FewstepError becomes ``error: <message>`` on stderr and exit status 2."""
+    """Call a command's ``main``; a FewstepError (also one raised inside Hydra's ``instantiate``) becomes
+    ``error: <message>`` on stderr and exit status 2."""
     import sys
 
     try:
         return main(*args, **kwargs)
-    except FewstepError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:
+        found = user_error(err)
+        if found is None:
+            raise
+        print(f"error: {found}", file=sys.stderr)
         raise SystemExit(2) from None

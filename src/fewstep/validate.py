@@ -9,7 +9,7 @@ import os
 import warnings
 from pathlib import Path
 
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fewstep.errors import FewstepError
 
@@ -226,14 +226,7 @@ def validate(cfg: DictConfig) -> DictConfig:
                 "objective.allow_diff2flow=true to train it through the diff2flow bridge"
             )
 
-    if cfg.model.get("pretrained") is not None:  # a missing folder / uncached hub id fails before any work
-        from fewstep.models.family import PretrainedNotFound, resolve_pretrained
-
-        component = "unet" if str(cfg.model.get("_target_", "")).endswith("DiffusionUNetModel") else "transformer"
-        try:
-            resolve_pretrained(str(cfg.model.pretrained), component, cfg.model.get("subfolder"))
-        except PretrainedNotFound as err:
-            raise ConfigError(str(err)) from None
+    check_model_data(cfg)  # weights reachable, data of the kind (and size) the model takes: before any load
 
     check_cache_family(cfg)
 
@@ -283,10 +276,145 @@ def validate(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+def _choice(cfg: DictConfig, group: str) -> str:
+    """``group=<choice>`` as the user wrote it (Hydra's runtime choices), else ``group._target_=<class>``."""
+    choice = OmegaConf.select(cfg, f"hydra.runtime.choices.{group}") if "hydra" in cfg else None
+    if choice is None:
+        try:
+            from hydra.core.hydra_config import HydraConfig
+
+            choice = HydraConfig.get().runtime.choices[group]
+        except Exception:  # noqa: BLE001 - no Hydra run (the API, tests): name the class instead
+            return f"{group}._target_={cfg[group].get('_target_')}"
+    return f"{group}={choice}"
+
+
+def is_pretrained_family(model: DictConfig) -> bool:
+    """A diffusers model family (``model.pretrained``): it trains on VAE latents of a latent cache."""
+    return "pretrained" in model
+
+
+def is_latent_data(data: DictConfig) -> bool:
+    """Latents a diffusers family takes: a precomputed cache (``data=latents``) or ``data=synthetic``."""
+    return str(data.get("_target_", "")).endswith((".LatentData", ".SyntheticData"))
+
+
+def check_model_data(cfg: DictConfig) -> None:
+    """Before any weight loads: a diffusers family needs reachable weights (or ``model.random_init``) and
+    latent data (``data=latents`` with a cache, or ``data=synthetic``) of its channel count and a latent size
+    it can take; latent data needs such a family. All problems found are reported together, in one line (the
+    flagship ``model=sd35`` with nothing given names weights and data)."""
+    from fewstep.models.unavailable import check_available
+
+    model, data = cfg.model, cfg.data
+    check_available(model)  # a placeholder family says so first
+    family, latents = is_pretrained_family(model), is_latent_data(data)
+    if not family and not latents:
+        return
+    weights = str(model.get("pretrained") or "WEIGHTS") if family else "WEIGHTS"
+    precompute = f"`python -m fewstep.precompute pretrained={weights} images=DIR out=CACHE`"
+    if not family:
+        raise ConfigError(
+            f"{_choice(cfg, 'data')} holds VAE latents of a diffusers model, which {_choice(cfg, 'model')} does "
+            f"not take: give model=sd35 model.pretrained={weights} (the pipeline {precompute} encoded it with), or "
+            "data=digits / data=toy2d for this model"
+        )
+    problems, config, manifest = [], None, None
+    try:
+        config = _transformer_config(model)
+    except FewstepError as err:
+        problems.append(str(err))
+    if not latents:
+        problems.append(
+            f"{_choice(cfg, 'model')} trains on VAE latents, not {_choice(cfg, 'data')}: give data=latents "
+            f"data.path=CACHE, a cache written by {precompute}"
+        )
+    else:
+        try:
+            manifest = _latent_manifest(data)
+        except FewstepError as err:
+            problems.append(str(err))
+    if config is not None and manifest is not None:
+        problems += _latent_shape_problems(model, data, config, manifest)
+    if len(problems) > 1:
+        head = "needs its weights and a latent cache" if config is None and manifest is None else "cannot start"
+        raise ConfigError(f"{_choice(cfg, 'model')} {head}: " + "; and ".join(problems))
+    if problems:
+        raise ConfigError(problems[0])
+
+
+def _transformer_config(model: DictConfig) -> dict:
+    """The transformer config the run will build: the shipped architecture (``model.random_init``) or the
+    pretrained one's ``config.json`` (read, not its weights)."""
+    if model.get("random_init"):
+        from fewstep.models import architectures
+
+        return architectures.load(str(model.architecture)).with_layers(model.get("num_layers")).config
+    from fewstep.models.pretrained_config import pretrained_config
+
+    return pretrained_config(model)
+
+
+def _latent_manifest(data: DictConfig) -> dict:
+    """The cache's ``manifest.json`` (``data=latents``), or its equivalent for ``data=synthetic``."""
+    if str(data.get("_target_", "")).endswith(".SyntheticData"):
+        from fewstep.models import architectures
+
+        shape = architectures.load(str(data.architecture)).latent_shape(int(data.resolution))
+        return {"resolution": int(data.resolution), "shards": [{"count": 1, "latent_shape": list(shape)}]}
+    from fewstep.data.latents import read_manifest
+
+    return read_manifest(str(data.get("path") or ""))[1]
+
+
+def _latent_shape_problems(model: DictConfig, data: DictConfig, config: dict, manifest: dict) -> list[str]:
+    from fewstep.data.latents import cached_latent_shapes
+    from fewstep.models.pretrained_config import max_latent_side
+
+    shapes = cached_latent_shapes(manifest)
+    if not shapes:
+        return []  # an empty cache: LatentData names it
+    problems = []
+    cache = "path" in data
+    where = f"data.path={data.path}" if cache else f"data=synthetic at data.resolution={data.get('resolution')}"
+    weights = f"model.pretrained={model.pretrained}" if not model.get("random_init") else "the architecture"
+    try:
+        from hydra.utils import get_class
+
+        data_channels = get_class(str(model._target_)).data_channels  # a family whose latents are packed
+    except Exception:  # noqa: BLE001 - the transformer takes the cache's channels as they are
+        data_channels = None
+    if data_channels is not None:
+        from diffusers.configuration_utils import FrozenDict  # attribute access, as a loaded model's .config
+
+        channels = data_channels(FrozenDict(config))
+    else:
+        channels = config.get("in_channels")
+    if channels is not None and shapes[0][0] != int(channels):
+        problems.append(
+            f"{where} holds {shapes[0][0]}-channel latents but {weights} takes {channels}: precompute the cache "
+            f"with the same pipeline (pretrained={model.pretrained})"
+        )
+    limit = max_latent_side(config)
+    too_big = [s for s in shapes if limit is not None and max(s[1:]) > limit]
+    if too_big:
+        side = max(max(s[1:]) for s in too_big)
+        resolution = manifest.get("resolution")
+        fix = f"resolution={int(resolution) * limit // side} or lower" if resolution else "a lower resolution"
+        fix = f"re-run precompute with {fix} into a new out dir" if cache else f"use data.{fix}"
+        problems.append(
+            f"{where} holds latents up to {side} wide/high ({len(too_big)} of {len(shapes)} latent sizes) but "
+            f"{weights} takes at most {limit} (pos_embed_max_size {config['pos_embed_max_size']} x patch_size "
+            f"{config.get('patch_size') or 1}): {fix}"
+        )
+    return problems
+
+
 def check_overrides(argv: list[str]) -> str | None:
     """Compose ``python -m fewstep`` overrides as Hydra will and return a one-line error naming the fix
     (an unknown key with the closest valid one, a group choice that does not exist with the valid ones, a
-    value of the wrong type, an override that does not parse), or None. Hydra flags and multiruns are left
+    value of the wrong type, an override that does not parse, a model without reachable weights or data it
+    cannot take: :func:`check_model_data`), or None. Hydra flags and multiruns are left
     to Hydra; an experiment name is checked too (Hydra silently skips a missing optional experiment)."""
     import difflib
 
@@ -318,7 +446,7 @@ def check_overrides(argv: list[str]) -> str | None:
     from fewstep.schema import compose_config as run
 
     try:
-        run(overrides)
+        cfg = run(overrides, return_hydra_config=True)
     except MissingConfigException as err:
         group, _, name = (err.missing_cfg_file or "").rpartition("/")
         options = list(err.options or [])
@@ -340,6 +468,10 @@ def check_overrides(argv: list[str]) -> str | None:
         return text
     except Exception:  # noqa: BLE001 - anything else: Hydra reports it in its own words
         return None
+    try:  # weights and data, before Hydra makes a run dir: the flagship `model=sd35` alone names both
+        check_model_data(cfg)
+    except FewstepError as err:
+        return str(err)
     return None
 
 

@@ -3,6 +3,8 @@ wrapper feeds the matching diffusion state and timestep, and its tt/sign embeddi
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -169,12 +171,16 @@ def test_unet_time_pair_embeddings_are_identity_at_init(unet_dirs, lora):
         )
 
 
-def test_sd15_config_is_refused_without_the_bridge_flags():
+def test_sd15_config_is_refused_without_the_bridge_flags(tmp_path):
     from fewstep.validate import ConfigError, validate
 
     from helpers import compose
 
     with pytest.raises(ConfigError, match="diff2flow.enabled=true"):
         validate(compose(["model=sd15"]))
-    cfg = validate(compose(["model=sd15", "diff2flow.enabled=true", "objective.allow_diff2flow=true"]))
+    (tmp_path / "unet").mkdir()  # the checks read the UNet's config.json and the cache's manifest, nothing more
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({"in_channels": 4}))
+    (tmp_path / "manifest.json").write_text(json.dumps({"shards": [{"count": 2, "latent_shape": [4, 8, 8]}]}))
+    given = [f"model.pretrained={tmp_path}", "data=latents", f"data.path={tmp_path}"]
+    cfg = validate(compose(["model=sd15", "diff2flow.enabled=true", "objective.allow_diff2flow=true", *given]))
     assert cfg.model.prediction_type == "epsilon"

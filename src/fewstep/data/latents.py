@@ -29,6 +29,35 @@ class LatentCacheError(FewstepError, ValueError):
     """The cache at ``data.path`` is missing, unfinished or inconsistent; the message names the fix."""
 
 
+def read_manifest(path: str) -> tuple[Path, dict]:
+    """The cache folder and its ``manifest.json`` (read before anything else of the cache; cheap)."""
+    if not path:
+        raise LatentCacheError(f"data.path is not set: write a cache with `{RUN_PRECOMPUTE}`, then data.path=DIR")
+    root = Path(os.path.expanduser(str(path)))
+    if not root.is_dir():
+        raise LatentCacheError(f"data.path={path}: no such folder; write a cache with `{RUN_PRECOMPUTE}`")
+    manifest_path = root / "manifest.json"
+    if not manifest_path.exists():
+        raise LatentCacheError(
+            f"data.path={path} has no manifest.json: not a fewstep latent cache, or its precompute did not "
+            "finish (re-run the same precompute command; it resumes)"
+        )
+    try:
+        return root, json.loads(manifest_path.read_text())
+    except ValueError as err:
+        raise LatentCacheError(f"data.path={path}: manifest.json is corrupt ({err}); re-run precompute") from None
+
+
+def cached_latent_shapes(manifest: dict) -> list[tuple[int, ...]]:
+    """The distinct ``(C, h, w)`` latent shapes of a cache's non-empty shards, as the manifest records them."""
+    shapes = []
+    for shard in manifest.get("shards", []):
+        shape = tuple(int(v) for v in shard.get("latent_shape", ()))
+        if shard.get("count", 0) > 0 and shape not in shapes:
+            shapes.append(shape)
+    return shapes
+
+
 class LatentData:
     """The cached latents at ``path`` (see the module docstring); ``shape`` is the most common latent shape."""
 
@@ -37,21 +66,7 @@ class LatentData:
     def __init__(self, path: str = "", batch_size: int = 8, vae: str = "", decode_device: str | None = None):
         if batch_size < 1:
             raise ValueError(f"data.batch_size={batch_size} must be >= 1")
-        if not path:
-            raise LatentCacheError(f"data.path is not set: write a cache with `{RUN_PRECOMPUTE}`, then data.path=DIR")
-        root = Path(os.path.expanduser(str(path)))
-        if not root.is_dir():
-            raise LatentCacheError(f"data.path={path}: no such folder; write a cache with `{RUN_PRECOMPUTE}`")
-        manifest_path = root / "manifest.json"
-        if not manifest_path.exists():
-            raise LatentCacheError(
-                f"data.path={path} has no manifest.json: not a fewstep latent cache, or its precompute did not "
-                "finish (re-run the same precompute command; it resumes)"
-            )
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except ValueError as err:
-            raise LatentCacheError(f"data.path={path}: manifest.json is corrupt ({err}); re-run precompute") from None
+        root, manifest = read_manifest(path)
         self.root, self.manifest = root, manifest
         self.batch_size = int(batch_size)
         self.vae_source = vae or manifest.get("pretrained", "")

@@ -368,6 +368,7 @@ def reference_loss(obj: TwinFlow, model, teacher_fn, batch: Batch) -> torch.Tens
     uncond = cond[torch.randperm(b)] if obj.null_condition == "shuffled" else batch.null_cond
     a, bb, c = obj.time_dist
     t = torch.distributions.Beta(torch.tensor(a), torch.tensor(bb)).sample((b,)).clamp(0, 1) * c
+    t = t.to(torch.promote_types(x.dtype, torch.float32))  # times in float32, float64 for float64 data
     z = torch.randn_like(x)
     tt = t - torch.rand_like(t) * obj.consistency_ratio * t
     tt_mul = t - torch.rand_like(t) * t * min(0.05, obj.consistency_ratio)
@@ -458,11 +459,12 @@ OPTIONS = {
 }
 
 
-def option_loss(options: dict, reference: bool):
+def option_loss(options: dict, reference: bool, dtype: torch.dtype = torch.float32):
     """TwinFlow(enhanced 0.6, order 2, options) on a fixed batch: the objective's loss and logs, or the
     reference loss. Teacher and student have every weight non-zero (the zero-initialised modulation layers
-    too, else the label would not reach the output and cond/uncond passes would agree) and differ."""
-    model = tiny_model(seed=7)
+    too, else the label would not reach the output and cond/uncond passes would agree) and differ. Model and
+    batch in ``dtype``."""
+    model = tiny_model(seed=7).to(dtype)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -472,7 +474,7 @@ def option_loss(options: dict, reference: bool):
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     obj = TwinFlow(**{"enhanced_ratio": 0.6, "estimate_order": 2, **options})
-    batch = Batch(torch.randn(24, 6, generator=torch.Generator().manual_seed(5)), torch.arange(24) % 3,
+    batch = Batch(torch.randn(24, 6, generator=torch.Generator().manual_seed(5)).to(dtype), torch.arange(24) % 3,
                   torch.full((24,), 3))  # fmt: skip
     torch.manual_seed(11)
     if reference:
@@ -531,3 +533,36 @@ def test_time_dist_is_a_scaled_beta():
     assert t.dtype == torch.float32 and 0.0 <= t.min().item() and t.max().item() <= 0.8
     assert t.mean().item() == pytest.approx(0.8 * 2 / 7, abs=0.004)
     assert t.std().item() == pytest.approx(0.8 * math.sqrt(10 / (49 * 8)), abs=0.004)
+
+
+def test_float64_data_stays_float64_through_twinflow():
+    """float64 data and model (an analysis run): times, targets and every loss term stay float64 (TwinFlow used
+    to cast the target to float32, and the RCGM index-put then failed), and the loss equals the unbatched
+    float64 reference to 1e-12, far below float32 rounding (~1e-7)."""
+    options = {"real_velocity": True, "real_velocity_weight": 0.7}
+    obj, got, logs = option_loss(options, reference=False, dtype=torch.float64)
+    _, expected, _ = option_loss(options, reference=True, dtype=torch.float64)
+    assert got.dtype == expected.dtype == torch.float64 and all(v.dtype == torch.float64 for v in logs["times"])
+    assert got.item() == pytest.approx(expected.item(), rel=1e-12)
+    terms = ("main", "e2e", "mul", "any", "adv", "rectify", "real_velocity")
+    assert all(logs[f"loss/{k}"].dtype == torch.float64 for k in terms)
+    got.backward()  # the gradient path is float64 too (no dtype mismatch anywhere)
+
+
+def test_float64_data_stays_float64_through_flow_matching():
+    model = tiny_model(seed=2).double()
+    x = torch.randn(16, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    batch = Batch(x, torch.arange(16) % 3, torch.full((16,), 3))
+    fm = FlowMatching(time_weighting="tan")
+    torch.manual_seed(4)
+    loss, logs = fm.loss(model, None, batch, 0)
+    t = logs["times"][0]
+    assert loss.dtype == torch.float64 and t.dtype == torch.float64
+    torch.manual_seed(4)
+    t_ref = sample_time(16, (1.0, 1.0, 1.0), x)
+    z = torch.randn_like(x)
+    x_t = t_ref[:, None] * z + (1 - t_ref[:, None]) * x
+    with torch.no_grad():
+        per_row = (model(x_t, t_ref, t_ref, batch.cond) - (z - x)).pow(2).mean(dim=1)
+    expected = (per_row * (torch.tan((1 - (t_ref - t_ref)) * math.pi / 2.5) + 1)).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)

@@ -16,9 +16,23 @@ import torch
 from fewstep.data.base import Batch
 
 
+def wide_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype losses and targets are formed in: at least float32 (bf16/fp16 data is widened), float64 kept."""
+    out = torch.float32
+    for dtype in dtypes:
+        out = torch.promote_types(out, dtype)
+    return out
+
+
+def wide(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in :func:`wide_dtype` (the RCGM residual divides by delta_t, which amplifies rounding)."""
+    return x.to(wide_dtype(x.dtype))
+
+
 def l2_distance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-sample mean squared error, (B,)."""
-    return (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+    """Per-sample mean squared error, (B,), in the wider of the inputs' dtypes (at least float32)."""
+    dtype = wide_dtype(pred.dtype, target.dtype)
+    return (pred.to(dtype) - target.to(dtype)).pow(2).flatten(1).mean(dim=1)
 
 
 def barron_distance(pred: torch.Tensor, target: torch.Tensor, alpha: float = 1.0, c: float = 1e-3) -> torch.Tensor:
@@ -50,17 +64,18 @@ def make_distance(cfg) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
 def time_weight(t: torch.Tensor, tt: torch.Tensor, kind: str) -> torch.Tensor:
     """Per-sample weight ``tan((1 − (|t| − |tt|))·π/2.5) + 1`` ("tan") or 1 ("none")."""
     if kind == "none":
-        return torch.ones_like(t, dtype=torch.float32)
+        return torch.ones_like(t, dtype=wide_dtype(t.dtype))
     if kind == "tan":
-        return torch.tan((1 - (t.abs() - tt.abs())).float() * math.pi / 2.5) + 1
+        return torch.tan(wide(1 - (t.abs() - tt.abs())) * math.pi / 2.5) + 1
     raise ValueError(f"objective.time_weighting={kind!r} is unknown; use 'tan' or 'none'")
 
 
 def sample_time(n: int, time_dist: list[float] | tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
-    """``t ~ Beta(a, b)·c`` on ``like``'s device (drawn on the CPU generator, then moved)."""
+    """``t ~ Beta(a, b)·c`` on ``like``'s device (drawn on the CPU generator, then moved), float32 or, for
+    float64 data, float64."""
     a, b, c = (float(v) for v in time_dist)
     t = torch.distributions.Beta(torch.tensor(a), torch.tensor(b)).sample((n,)).clamp_(0, 1) * c
-    return t.to(device=like.device, dtype=torch.float32)
+    return t.to(device=like.device, dtype=wide_dtype(like.dtype))
 
 
 @dataclass

@@ -14,17 +14,11 @@ from collections.abc import Mapping
 import torch
 
 from fewstep.data.base import Batch, cond_cat, cond_select, cond_where
-from fewstep.objectives.base import EvalCounter, Objective, make_distance, sample_time, time_weight
+from fewstep.objectives.base import EvalCounter, Objective, make_distance, sample_time, time_weight, wide
 from fewstep.path import interpolate, reconstruct
 from fewstep.teachers.rng import RngState
 
 GROUPS = ("e2e", "mul", "any", "adv")
-
-
-def _wide(x: torch.Tensor) -> torch.Tensor:
-    """Targets are formed in at least float32 (float64 inputs stay float64): the RCGM residual
-    divides by delta_t, which amplifies rounding."""
-    return x if x.dtype == torch.float64 else x.float()
 
 
 def partition_sizes(batch_size: int, probs: Mapping[str, float]) -> dict[str, int]:
@@ -129,14 +123,14 @@ class TwinFlow(Objective):
         if sizes["adv"] > 0:
             # Adversarial rows: the model's own one-step samples become the data, on negative time.
             z_fake = torch.randn_like(x[adv])
-            ones = torch.ones(sizes["adv"], device=device)
+            ones = torch.ones(sizes["adv"], device=device, dtype=t.dtype)
             F_fake = self._call(counter, "adv_generate", student, z_fake, ones, 0 * ones, cond_select(cond, adv))
             x = x.clone()
-            x[adv] = reconstruct(z_fake, F_fake.float(), ones)[0].to(x.dtype)
+            x[adv] = reconstruct(z_fake, wide(F_fake), ones)[0].to(x.dtype)
             t = torch.where(adv, -t, t)
             tt = torch.where(adv, t, tt)
         x_t = interpolate(x, z, t)
-        return dict(x=x, z=z, x_t=x_t, v=(z - x).float(), t=t, tt=tt, masks=masks, cond=cond, uncond=uncond)
+        return dict(x=x, z=z, x_t=x_t, v=wide(z - x), t=t, tt=tt, masks=masks, cond=cond, uncond=uncond)
 
     @torch.no_grad()
     def enhance_target(self, teacher_model, inp: dict, target: torch.Tensor, rng: RngState, counter: EvalCounter):
@@ -150,28 +144,30 @@ class TwinFlow(Objective):
             return
         x_t, tr = inp["x_t"][rows], t[rows]
         rng.restore()
-        out = self._call(
-            counter,
-            "teacher_enhance",
-            teacher_model,
-            torch.cat([x_t, x_t]),
-            torch.cat([tr, tr]),
-            torch.cat([tr, tr]),
-            cond_cat(cond_select(inp["cond"], rows), cond_select(inp["uncond"], rows)),
-        ).float()
+        out = wide(
+            self._call(
+                counter,
+                "teacher_enhance",
+                teacher_model,
+                torch.cat([x_t, x_t]),
+                torch.cat([tr, tr]),
+                torch.cat([tr, tr]),
+                cond_cat(cond_select(inp["cond"], rows), cond_select(inp["uncond"], rows)),
+            )
+        )
         target[rows] += self.enhanced_ratio * (out[:n] - out[n:])
 
     @torch.no_grad()
     def rollout_integral(self, teacher_model, x_m, t_m, tt, cond, rng: RngState, counter: EvalCounter):
         """Roll the teacher from ``t_m`` to ``tt`` in N equal sub-steps; return ``S = Σ F_i·(s_i − s_{i+1})``."""
         n = self.estimate_order
-        x, total = x_m, torch.zeros_like(_wide(x_m))
+        x, total = x_m, torch.zeros_like(wide(x_m))
         for i in range(n):
             s_cur = t_m + (tt - t_m) * (i / n)
             s_next = t_m + (tt - t_m) * ((i + 1) / n)
             rng.restore()
-            F_i = _wide(self._call(counter, "teacher_rollout", teacher_model, x, s_cur, s_next, cond))
-            x_hat, z_hat = reconstruct(_wide(x), F_i, s_cur)
+            F_i = wide(self._call(counter, "teacher_rollout", teacher_model, x, s_cur, s_next, cond))
+            x_hat, z_hat = reconstruct(wide(x), F_i, s_cur)
             x = interpolate(x_hat, z_hat, s_next).to(x_m.dtype)
             total += F_i * (s_cur - s_next).reshape(-1, *([1] * (F_i.ndim - 1)))
         return total
@@ -183,7 +179,7 @@ class TwinFlow(Objective):
         Rows with ``t − δ ≤ tt`` have a zero-length rollout (``t_m = tt``), so their integral is
         exactly 0 and the teacher is not run on them."""
         t, tt, delta = inp["t"], inp["tt"], self.delta_t
-        F = _wide(F.detach())
+        F = wide(F.detach())
         integral = torch.zeros_like(F)
         rows = (~inp["masks"]["adv"]) & (t - delta > tt)
         if rows.any():
@@ -208,7 +204,7 @@ class TwinFlow(Objective):
         x_t = interpolate(x_fake, torch.randn_like(x_fake), t)
         signed = torch.cat([-t, t])
         out = self._call(counter, "rectify", student, torch.cat([x_t, x_t]), signed, signed, cond_cat(cond, cond))
-        out = out.float()
+        out = wide(out)
         return (out[:n] - out[n:]).clamp(-1.0, 1.0)
 
     # -- the loss ----------------------------------------------------------------------------------
@@ -245,7 +241,7 @@ class TwinFlow(Objective):
             F_e2e = F[e2e]
             x_fake = reconstruct(inp["x_t"][e2e], F_e2e.detach(), t[e2e])[0]
             delta = self.rectify_delta(student, x_fake, cond_select(inp["cond"], e2e), counter)
-            rectify = self.distance(F_e2e, (F_e2e.detach().float() - delta)).mean()
+            rectify = self.distance(F_e2e, (wide(F_e2e.detach()) - delta)).mean()
             total = total + self.dist_match_coef * rectify
             logs["loss/rectify"] = rectify.detach()
 

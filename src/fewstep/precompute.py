@@ -104,6 +104,7 @@ class Item:
     file: str  # relative to the image folder (posix)
     caption: str
     size: tuple[int, int]  # (width, height) in pixels, bucket-resized
+    upscale: float = 1.0  # > 1: the image is smaller than its bucket and is enlarged by this factor
 
 
 @dataclass
@@ -208,13 +209,28 @@ def plan_shards(
                 continue
             caption = ""
         bucket = pick_bucket(width, height, sizes)
-        by_bucket.setdefault(bucket, []).append(Item(rel, caption, bucket))
+        upscale = max(bucket[0] / width, bucket[1] / height)
+        by_bucket.setdefault(bucket, []).append(Item(rel, caption, bucket, upscale))
     shards: list[Shard] = []
     for bucket in sorted(by_bucket, key=lambda s: (s[1], s[0])):
         items = by_bucket[bucket]
         for start in range(0, len(items), shard_size):
             shards.append(Shard(f"shard_{len(shards):05d}", bucket, items[start : start + shard_size]))
     return shards, skipped, len(files)
+
+
+def warn_upscaled(items: list[Item], resolution: int) -> int:
+    """One warning, with a count, for the images smaller than their bucket (enlarged: blurrier than the rest);
+    returns the count."""
+    small = [i for i in items if i.upscale > 1.0]
+    if small:
+        worst = max(small, key=lambda i: i.upscale)
+        log.warning(
+            "precompute: %d of %d images are smaller than resolution=%d and are upscaled (up to %.2fx, e.g. %s); "
+            "give larger images or a lower resolution= for sharper latents",
+            len(small), len(items), resolution, worst.upscale, worst.file,
+        )  # fmt: skip
+    return len(small)
 
 
 # --------------------------------------------------------------------------- encoders
@@ -380,6 +396,7 @@ def precompute(args) -> dict:
     shards, skipped, n_files = plan_shards(images, sizes, args.shard_size, args.missing_caption)
     if n_files == 0:
         raise PrecomputeError(f"images={args.images}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    warn_upscaled([i for s in shards for i in s.items], args.resolution)
     planned_names = {s.name for s in shards}
     for stale in shards_dir.glob("shard_*"):
         if stale.name.split(".")[0] not in planned_names:
@@ -459,6 +476,7 @@ def precompute(args) -> dict:
         "skipped_no_caption": sum(1 for s in skipped if s["reason"].startswith("no caption")),
         "shards": len(entries),
         "shards_resumed": resumed,
+        "upscaled": sum(1 for s in shards for i in s.items if i.upscale > 1.0),
         "latent_buckets": buckets,
     }
     pretrained = args.pretrained

@@ -1,0 +1,81 @@
+"""precompute on the tiny offline SD3 pipeline: the upscaling warning, a cache larger than the transformer takes
+(refused before the weights load) and image+caption sources from the ``datasets`` library."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from fewstep.precompute import main as precompute_main
+from fewstep.validate import ConfigError, validate
+
+from helpers import FAST, compose
+
+MAX_SEQ = 8
+
+
+@pytest.fixture(scope="module")
+def small_pos_embed_pipeline(tmp_path_factory):
+    """The tiny SD3 pipeline whose transformer takes latents of at most 8x8 (patch 1)."""
+    from tiny_sd3 import save_tiny_sd3_pipeline
+
+    return save_tiny_sd3_pipeline(tmp_path_factory.mktemp("sd3") / "pipe", transformer_kwargs={"pos_embed_max_size": 8})
+
+
+def write_images(folder, sizes: list[int]):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i, side in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(f"a cat number {i}")
+    return folder
+
+
+def precompute_args(pretrained, out, *extra):
+    return [f"pretrained={pretrained}", f"out={out}", "batch_size=2", f"max_sequence_length={MAX_SEQ}",
+            "embeds_dtype=float32", "progress=false", "buckets=false", *extra]  # fmt: skip
+
+
+def test_upscaled_images_are_counted_in_one_warning_and_the_oversized_cache_is_refused(
+    small_pos_embed_pipeline, tmp_path, caplog
+):
+    images = write_images(tmp_path / "images", [8, 8, 16, 4, 16])
+    cache = tmp_path / "cache"
+    with caplog.at_level(logging.WARNING, logger="fewstep.precompute"):
+        manifest = precompute_main(
+            precompute_args(small_pos_embed_pipeline, cache, f"images={images}", "resolution=16")
+        )
+    warnings = [r.getMessage() for r in caplog.records if "upscaled" in r.getMessage()]
+    assert warnings == [
+        "precompute: 3 of 5 images are smaller than resolution=16 and are upscaled (up to 4.00x, e.g. img3.png); "
+        "give larger images or a lower resolution= for sharper latents"
+    ]
+    assert manifest["summary"]["upscaled"] == 3 and manifest["summary"]["latent_buckets"] == {"4x16x16": 5}
+    # the VAE keeps the size (scale 1), the transformer takes 8 at most: refused before any weight loads
+    over = ["model=sd35", f"model.pretrained={small_pos_embed_pipeline}", "data=latents", f"data.path={cache}"]
+    with pytest.raises(ConfigError) as err:
+        validate(compose([*over, *FAST]))
+    assert str(err.value) == (
+        f"data.path={cache} holds latents up to 16 wide/high (1 of 1 latent sizes) but "
+        f"model.pretrained={small_pos_embed_pipeline} takes at most 8 (pos_embed_max_size 8 x patch_size 1): "
+        "re-run precompute with resolution=8 or lower into a new out dir"
+    )
+    # as the message says: at resolution=8 it trains (only the 4 px image is still enlarged)
+    caplog.clear()
+    small = tmp_path / "cache8"
+    with caplog.at_level(logging.WARNING, logger="fewstep.precompute"):
+        precompute_main(precompute_args(small_pos_embed_pipeline, small, f"images={images}", "resolution=8"))
+    warnings = [r.getMessage() for r in caplog.records if "upscaled" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("precompute: 1 of 5 images are smaller than resolution=8")
+    assert json.loads((small / "manifest.json").read_text())["summary"]["upscaled"] == 1
+    from fewstep.train import train
+
+    over[-1] = f"data.path={small}"
+    summary = train(compose([*over, "data.batch_size=2", "trainer.max_steps=1", "trainer.final_nfe=[1]",
+                             "trainer.grid_size=2", *FAST]), run_dir=tmp_path / "run")  # fmt: skip
+    assert summary["steps"] == 1

@@ -79,3 +79,89 @@ def test_upscaled_images_are_counted_in_one_warning_and_the_oversized_cache_is_r
     summary = train(compose([*over, "data.batch_size=2", "trainer.max_steps=1", "trainer.final_nfe=[1]",
                              "trainer.grid_size=2", *FAST]), run_dir=tmp_path / "run")  # fmt: skip
     assert summary["steps"] == 1
+
+
+# --------------------------------------------------------------------------- datasets sources
+
+
+def write_imagefolder(folder, n: int = 5):
+    """An imagefolder: PNGs + metadata.jsonl (row 3 without a caption), read by both images= and dataset=."""
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    meta = []
+    for i in range(n):
+        side = (8, 12)[i % 2]
+        Image.fromarray(rng.integers(0, 255, (side, 8, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+        meta.append({"file_name": f"img{i}.png", "text": None if i == 3 else f"a dog number {i}"})
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(m) for m in meta))
+    return folder, meta
+
+
+def shard_tensors(cache):
+    from safetensors.torch import load_file
+
+    manifest = json.loads((cache / "manifest.json").read_text())
+    return [(s["files"], load_file(str(cache / s["file"]))) for s in manifest["shards"]]
+
+
+def test_datasets_sources_match_the_folder_cache_and_resume(small_pos_embed_pipeline, tmp_path):
+    import datasets
+    import torch
+
+    folder, meta = write_imagefolder(tmp_path / "imagefolder")
+    # the same rows as parquet and as a save_to_disk (arrow) dataset, captions in a "caption" column
+    rows = {"picture": [{"bytes": (folder / m["file_name"]).read_bytes(), "path": None} for m in meta],
+            "caption": [m["text"] for m in meta]}  # fmt: skip
+    table = datasets.Dataset.from_dict(rows).cast_column("picture", datasets.Image())
+    (tmp_path / "parquet").mkdir()
+    table.to_parquet(str(tmp_path / "parquet" / "train.parquet"))
+    table.save_to_disk(str(tmp_path / "arrow"))
+
+    def run(out, *source):
+        return precompute_main(precompute_args(small_pos_embed_pipeline, out, "resolution=8", "buckets=true", *source))
+
+    folder_manifest = run(tmp_path / "c_folder", f"images={folder}")
+    assert folder_manifest["summary"]["encoded"] == 4  # metadata.jsonl's null caption is a missing one
+    assert [s["file"] for s in folder_manifest["skipped"]] == ["img3.png"]
+    expected = shard_tensors(tmp_path / "c_folder")
+    columns = ["image_column=picture", "caption_column=caption"]
+    sources = {
+        "imagefolder": [f"dataset={folder}"],  # datasets' imagefolder builder: image + text columns
+        "parquet": [f"dataset={tmp_path / 'parquet'}", *columns],
+        "arrow": [f"dataset={tmp_path / 'arrow'}", *columns],
+    }
+    for name, source in sources.items():
+        manifest = run(tmp_path / f"c_{name}", *source)
+        assert manifest["summary"]["encoded"] == 4, name
+        assert [s["file"] for s in manifest["skipped"]] == ["row 3"], name
+        assert manifest["source"]["dataset"] == source[0].split("=", 1)[1]
+        got = shard_tensors(tmp_path / f"c_{name}")
+        assert [files for files, _ in got] == [[f.replace("img", "row ").removesuffix(".png") for f in files]
+                                               for files, _ in expected]  # fmt: skip
+        for (_, a), (_, b) in zip(got, expected):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    # resumable like the folder path: a finished run resumes every shard; a lost shard is redone, identical
+    cache = tmp_path / "c_parquet"
+    assert run(cache, *sources["parquet"])["summary"]["shards_resumed"] == len(expected)
+    (cache / "shards" / "shard_00000.json").unlink()
+    redo = run(cache, *sources["parquet"])
+    assert redo["summary"]["shards_resumed"] == len(expected) - 1
+    assert all(torch.equal(a[k], b[k]) for (_, a), (_, b) in zip(shard_tensors(cache), expected) for k in a)
+
+
+def test_dataset_errors_name_the_fix(tmp_path):
+    import datasets
+
+    from fewstep.data.image_datasets import DatasetImages, DatasetSourceError
+
+    datasets.Dataset.from_dict({"img": [b"x"], "text": ["a"]}).save_to_disk(str(tmp_path / "d"))
+    with pytest.raises(DatasetSourceError, match=r"has no column 'image': set image_column= to one of img, text$"):
+        DatasetImages(str(tmp_path / "d"))
+    with pytest.raises(DatasetSourceError, match=r"has no column 'caption': set caption_column= to one of img, t"):
+        DatasetImages(str(tmp_path / "d"), image_column="img", caption_column="caption")
+    with pytest.raises(DatasetSourceError, match=r"could not be opened .*give a hub id, a save_to_disk folder"):
+        DatasetImages(str(tmp_path / "nope"))
+    with pytest.raises(SystemExit, match="give one of images=DIR or dataset=HUB_ID_OR_DIR"):
+        precompute_main(["pretrained=x", f"out={tmp_path / 'o'}"])

@@ -8,7 +8,9 @@ Qwen2.5-VL, embeddings padded to ``max_sequence_length`` with their mask). ``nul
 family's unconditional prompt (empty; Qwen-Image: "Generate an image.", the reference's).
 
 Captions: ``metadata.jsonl`` in the image folder (lines ``{"file_name": ..., "text": ...}``) or a ``.txt``
-beside each image. Images are resized to cover a resolution bucket (aspect ratios 1:1, 4:3, 3:2, 16:9 and
+beside each image. Or, instead of ``images=``, ``dataset=HUB_ID_OR_DIR image_column=image
+caption_column=text split=train``: a ``datasets`` dataset (:mod:`fewstep.data.image_datasets`; rows are
+named ``row N``). Images are resized to cover a resolution bucket (aspect ratios 1:1, 4:3, 3:2, 16:9 and
 their transposes at about ``resolution²`` pixels, sides a multiple of the latent patch) and centre-cropped;
 ``buckets=false`` uses the square only. Latents are the family's normalisation of the VAE mean (SD3:
 ``(mean − shift_factor)·scaling_factor``).
@@ -38,7 +40,8 @@ from fewstep.errors import FewstepError
 log = logging.getLogger("fewstep.precompute")
 
 USAGE = (
-    "usage: python -m fewstep.precompute pretrained=DIR_OR_HUB_ID images=DIR out=DIR [resolution=512] "
+    "usage: python -m fewstep.precompute pretrained=DIR_OR_HUB_ID (images=DIR | dataset=HUB_ID_OR_DIR "
+    "[image_column=image] [caption_column=text] [split=train]) out=DIR [resolution=512] "
     "[batch_size=4] [device=cuda|cpu] [shard_size=256] [max_sequence_length=256] [buckets=true] "
     "[dtype=auto|float32|bfloat16] [embeds_dtype=bfloat16|float16|float32] [missing_caption=skip|empty] "
     "[validation_prompts=FILE] [progress=true] [null_prompt=TEXT] [complex_human_instruction=default|none|FILE]"
@@ -46,6 +49,10 @@ USAGE = (
 DEFAULTS = {
     "pretrained": "",
     "images": "",
+    "dataset": "",  # a `datasets` dataset instead of images= (fewstep.data.image_datasets)
+    "image_column": "image",
+    "caption_column": "text",
+    "split": "train",
     "out": "",
     "resolution": 512,
     "batch_size": 4,
@@ -144,7 +151,8 @@ def read_captions(folder: Path) -> dict[str, str]:
             continue
         try:
             row = json.loads(line)
-            captions[Path(row["file_name"]).as_posix()] = str(row["text"])
+            if row["text"] is not None:  # null: no caption (missing_caption= decides)
+                captions[Path(row["file_name"]).as_posix()] = str(row["text"])
         except (ValueError, KeyError, TypeError) as err:
             raise PrecomputeError(
                 f'{meta}:{n}: expected {{"file_name": ..., "text": ...}} ({type(err).__name__}); fix that line'
@@ -185,38 +193,52 @@ def load_image(path: Path, size: tuple[int, int]) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
+def folder_rows(folder: Path):
+    """``(name, image opener, caption or None)`` per image file of ``folder`` (captions from ``metadata.jsonl``
+    or a ``.txt`` beside the image), sorted by path; the name is the path relative to ``folder``."""
+    captions = read_captions(folder)
+    for path in find_images(folder):
+        rel = path.relative_to(folder).as_posix()
+        caption = captions.get(rel)
+        if caption is None and path.with_suffix(".txt").exists():
+            caption = path.with_suffix(".txt").read_text().strip()
+        yield rel, (lambda p=path: p), caption
+
+
 def plan_shards(
     folder: Path, sizes: list[tuple[int, int]], shard_size: int, missing_caption: str
 ) -> tuple[list[Shard], list[dict], int]:
     """Deterministic shards (one bucket each) of the captioned, readable images; and the skipped ones."""
-    captions = read_captions(folder)
-    files = find_images(folder)
+    return plan_rows(folder_rows(folder), sizes, shard_size, missing_caption)
+
+
+def plan_rows(rows, sizes: list[tuple[int, int]], shard_size: int, missing_caption: str):
+    """Shards of ``(name, image opener, caption)`` rows (a folder's files or a dataset's rows), the skipped rows
+    and the number of rows."""
     skipped: list[dict] = []
     by_bucket: dict[tuple[int, int], list[Item]] = {}
-    for path in files:
-        rel = path.relative_to(folder).as_posix()
+    n_rows = 0
+    for name, opener, caption in rows:
+        n_rows += 1
         try:
-            width, height = image_size(path)
+            width, height = image_size(opener())
         except Exception as err:  # noqa: BLE001 - any decoder error means an unreadable image
-            skipped.append({"file": rel, "reason": f"unreadable: {type(err).__name__}: {str(err)[:120]}"})
+            skipped.append({"file": name, "reason": f"unreadable: {type(err).__name__}: {str(err)[:120]}"})
             continue
-        caption = captions.get(rel)
-        if caption is None and path.with_suffix(".txt").exists():
-            caption = path.with_suffix(".txt").read_text().strip()
         if caption is None:
             if missing_caption == "skip":
-                skipped.append({"file": rel, "reason": "no caption (metadata.jsonl or .txt)"})
+                skipped.append({"file": name, "reason": "no caption (metadata.jsonl or .txt)"})
                 continue
             caption = ""
         bucket = pick_bucket(width, height, sizes)
         upscale = max(bucket[0] / width, bucket[1] / height)
-        by_bucket.setdefault(bucket, []).append(Item(rel, caption, bucket, upscale))
+        by_bucket.setdefault(bucket, []).append(Item(name, caption, bucket, upscale))
     shards: list[Shard] = []
     for bucket in sorted(by_bucket, key=lambda s: (s[1], s[0])):
         items = by_bucket[bucket]
         for start in range(0, len(items), shard_size):
             shards.append(Shard(f"shard_{len(shards):05d}", bucket, items[start : start + shard_size]))
-    return shards, skipped, len(files)
+    return shards, skipped, n_rows
 
 
 def warn_upscaled(items: list[Item], resolution: int) -> int:
@@ -354,11 +376,13 @@ def precompute(args) -> dict:
     """Run the precompute for parsed ``args`` (see ``DEFAULTS``); returns the manifest."""
     from fewstep.models.family import parse_dtype
 
-    for key in ("pretrained", "images", "out"):
+    for key in ("pretrained", "out"):
         if not args[key]:
             raise PrecomputeError(f"{key}= is required\n{USAGE}")
-    images = Path(os.path.expanduser(args.images))
-    if not images.is_dir():
+    if bool(args.images) == bool(args.dataset):
+        raise PrecomputeError(f"give one of images=DIR or dataset=HUB_ID_OR_DIR\n{USAGE}")
+    images = Path(os.path.expanduser(args.images)) if args.images else None
+    if images is not None and not images.is_dir():
         raise PrecomputeError(f"images={args.images}: no such folder; give the folder holding the images")
     if args.resolution < 8 or args.batch_size < 1 or args.shard_size < 1:
         raise PrecomputeError("resolution must be >= 8, batch_size and shard_size >= 1")
@@ -382,6 +406,11 @@ def precompute(args) -> dict:
     else:
         validation_prompts = list(DEFAULT_VALIDATION_PROMPTS)
 
+    source = None
+    if images is None:  # open the dataset (and check its columns) before the encoders load
+        from fewstep.data.image_datasets import DatasetImages
+
+        source = DatasetImages(args.dataset, args.image_column, args.caption_column, args.split)
     chi = "none" if args.complex_human_instruction is None else str(args.complex_human_instruction)
     if chi.lower() not in ("default", "none", "false", "") and not Path(chi).expanduser().is_file():
         raise PrecomputeError(
@@ -393,9 +422,16 @@ def precompute(args) -> dict:
     shards_dir = out / "shards"
     shards_dir.mkdir(parents=True, exist_ok=True)
     sizes = bucket_sizes(args.resolution, encoders.latent_multiple, args.buckets)
-    shards, skipped, n_files = plan_shards(images, sizes, args.shard_size, args.missing_caption)
-    if n_files == 0:
-        raise PrecomputeError(f"images={args.images}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    if images is not None:
+        shards, skipped, n_files = plan_shards(images, sizes, args.shard_size, args.missing_caption)
+        if n_files == 0:
+            raise PrecomputeError(f"images={args.images}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        open_image = images.__truediv__
+    else:
+        shards, skipped, n_files = plan_rows(source.rows(), sizes, args.shard_size, args.missing_caption)
+        if n_files == 0:
+            raise PrecomputeError(f"dataset={args.dataset} (split {args.split}) has no rows")
+        open_image = source.open_named
     warn_upscaled([i for s in shards for i in s.items], args.resolution)
     planned_names = {s.name for s in shards}
     for stale in shards_dir.glob("shard_*"):
@@ -418,7 +454,7 @@ def precompute(args) -> dict:
             pixels, ok = [], []
             for item in chunk:
                 try:
-                    pixels.append(load_image(images / item.file, shard.size))
+                    pixels.append(load_image(open_image(item.file), shard.size))
                     ok.append(item)
                 except Exception as err:  # noqa: BLE001 - any decoder error means an unreadable image
                     shard_skipped.append(
@@ -486,6 +522,9 @@ def precompute(args) -> dict:
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "pretrained": pretrained,
+        "source": {"images": str(images.resolve())}
+        if images is not None
+        else {k: args[k] for k in ("dataset", "split", "image_column", "caption_column")},
         "pipeline_class": encoders.pipeline_class,
         "family": encoders.family.name,
         "null_prompt": null_prompt,

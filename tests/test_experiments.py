@@ -149,17 +149,11 @@ def test_placeholder_model_group_fails_with_one_line(tmp_path):
 
 def tiny_cache(root, pretrained, max_sequence_length: int):
     """A 16 px latent cache of ``pretrained`` (4 random captioned images) under ``root``."""
-    import numpy as np
-    from PIL import Image
-
     from fewstep.precompute import main as precompute_main
 
-    images = root / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(images / f"img{i}.png")
-        (images / f"img{i}.txt").write_text(f"a photo number {i}")
+    from tiny_sd3 import save_captioned_images
+
+    images = save_captioned_images(root / "images")
     cache = root / "cache"
     args = [f"pretrained={pretrained}", f"images={images}", f"out={cache}", "resolution=16", "batch_size=2"]
     precompute_main([*args, f"max_sequence_length={max_sequence_length}", "embeds_dtype=float32", "progress=false"])

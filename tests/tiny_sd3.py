@@ -200,3 +200,17 @@ def build_tiny_unet(sample_size: int = 8, cross_attention_dim: int = 16):
         norm_num_groups=4,
         attention_head_dim=4,
     )
+
+
+def save_captioned_images(folder: str | os.PathLike, n: int = 4, side: int = 16, caption: str = "a photo number {i}"):
+    """``n`` random ``side``-pixel PNGs ``img{i}.png``, each with a ``.txt`` caption, for precompute; the folder."""
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(caption.format(i=i))
+    return folder

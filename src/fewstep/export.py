@@ -38,9 +38,20 @@ log = logging.getLogger("fewstep.export")
 
 USAGE = (
     "usage: python -m fewstep.export run_dir=DIR out=DIR2 [weights=ema|student] [checkpoint=PATH] "
-    "[pipeline=DIR_OR_HUB_ID] [dtype=model|float32|bfloat16|float16]"
+    "[pipeline=DIR_OR_HUB_ID] [dtype=model|float32|bfloat16|float16] [hub_repo=USER/NAME "
+    "[hub_push=auto|pipeline|lora] [hub_private=false]]"
 )
-DEFAULTS = {"run_dir": "", "out": "", "weights": "ema", "checkpoint": None, "pipeline": "", "dtype": "model"}
+DEFAULTS = {
+    "run_dir": "",
+    "out": "",
+    "weights": "ema",
+    "checkpoint": None,
+    "pipeline": "",
+    "dtype": "model",
+    "hub_repo": "",  # push the export (fewstep.hub) after writing it
+    "hub_push": "auto",  # auto: the LoRA of a LoRA run, else the pipeline
+    "hub_private": False,
+}
 EMBEDDINGS_FILE = "twinflow_embeddings.safetensors"
 
 
@@ -166,6 +177,10 @@ def export(args) -> dict:
     for key in ("run_dir", "out"):
         if not args[key]:
             raise ExportError(f"{key}= is required\n{USAGE}")
+    if args.hub_repo:
+        from fewstep.hub import check_push_args
+
+        check_push_args(args.hub_repo, args.hub_push)
     run_dir = Path(os.path.expanduser(args.run_dir))
     out = Path(os.path.expanduser(args.out))
     cfg, model, ckpt, step, used = load_run_model(run_dir, args.checkpoint, args.weights)
@@ -225,8 +240,19 @@ def export(args) -> dict:
         scheduler.save_pretrained(lora_dir / "scheduler")
         info["lora_dir"] = str(lora_dir)
         info["lora_files"] = sorted(p.name for p in lora_dir.iterdir())
+    from fewstep.export_card import load_code, write_model_card
+
+    nfe = scheduler.config.default_num_inference_steps
+    imports = [type(transformer).__module__, "fewstep.samplers.scheduler"]
+    code = load_code(family.pipeline_class, imports, args.hub_repo or str(out), nfe, bool(model.lora_enabled))
+    write_model_card(out, cfg, {**info, "default_steps": nfe, "load_code": code}, run_dir, pipeline_source)
     (out / "fewstep_export.json").write_text(json.dumps(info, indent=2))
     log.info("exported step %d (%s weights) of %s to %s", step, used, run_dir, out)
+    if args.hub_repo:
+        from fewstep.hub import push_export
+
+        info["hub"] = push_export(out, args.hub_repo, args.hub_push, bool(args.hub_private))
+        log.info("pushed %s to https://huggingface.co/%s", info["hub"]["folder"], args.hub_repo)
     return info
 
 

@@ -29,13 +29,16 @@ def config_only_pretrained(root: Path, component: str = "transformer", **config)
     return root
 
 
-def manifest_only_cache(root: Path, shapes: list[list[int]], resolution: int = 16) -> Path:
+def manifest_only_cache(
+    root: Path, shapes: list[list[int]], resolution: int = 16, pipeline: str = "StableDiffusion3Pipeline"
+) -> Path:
     """A cache folder holding only ``manifest.json`` (shards listed, files absent)."""
     root.mkdir(parents=True)
     shards = [
         {"file": f"shards/shard_{i:05d}.safetensors", "count": 3, "latent_shape": s} for i, s in enumerate(shapes)
     ]
-    (root / "manifest.json").write_text(json.dumps({"resolution": resolution, "shards": shards}))
+    manifest = {"resolution": resolution, "pipeline_class": pipeline, "shards": shards}
+    (root / "manifest.json").write_text(json.dumps(manifest))
     return root
 
 
@@ -123,7 +126,8 @@ def test_cache_channels_and_size_are_checked_against_the_transformer_config(tmp_
         tmp_path / "sd15", "unet", _class_name="UNet2DConditionModel", pos_embed_max_size=None
     )
     sd15 = ["model=sd15", f"model.pretrained={unet}", "diff2flow.enabled=true", "objective.allow_diff2flow=true"]
-    validate(compose([*sd15, "data=latents", f"data.path={big}"]))
+    big15 = manifest_only_cache(tmp_path / "big15", [[4, 24, 18]], resolution=512, pipeline="StableDiffusionPipeline")
+    validate(compose([*sd15, "data=latents", f"data.path={big15}"]))
 
 
 def test_user_error_inside_instantiate_is_unwrapped(tmp_path):

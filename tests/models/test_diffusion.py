@@ -180,7 +180,8 @@ def test_sd15_config_is_refused_without_the_bridge_flags(tmp_path):
         validate(compose(["model=sd15"]))
     (tmp_path / "unet").mkdir()  # the checks read the UNet's config.json and the cache's manifest, nothing more
     (tmp_path / "unet" / "config.json").write_text(json.dumps({"in_channels": 4}))
-    (tmp_path / "manifest.json").write_text(json.dumps({"shards": [{"count": 2, "latent_shape": [4, 8, 8]}]}))
+    manifest = {"pipeline_class": "StableDiffusionPipeline", "shards": [{"count": 2, "latent_shape": [4, 8, 8]}]}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     given = [f"model.pretrained={tmp_path}", "data=latents", f"data.path={tmp_path}"]
     cfg = validate(compose(["model=sd15", "diff2flow.enabled=true", "objective.allow_diff2flow=true", *given]))
     assert cfg.model.prediction_type == "epsilon"

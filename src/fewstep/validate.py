@@ -324,7 +324,12 @@ def check_model_data(cfg: DictConfig) -> None:
         config = _transformer_config(model)
     except FewstepError as err:
         problems.append(str(err))
-    if not latents:
+    if not latents and model.get("random_init", False):
+        problems.append(
+            f"{_choice(cfg, 'model')} with model.random_init=true trains on latents of its architecture's shapes, "
+            f"not {_choice(cfg, 'data')}: give data=synthetic (or data=latents data.path=CACHE)"
+        )
+    elif not latents:
         problems.append(
             f"{_choice(cfg, 'model')} trains on VAE latents, not {_choice(cfg, 'data')}: give data=latents "
             f"data.path=CACHE, a cache written by {precompute}"

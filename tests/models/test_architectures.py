@@ -140,3 +140,13 @@ def test_random_init_refuses_an_architecture_of_another_family():
         SD3Model(random_init=True, architecture="sana_1600m_1024px", num_layers=1)
     with pytest.raises(ArchitectureError, match="needs model.architecture"):
         SD3Model(random_init=True, architecture="", num_layers=1)
+
+
+def test_a_random_init_model_on_image_data_is_told_to_use_synthetic_latents():
+    from fewstep.validate import ConfigError, validate
+
+    from helpers import compose
+
+    with pytest.raises(ConfigError, match=r"model.random_init=true trains on latents .*: give data=synthetic"):
+        validate(compose(["model=sd35_lora", "model.random_init=true"]))
+    validate(compose(["model=sd35_lora", "model.random_init=true", "data=synthetic"]))  # no weights needed

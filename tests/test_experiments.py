@@ -131,6 +131,7 @@ def test_unavailable_row_fails_before_anything_loads(name):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_unavailable_row_fails_at_start_on_the_command_line(tmp_path):
     start = time.perf_counter()
     proc = run_cli(["experiment=table6/openuni_full", "data.path=/nonexistent"], tmp_path, check=False)
@@ -138,6 +139,7 @@ def test_unavailable_row_fails_at_start_on_the_command_line(tmp_path):
     assert "model family openuni is not available yet" in proc.stderr
 
 
+@pytest.mark.slow
 def test_placeholder_model_group_fails_with_one_line(tmp_path):
     cfg = compose(["model=openuni", "data=toy2d"])
     assert cfg.model.family == "openuni" and not cfg.model.lora.enabled

@@ -440,6 +440,7 @@ def test_sd15_precompute_and_training_through_the_diff2flow_bridge(images, tmp_p
     assert summary["steps"] == 2 and np.isfinite(summary["loss"])
 
 
+@pytest.mark.slow
 def test_bench_runs_on_latent_data_with_prompt_conditions(pretrained, cache, tmp_path):
     """fewstep.bench on model=sd35_lora + data=latents in bf16 (the GPU check's configuration, tiny):
     dict (prompt-embedding) conditions through the sampling benchmark too."""

@@ -151,6 +151,7 @@ print("not killed")
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("moment", ["model", "optim", "state", "swap", "committed"])
 def test_sigkill_inside_save_checkpoint_keeps_every_committed_checkpoint(tmp_path, moment):
     """SIGKILL at a chosen moment of a checkpoint write: what was committed before stays loadable, the
@@ -392,6 +393,7 @@ EXACT = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     killed = tmp_path / "killed"
     env = faults.subprocess_env(**{faults.STALL_ENV: "13"})  # cannot reach step 20: stalls after step 13
@@ -611,6 +613,7 @@ except ck.CheckpointError as err:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("failing", ["model.safetensors", "optim.pt"])
 def test_a_real_write_error_in_the_native_writers_is_reported_in_one_line(tmp_path, failing):
     """A real kernel write failure (the file-size limit, EFBIG) inside safetensors' and torch's own writers,

@@ -251,6 +251,7 @@ def test_sweep_preset_reports_itself_with_a_failed_point(tmp_path):
     assert "Failed or unfinished (no summary.json): 1" in (sweep / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_local_parallel_launcher_runs_points_in_parallel(tmp_path):
     sweep = tmp_path / "multirun"
     args = ["-m", "experiment=sweep/toy2d_smoke", "hydra/launcher=local_parallel", "trainer.torch_threads=1"]

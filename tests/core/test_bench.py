@@ -56,6 +56,7 @@ def test_bench_writes_json_and_markdown(tmp_path):
     assert "| twinflow |" in md and "| nfe_1 | 1 |" in md and "ratio min–max" in md
 
 
+@pytest.mark.slow
 def test_isolated_variants_run_each_alone_and_collect_merges_them(tmp_path):
     out = tmp_path / "iso"
     result = main([
@@ -79,6 +80,7 @@ def test_isolated_variants_run_each_alone_and_collect_merges_them(tmp_path):
     assert "| iso | twinflow_no_enhance |" in md and "| missing |  | failed: no bench.json" in md
 
 
+@pytest.mark.slow
 def test_an_out_of_memory_or_a_crash_is_a_result_not_an_exception(tmp_path, monkeypatch, capsys):
     import torch
 
@@ -135,6 +137,7 @@ def test_summary_spread_and_means_hand_computed():
     assert tw["timed_steps"] == 6 and tw["params"] == 7
 
 
+@pytest.mark.slow
 def test_evals_per_step_is_the_mean_over_the_timed_steps():
     runners = {
         "flow_matching": StepRunner([*TOY, *VARIANTS["flow_matching"]], CPU, "no"),
@@ -150,6 +153,7 @@ def test_evals_per_step_is_the_mean_over_the_timed_steps():
     assert summary["flow_matching"]["evals_per_step"] == 1.0
 
 
+@pytest.mark.slow
 def test_timing_leaves_no_runner_alive():
     """Nothing built for the timing survives it (the loop variable of the old code kept the last runner,
     its model, AdamW state and EMA resident during the CUDA memory measurement)."""

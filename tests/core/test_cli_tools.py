@@ -66,6 +66,7 @@ def test_missing_run_dir_names_the_problem(tmp_path):
         main([f"run_dir={tmp_path}"])
 
 
+@pytest.mark.slow
 def test_eval_with_sampler_overrides_scores_the_same_weights_under_another_sampler(digits_run, tmp_path):
     from fewstep.eval.__main__ import main
 

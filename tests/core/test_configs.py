@@ -140,6 +140,7 @@ def test_keys_added_with_plus_are_checked_too(override, message):
         validate(compose([override]))
 
 
+@pytest.mark.slow
 def test_cli_prints_user_errors_as_one_line(tmp_path):
     from helpers import run_cli
 
@@ -178,6 +179,7 @@ def test_valid_overrides_flags_and_multiruns_pass_the_check():
     assert check_overrides([]) is None
 
 
+@pytest.mark.slow
 def test_cli_typo_is_one_line_with_exit_2(tmp_path):
     from helpers import run_cli
 

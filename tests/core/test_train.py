@@ -28,6 +28,7 @@ def final_ckpt(run_dir):
     return sorted((run_dir / "checkpoints").glob("step_*"))[-1]
 
 
+@pytest.mark.slow
 def test_cli_toy2d_writes_the_output_contract(tmp_path):
     run_cli([*TOY, "trainer.max_steps=12", "trainer.checkpoint_every=6", f"hydra.run.dir={tmp_path}/run"], tmp_path)
     run = tmp_path / "run"
@@ -92,6 +93,7 @@ def test_nonfinite_batches_are_skipped_then_abort_keeps_checkpoint(tmp_path):
     nan_data.NaNToy2D.nan_positions = set()
 
 
+@pytest.mark.slow
 def test_unknown_choice_fails_fast_listing_the_options(tmp_path):
     start = time.perf_counter()
     proc = run_cli(["objective=nope"], tmp_path, check=False)
@@ -100,6 +102,7 @@ def test_unknown_choice_fails_fast_listing_the_options(tmp_path):
         assert choice in proc.stderr
 
 
+@pytest.mark.slow
 def test_wrong_type_fails_at_compose_naming_the_key(tmp_path):
     proc = run_cli(["trainer.lr=abc"], tmp_path, check=False)
     assert proc.returncode != 0 and "trainer.lr" in proc.stderr
@@ -167,6 +170,7 @@ def test_two_processes_equal_one_process_at_the_same_global_batch(tmp_path):
     assert moved > 1e-3  # the comparison is not vacuous: the weights move by far more than the tolerance
 
 
+@pytest.mark.slow
 def test_wandb_logger_runs_offline_without_an_account(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -59,6 +59,7 @@ def test_classifier_cache_file_and_reuse(classifier, cache_dir, monkeypatch):
         assert torch.equal(v, loaded.state_dict()[k])
 
 
+@pytest.mark.slow
 def test_training_is_deterministic(classifier):
     state = torch.get_rng_state()
     with torch.inference_mode():  # lazily trained from a caller's no-grad block must still work
@@ -163,6 +164,7 @@ def test_eval_labels_and_noise():
     assert D.EVAL_NOISE_SEED == 1234
 
 
+@pytest.mark.slow
 def test_feature_extractor_evaluator_matches_digits_fd(classifier, evaluator, tmp_path, digits):
     x, y = D.floor_samples()
     expected = evaluator.evaluate(x, y)

@@ -12,6 +12,7 @@ from fewstep.models.architectures import ArchitectureError, load, materialize, r
 PUBLISHED = {"sd35_medium": 2.24e9, "sd35_large": 8.06e9, "sana_1600m_1024px": 1.60e9, "qwen_image": 20.4e9}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_each_shipped_architecture_has_its_published_parameter_count(name):
     import diffusers
@@ -39,6 +40,7 @@ def test_reduced_depth_keeps_width_and_drops_dual_attention_layers_past_it():
         load("sd35_medium").with_layers(25)
 
 
+@pytest.mark.slow
 def test_random_transformer_is_materialised_in_the_dtype_with_finite_generic_init():
     model = random_transformer("sd35_medium", torch.bfloat16, "cpu", num_layers=1)
     params = dict(model.named_parameters())

@@ -47,7 +47,7 @@ def test_model_card_names_base_objective_sampling_training_grid_license_and_load
     out = tmp_path / "export"
     (out / "lora").mkdir(parents=True)
     info = {"step": 300, "weights": "ema", "family": "sd3", "lora": True, "default_steps": 2}
-    info["load_code"] = load_code("StableDiffusion3Pipeline", ["fewstep"], "me/tiny", 2, lora=True)
+    info["load_code"] = load_code("StableDiffusion3Pipeline", "me/tiny", 2, lora=True)
     card = write_model_card(out, cfg, info, run, str(base)).read_text()
     front = card.split("---\n")[1]
     assert front.splitlines()[:3] == [
@@ -71,6 +71,7 @@ def test_model_card_names_base_objective_sampling_training_grid_license_and_load
     assert "carry its license: `other` (stabilityai-ai-community), LICENSE.md." in body
     assert 'pipe = StableDiffusion3Pipeline.from_pretrained("me/tiny", torch_dtype=torch.bfloat16)' in body
     assert "num_inference_steps=2, guidance_scale=0.0" in body and 'load_lora_pipeline("BASE_PIPELINE"' in body
+    assert 'DiffusionPipeline.from_pretrained("me/tiny", trust_remote_code=True' in body and "import fewstep  #" in body
     assert (out / "lora" / "README.md").read_text() == card and (out / "lora" / "samples.png").exists()
 
 
@@ -193,3 +194,86 @@ def test_export_writes_the_card_and_pushes_the_lora(tiny_lora_run, tmp_path, mon
     with pytest.raises(HubPushError, match="hub_repo=nope is not a hub repo id"):  # before any export work
         export_main([f"run_dir={run}", f"out={tmp_path / 'x'}", "hub_repo=nope"])
     assert not (tmp_path / "x").exists()
+
+
+NO_FEWSTEP = """
+import sys, torch
+try:
+    import fewstep  # noqa: F401
+except ImportError:
+    pass
+else:
+    raise SystemExit("fewstep is importable here")
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
+pipe.set_progress_bar_config(disable=True)
+print(type(pipe).__name__, type(pipe.transformer).__module__, type(pipe.transformer).__name__,
+      type(pipe.scheduler).__module__, type(pipe.scheduler).__name__)
+latents = torch.load(sys.argv[2])
+torch.manual_seed(1234)
+out = pipe("a red cat", height=16, width=16, num_inference_steps=2, guidance_scale=0.0, latents=latents,
+           max_sequence_length=8, output_type="latent").images
+torch.save(out, sys.argv[3])
+"""
+
+
+def test_export_is_self_contained_and_loads_with_a_bare_import(tiny_lora_run, tmp_path):
+    """Without fewstep (importing it fails), DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True) loads
+    the export from the code in its component folders and generates; with fewstep, a bare
+    StableDiffusion3Pipeline.from_pretrained(DIR) loads the installed classes. Both generate the same latents."""
+    import ast
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+
+    import fewstep  # noqa: F401 - all a user with fewstep installed needs
+    from fewstep.export import main as export_main
+    from fewstep.models.sd3 import SD3TwinFlowTransformer2DModel
+    from fewstep.samplers.scheduler import TwinFlowScheduler
+
+    _, run = tiny_lora_run
+    out = tmp_path / "export"
+    export_main([f"run_dir={run}", f"out={out}"])
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["transformer"] == ["fewstep_models_sd3", "SD3TwinFlowTransformer2DModel"]
+    assert index["scheduler"] == ["fewstep_samplers_scheduler", "TwinFlowScheduler"]
+    assert sorted(p.name for p in (out / "transformer").glob("*.py")) == [
+        "fewstep_errors.py", "fewstep_models_family.py", "fewstep_models_sd3.py"
+    ]  # fmt: skip
+    assert sorted(p.name for p in (out / "scheduler").glob("*.py")) == [
+        "fewstep_models_diff2flow.py", "fewstep_path.py", "fewstep_samplers_scheduler.py", "fewstep_samplers_ucgm.py"
+    ]  # fmt: skip
+    for code in [*(out / "transformer").glob("*.py"), *(out / "scheduler").glob("*.py")]:
+        for node in ast.parse(code.read_text()).body:  # nothing of fewstep is imported when the module loads
+            assert not (isinstance(node, ast.ImportFrom) and node.level == 0 and node.module.startswith("fewstep"))
+
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    torch.save(latents, tmp_path / "latents.pt")
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "fewstep.py").write_text("raise ImportError('fewstep is not installed on this machine')\n")
+    env = {**os.environ, "PYTHONPATH": str(blocker), "HF_MODULES_CACHE": str(tmp_path / "modules"),
+           "HF_HUB_OFFLINE": "1"}  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_FEWSTEP, str(out), str(tmp_path / "latents.pt"), str(tmp_path / "remote.pt")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kinds = proc.stdout.split()
+    assert kinds[0] == "StableDiffusion3Pipeline" and kinds[2] == "SD3TwinFlowTransformer2DModel"
+    assert kinds[1].startswith("diffusers_modules.local.") and kinds[3].startswith("diffusers_modules.local.")
+    assert kinds[4] == "TwinFlowScheduler"
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(out)  # bare: fewstep imported, no trust_remote_code
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.transformer) is SD3TwinFlowTransformer2DModel and type(pipe.scheduler) is TwinFlowScheduler
+    torch.manual_seed(1234)
+    local = pipe("a red cat", height=16, width=16, num_inference_steps=2, guidance_scale=0.0, latents=latents,
+                 max_sequence_length=8, output_type="latent").images  # fmt: skip
+    remote = torch.load(tmp_path / "remote.pt")
+    assert torch.isfinite(local).all() and (local - latents).abs().max() > 1e-3
+    assert (remote - local).abs().max().item() < 1e-6

@@ -312,10 +312,11 @@ def test_train_export_and_generate_in_two_steps(family, pretrained, cache, tmp_p
     assert info["family"] == family and info["time_pair"] and info["step"] == 3
     index = json.loads((out / "model_index.json").read_text())
     export_class = family_named(family).model_class.export_class
-    assert index["transformer"] == [export_class.__module__, export_class.__name__]
-    assert index["scheduler"] == ["fewstep.samplers.scheduler", "TwinFlowScheduler"]
+    assert index["transformer"] == [export_class.__module__.replace(".", "_"), export_class.__name__]
+    assert index["scheduler"] == ["fewstep_samplers_scheduler", "TwinFlowScheduler"]
+    assert (out / "transformer" / f"{index['transformer'][0]}.py").exists()  # the class's code, in the folder
 
-    import fewstep.samplers.scheduler  # noqa: F401 - diffusers resolves the exported class names from sys.modules
+    import fewstep  # noqa: F401 - all diffusers needs to find the exported classes (fewstep.export_code)
 
     pipeline_cls = getattr(diffusers, family_named(family).pipeline_class)
     exported = pipeline_cls.from_pretrained(out)

@@ -278,11 +278,10 @@ def test_train_export_and_generate(pretrained, cache, tmp_path, model, extra):
     info = export_main([f"run_dir={run}", f"out={out}"])
     assert info["weights"] == "ema" and info["time_pair"] and info["step"] == 3
     index = json.loads((out / "model_index.json").read_text())
-    assert index["transformer"] == ["fewstep.models.sd3", "SD3TwinFlowTransformer2DModel"]
-    assert index["scheduler"] == ["fewstep.samplers.scheduler", "TwinFlowScheduler"]
+    assert index["transformer"] == ["fewstep_models_sd3", "SD3TwinFlowTransformer2DModel"]  # code in transformer/
+    assert index["scheduler"] == ["fewstep_samplers_scheduler", "TwinFlowScheduler"]
 
-    import fewstep.models.sd3  # noqa: F401 - diffusers resolves the exported class names from sys.modules
-    import fewstep.samplers.scheduler  # noqa: F401
+    import fewstep  # noqa: F401 - all diffusers needs to find the exported classes (fewstep.export_code)
 
     pipe = StableDiffusion3Pipeline.from_pretrained(out)
     pipe.set_progress_bar_config(disable=True)

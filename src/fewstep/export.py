@@ -6,15 +6,18 @@ and ``fewstep.eval`` use: the sampling EMA with ``teacher.sampling_decay``, else
 ``SanaPipeline``, Qwen-Image: ``QwenImagePipeline``) with its components (VAE, text encoders, tokenizers) saved
 again, the trained transformer (LoRA merged) as the family's TwinFlow class (e.g.
 :class:`fewstep.models.sd3.SD3TwinFlowTransformer2DModel`) when the run used the target-time / sign
-embeddings (else the vanilla class), and ``TwinFlowScheduler`` set up like the run's sampler.
-``model_index.json`` names them as e.g. ``["fewstep.models.sd3", "SD3TwinFlowTransformer2DModel"]`` and
-``["fewstep.samplers.scheduler", "TwinFlowScheduler"]``; diffusers resolves such names from ``sys.modules``,
-so import those modules first (or use :func:`load_pipeline`)::
+embeddings (else the vanilla class), and ``TwinFlowScheduler`` set up like the run's sampler. The code of
+those classes is copied into their component folders (:mod:`fewstep.export_code`), so the folder loads
+without fewstep (``DiffusionPipeline.from_pretrained(DIR2, trust_remote_code=True)``) and, with fewstep,
+after a bare ``import fewstep``::
 
-    import fewstep.models.sd3, fewstep.samplers.scheduler
+    import fewstep
     from diffusers import StableDiffusion3Pipeline
     pipe = StableDiffusion3Pipeline.from_pretrained(DIR2)
     image = pipe("a cat", num_inference_steps=2, guidance_scale=0.0).images[0]
+
+Every export also gets a model card (``README.md``, :mod:`fewstep.export_card`); ``hub_repo=USER/NAME``
+pushes it (:mod:`fewstep.hub`).
 
 LoRA runs also get ``DIR2/lora/``: the adapter in the diffusers LoRA format
 (``pytorch_lora_weights.safetensors``, via the pipeline class's ``save_lora_weights``), the embeddings
@@ -206,6 +209,9 @@ def export(args) -> dict:
         raise load_error("pipeline", pipeline_source, err) from err
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out)
+    from fewstep.export_code import vendor_components
+
+    vendor_components(out)  # the custom classes' code travels in their folders (trust_remote_code without fewstep)
     info = {
         "run_dir": str(run_dir.resolve()),
         "checkpoint": str(ckpt.resolve()),
@@ -216,8 +222,8 @@ def export(args) -> dict:
         "time_pair": model.has_time_pair(),
         "lora": bool(model.lora_enabled),
         "pipeline": pipeline_source,
-        "load": f"import {type(transformer).__module__}, fewstep.samplers.scheduler; "
-        f"{family.pipeline_class}.from_pretrained({str(out)!r})",
+        "load": f"import fewstep; {family.pipeline_class}.from_pretrained({str(out)!r}) (without fewstep: "
+        f"DiffusionPipeline.from_pretrained({str(out)!r}, trust_remote_code=True))",
     }
     if model.lora_enabled:
         from peft.utils import get_peft_model_state_dict
@@ -243,8 +249,7 @@ def export(args) -> dict:
     from fewstep.export_card import load_code, write_model_card
 
     nfe = scheduler.config.default_num_inference_steps
-    imports = [type(transformer).__module__, "fewstep.samplers.scheduler"]
-    code = load_code(family.pipeline_class, imports, args.hub_repo or str(out), nfe, bool(model.lora_enabled))
+    code = load_code(family.pipeline_class, args.hub_repo or str(out), nfe, bool(model.lora_enabled))
     write_model_card(out, cfg, {**info, "default_steps": nfe, "load_code": code}, run_dir, pipeline_source)
     (out / "fewstep_export.json").write_text(json.dumps(info, indent=2))
     log.info("exported step %d (%s weights) of %s to %s", step, used, run_dir, out)

@@ -161,13 +161,21 @@ def model_card(cfg, info: dict, base: str, license_info: dict, grid: str | None,
     return "\n".join(lines)
 
 
-def load_code(pipeline_class: str, imports: list[str], where: str, nfe: int, lora: bool) -> list[str]:
-    """The card's loading snippet: the folder (or hub repo) as a diffusers pipeline, ``nfe`` steps at guidance 0;
-    a LoRA run also shows :func:`fewstep.export.load_lora_pipeline` on the base pipeline."""
-    lines = ["import torch", *(f"import {m}" for m in imports), f"from diffusers import {pipeline_class}", ""]
-    lines += [
+def load_code(pipeline_class: str, where: str, nfe: int, lora: bool) -> list[str]:
+    """The card's loading snippet: the folder (or hub repo) as a diffusers pipeline, ``nfe`` steps at guidance 0,
+    with fewstep installed or (its code travels in the folder) without; a LoRA run also shows
+    :func:`fewstep.export.load_lora_pipeline` on the base pipeline."""
+    lines = [
+        "import torch",
+        "import fewstep  # lets diffusers find fewstep's transformer and TwinFlowScheduler classes",
+        f"from diffusers import {pipeline_class}",
+        "",
         f'pipe = {pipeline_class}.from_pretrained("{where}", torch_dtype=torch.bfloat16).to("cuda")',
         f'image = pipe("a photo of a red fox in snow", num_inference_steps={nfe}, guidance_scale=0.0).images[0]',
+        "",
+        "# without fewstep installed: the classes' code ships in the component folders",
+        "from diffusers import DiffusionPipeline",
+        f'pipe = DiffusionPipeline.from_pretrained("{where}", trust_remote_code=True, torch_dtype=torch.bfloat16)',
     ]
     if lora:
         lines += [

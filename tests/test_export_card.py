@@ -176,6 +176,7 @@ def tiny_lora_run(tmp_path_factory):
     return pipe, run
 
 
+@pytest.mark.slow
 def test_export_writes_the_card_and_pushes_the_lora(tiny_lora_run, tmp_path, monkeypatch):
     from fewstep.export import main as export_main
 
@@ -218,6 +219,7 @@ torch.save(out, sys.argv[3])
 """
 
 
+@pytest.mark.slow
 def test_export_is_self_contained_and_loads_with_a_bare_import(tiny_lora_run, tmp_path):
     """Without fewstep (importing it fails), DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True) loads
     the export from the code in its component folders and generates; with fewstep, a bare

@@ -41,6 +41,7 @@ def precompute_args(pretrained, out, *extra):
             "embeds_dtype=float32", "progress=false", "buckets=false", *extra]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_upscaled_images_are_counted_in_one_warning_and_the_oversized_cache_is_refused(
     small_pos_embed_pipeline, tmp_path, caplog
 ):
@@ -106,6 +107,7 @@ def shard_tensors(cache):
     return [(s["files"], load_file(str(cache / s["file"]))) for s in manifest["shards"]]
 
 
+@pytest.mark.slow
 def test_datasets_sources_match_the_folder_cache_and_resume(small_pos_embed_pipeline, tmp_path):
     import datasets
     import torch

@@ -53,6 +53,7 @@ def offline_env(tmp_path: Path) -> dict:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "PYTHONUNBUFFERED": "1"}
 
 
+@pytest.mark.slow
 def test_flagship_command_without_weights_is_one_error_line_from_any_directory(tmp_path):
     cwd = tmp_path / "somewhere"
     cwd.mkdir()
@@ -142,6 +143,7 @@ def test_user_error_inside_instantiate_is_unwrapped(tmp_path):
     assert user_error(wrapped) is None  # only Hydra's instantiate wrapper is looked through
 
 
+@pytest.mark.slow
 def test_bad_cache_found_while_building_is_one_error_line(tmp_path):
     """The manifest passes the pre-check, the shard file is missing: LatentData raises inside Hydra's
     instantiate, and the CLI prints it as every other user error."""

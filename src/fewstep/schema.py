@@ -161,6 +161,7 @@ class TinyModelConfig:
     prediction_type: str = "flow"  # the tiny nets are flow-matching models
     input_skip: bool = True  # conditioning-set per-pixel gains on x_t added to the output (docs/defaults.md)
     out_modulation: bool = True  # adaLN shift/scale before the output layer (as in DiT's final layer)
+    time_scale: float = 1000.0  # time features of t·time_scale; objective=scm wants 1 (docs/objectives.md)
 
 
 @dataclass
@@ -415,10 +416,10 @@ def help_template() -> str:
     return "\n".join(lines)
 
 
-def when(value, expected, result):
-    """``${fewstep_when:a,b,c}`` is ``c`` when ``a == b``, else null: a setting for one arm of a multirun over
-    another key (experiment=sweep/objectives gives trainer.init_from to the dmd2 arm only)."""
-    return result if str(value) == str(expected) else None
+def when(value, expected, result, otherwise=None):
+    """``${fewstep_when:a,b,c[,d]}`` is ``c`` when ``a == b``, else ``d`` (default null): a setting for one arm
+    of a multirun over another key (experiment=sweep/objectives gives trainer.init_from to the dmd2 arm)."""
+    return result if str(value) == str(expected) else otherwise
 
 
 def register_schemas() -> None:

@@ -97,3 +97,21 @@ def test_scm_trains_two_steps_on_digits(tmp_path):
     assert summary["steps"] == 2 and summary["objective"] == "SCM"
     assert summary["nfe/rows_grad"] == 16 and summary["nfe/rows_nograd"] == 16
     assert 0 < summary["loss/main"] < 1
+
+
+def test_a_small_time_scale_tames_the_time_derivative():
+    """sCM's instability on TinyMLP: its time features see 1000·t, so dF/dt is ~1000x larger than with
+    time_scale=1 (sCM's c_noise(t) = t), which experiment=sweep/objectives gives the scm arm."""
+    from fewstep.models.tiny import TinyMLP
+
+    derivatives = {}
+    for scale in (1000.0, 1.0):
+        torch.manual_seed(0)
+        model = TinyMLP([1, 4, 4], num_classes=3, width=32, depth=2, emb_dim=16, time_pair=False, time_scale=scale)
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+        torch.manual_seed(1)
+        x, t = torch.randn(8, 1, 4, 4), torch.rand(8) * 0.8 + 0.1
+        _, dFdt = time_derivative(model, x, t, torch.zeros(8), torch.zeros(8, dtype=torch.long), torch.zeros_like(x))
+        derivatives[scale] = dFdt.abs().mean().item()
+    assert derivatives[1000.0] > 100 * derivatives[1.0]

@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 
-def fourier_features(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
-    """Sinusoidal features of a (B,) signal scaled to [0, 1000] as in diffusion models."""
+def fourier_features(t: torch.Tensor, dim: int, max_period: float = 10_000.0, scale: float = 1000.0) -> torch.Tensor:
+    """Sinusoidal features of a (B,) signal scaled to [0, scale] (1000: as in diffusion models)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = (t.float() * 1000.0)[:, None] * freqs[None]
+    args = (t.float() * scale)[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
@@ -59,6 +59,7 @@ class TinyMLP(nn.Module):
         prediction_type: str = "flow",
         input_skip: bool = True,
         out_modulation: bool = True,
+        time_scale: float = 1000.0,
     ):
         super().__init__()
         if prediction_type != "flow":
@@ -69,6 +70,9 @@ class TinyMLP(nn.Module):
         self.num_classes = int(num_classes)
         self.time_pair = bool(time_pair)
         self.emb_dim = emb_dim
+        # The time features see t·time_scale. 1000 (diffusion convention) has large d/dt; sCM needs a small
+        # scale (its c_noise(t) = t) or its JVP tangent explodes (docs/objectives.md).
+        self.time_scale = float(time_scale)
         dim = math.prod(self.data_shape)
         self.inp = nn.Linear(dim, width)
         self.label_emb = nn.Embedding(self.num_classes + 1, emb_dim)
@@ -98,9 +102,9 @@ class TinyMLP(nn.Module):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, tt: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         b = x_t.shape[0]
-        feats = [fourier_features(t.abs(), self.emb_dim)]
+        feats = [fourier_features(t.abs(), self.emb_dim, scale=self.time_scale)]
         if self.time_pair:
-            feats.append(fourier_features(tt.abs(), self.emb_dim))
+            feats.append(fourier_features(tt.abs(), self.emb_dim, scale=self.time_scale))
         emb = self.time_mlp(torch.cat(feats, dim=-1).to(x_t.dtype)) + self.label_emb(cond)
         if self.time_pair:
             emb = emb + self.sign_emb((t < 0).long())

@@ -566,3 +566,21 @@ def test_float64_data_stays_float64_through_flow_matching():
         per_row = (model(x_t, t_ref, t_ref, batch.cond) - (z - x)).pow(2).mean(dim=1)
     expected = (per_row * (torch.tan((1 - (t_ref - t_ref)) * math.pi / 2.5) + 1)).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("name", ["meanflow", "scm"])
+def test_float64_data_stays_float64_through_the_jvp_objectives(name):
+    """MeanFlow and sCM on float64 data: times, targets and the loss stay float64 (no float32 round trip)."""
+    from fewstep.objectives.meanflow import MeanFlow
+    from fewstep.objectives.scm import SCM
+
+    torch.manual_seed(0)
+    model = tiny_model(seed=3).double()
+    x = torch.randn(8, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    batch = Batch(x, torch.arange(8) % 3, torch.full((8,), 3))
+    obj = MeanFlow() if name == "meanflow" else SCM()
+    loss, logs = obj.loss(model, None, batch, 0)
+    assert loss.dtype == logs["loss/main"].dtype == torch.float64
+    assert all(v.dtype == torch.float64 for v in logs["times"])
+    loss.backward()
+    assert all(p.grad.dtype == torch.float64 for p in model.parameters() if p.grad is not None)

@@ -22,7 +22,7 @@ import torch.nn.functional as F_nn
 from torch import nn
 
 from fewstep.data.base import Batch, cond_cat
-from fewstep.objectives.base import EvalCounter, Network, Objective, sample_time
+from fewstep.objectives.base import EvalCounter, Network, Objective, sample_time, wide
 from fewstep.objectives.jvp import unwrap
 from fewstep.path import expand_like, interpolate
 
@@ -140,7 +140,7 @@ class DMD2(Objective):
             x0_fake = x_t - tb * unwrap(self.network("fake_score"))(x_t, t, t, cond).to(x_t.dtype)
             scale = (x_hat.detach() - x0_real).abs().flatten(1).mean(dim=1).clamp_min(1e-8)
             direction = (x0_fake - x0_real) / expand_like(scale, x0_real)
-        return 0.5 * F_nn.mse_loss(x_hat.float(), (x_hat.detach() - direction).float())
+        return 0.5 * F_nn.mse_loss(wide(x_hat), wide(x_hat.detach() - direction))
 
     def gan_logits(self, head, fake_score, x, t, cond, counter: EvalCounter, name: str):
         x_t = interpolate(x, torch.randn_like(x), t)
@@ -174,7 +174,7 @@ class DMD2(Objective):
             x_t = interpolate(x_hat, noise, t)
             counter.add("fake_score", b, grad=True)
             F_fake = fake_score(x_t, t, t, cond)
-            critic = (F_fake.float() - (noise - x_hat).float()).pow(2).mean()
+            critic = (wide(F_fake) - wide(noise - x_hat)).pow(2).mean()
             total, logs = critic, {"loss/fake_score": critic.detach()}
             if self.gan:
                 head = self.network("gan_head")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from fewstep.data.base import Batch, cond_cat, cond_select, cond_where
-from fewstep.objectives.base import EvalCounter, Objective
+from fewstep.objectives.base import EvalCounter, Objective, wide, wide_dtype
 from fewstep.objectives.jvp import time_derivative, unwrap
 from fewstep.path import expand_like, interpolate
 from fewstep.teachers.rng import RngState
@@ -20,12 +20,12 @@ from fewstep.teachers.rng import RngState
 
 def logit_normal(n: int, mu: float, sigma: float, like: torch.Tensor) -> torch.Tensor:
     """``sigmoid(N(mu, sigma))`` (n,), drawn on the CPU generator then moved to ``like``'s device."""
-    return torch.sigmoid(torch.randn(n) * sigma + mu).to(device=like.device, dtype=torch.float32)
+    return torch.sigmoid(torch.randn(n) * sigma + mu).to(device=like.device, dtype=wide_dtype(like.dtype))
 
 
 def squared_norm(delta: torch.Tensor) -> torch.Tensor:
-    """Per-sample ``‖delta‖²`` (sum over every non-batch dim), (B,)."""
-    return delta.float().pow(2).flatten(1).sum(dim=1)
+    """Per-sample ``‖delta‖²`` (sum over every non-batch dim), (B,), float32 or wider."""
+    return wide(delta).pow(2).flatten(1).sum(dim=1)
 
 
 def adaptive_weight(per_sample: torch.Tensor, p: float, c: float) -> torch.Tensor:
@@ -126,8 +126,8 @@ class MeanFlow(Objective):
     def average_velocity_target(self, model, x_t, t, tt, cond, v, rng: RngState | None = None) -> torch.Tensor:
         """``sg(v − (t − tt)·df/dt)`` with ``df/dt`` the JVP along ``(v, 1, 0)`` (float32 or wider)."""
         _, dudt = time_derivative(model, x_t, t, tt, cond, v, rng=rng, objective=f"objective={self.name}")
-        wide = torch.float64 if v.dtype == torch.float64 else torch.float32
-        return (v.to(wide) - expand_like(t - tt, v).to(wide) * dudt.to(wide)).detach()
+        dtype = wide_dtype(v.dtype)
+        return (v.to(dtype) - expand_like(t - tt, v).to(dtype) * dudt.to(dtype)).detach()
 
     def per_sample_loss(self, F: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(w·L, L)`` per sample with ``L = ‖F − target‖²``."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from fewstep.data.base import Batch, cond_where
-from fewstep.objectives.base import EvalCounter, Objective
+from fewstep.objectives.base import EvalCounter, Objective, wide_dtype
 from fewstep.objectives.jvp import time_derivative
 from fewstep.objectives.meanflow import logit_normal, squared_norm
 from fewstep.path import expand_like, interpolate
@@ -51,9 +51,9 @@ class SCM(Objective):
 
     def tangent(self, F: torch.Tensor, dFdt: torch.Tensor, v: torch.Tensor, t: torch.Tensor, ratio: float):
         """``(ĝ/(‖ĝ‖ + c), ‖ĝ‖)`` with ``ĝ = v − F − ratio·t·dF/dt`` (no grad, float32 or wider)."""
-        wide = torch.float64 if v.dtype == torch.float64 else torch.float32
-        F, dFdt, v = F.detach().to(wide), dFdt.to(wide), v.to(wide)
-        g = v - F - ratio * expand_like(t, v).to(wide) * dFdt
+        dtype = wide_dtype(v.dtype)
+        F, dFdt, v = F.detach().to(dtype), dFdt.to(dtype), v.to(dtype)
+        g = v - F - ratio * expand_like(t, v).to(dtype) * dFdt
         norm = squared_norm(g).sqrt()
         if self.tangent_norm_c <= 0:
             return g, norm

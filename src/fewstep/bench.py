@@ -54,7 +54,7 @@ DEFAULTS = {
     "device": None,
     "overrides": [],
     "objectives_only": False,
-    "variants": [],  # a subset of VARIANTS (default: all); flow_matching is the reference of every ratio
+    "variants": [],  # names from VARIANTS (default: DEFAULT_VARIANTS); flow_matching is the reference of ratios
     "isolate": False,  # each variant timed and measured alone in a fresh process (real size; OOM is a result)
     "compare_compile": False,  # every variant also with trainer.compile=true ("<name>_compiled")
     "variant_timeout_s": 900,
@@ -65,7 +65,10 @@ VARIANTS = {
     "rcgm": ["objective=rcgm", "objective.enhanced_ratio=0.0"],
     "twinflow": ["objective=twinflow", "objective.enhanced_ratio=0.5"],
     "twinflow_no_enhance": ["objective=twinflow", "objective.enhanced_ratio=0.0"],
+    # not in the default set: critic steps and generator steps differ, see the isolated table's mean column
+    "dmd2": ["objective=dmd2"],
 }
+DEFAULT_VARIANTS = ("flow_matching", "rcgm", "twinflow", "twinflow_no_enhance")
 
 
 def compose(overrides: list[str]):
@@ -79,13 +82,24 @@ class StepRunner:
     step's network evaluations (forward rows / batch)."""
 
     def __init__(self, overrides: list[str], device: torch.device, mixed_precision: str):
+        from hydra.utils import instantiate
+
         from fewstep.train import build_components, make_optimizer
 
         cfg = compose(overrides)
         torch.manual_seed(0)
         self.data, self.objective, self.model, self.teacher, self.sampler = build_components(cfg, device=device)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = make_optimizer(self.params, lr=1e-4)  # as the training loop builds it
+        self.objective.setup(self.model, self.data)  # networks an objective owns (DMD2's fake score), as the loop
+        groups = {"student": self.model, **{n: net.module.to(device) for n, net in self.objective.networks.items()}}
+        self.params = {n: [p for p in m.parameters() if p.requires_grad] for n, m in groups.items()}
+        self.opts = {n: make_optimizer(ps, lr=1e-4) for n, ps in self.params.items()}  # as the training loop
+        averages = {}
+        for name, net in self.objective.networks.items():
+            if net.ema:
+                averages[name] = instantiate(cfg.teacher)
+                averages[name].bind(groups[name])
+        self.objective.bind({n: m for n, m in groups.items() if n != "student"}, averages)
+        self.averages = averages
         self.batches = self.data.batches(0)
         self.device = device
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
@@ -98,13 +112,17 @@ class StepRunner:
         sync()
         t0 = time.perf_counter()
         self.teacher.update(self.model, self.step_index)
+        for name, average in self.averages.items():
+            average.update(self.objective.network(name), self.step_index)
         ctx = self.autocast() if self.autocast else torch.autocast(self.device.type, enabled=False)
         with ctx:
             loss, logs = self.objective.loss(self.model, self.teacher, batch, self.step_index)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        for name in self.objective.stepping(self.step_index):  # the others' gradients are discarded
+            torch.nn.utils.clip_grad_norm_(self.params[name], 1.0)
+            self.opts[name].step()
+        for opt in self.opts.values():
+            opt.zero_grad(set_to_none=True)
         sync()
         self.step_index += 1
         self.evals.append(float(logs["nfe/per_step"]))
@@ -117,11 +135,11 @@ def sync():
 
 
 def select_variants(args) -> dict[str, list[str]]:
-    """The variants to run: ``args.variants`` (default all of VARIANTS), each also compiled with
+    """The variants to run: ``args.variants`` (default DEFAULT_VARIANTS), each also compiled with
     ``compare_compile``. Flow matching (eager) is always among them: it is the reference of every ratio."""
     from fewstep.errors import FewstepError
 
-    names = list(args.variants) or list(VARIANTS)
+    names = list(args.variants) or list(DEFAULT_VARIANTS)
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise FewstepError(f"variants: {', '.join(unknown)} unknown; choose from {', '.join(VARIANTS)}")
@@ -182,6 +200,7 @@ def _isolated_child(overrides_json: str, mixed_precision: str, device: str, warm
     print(json.dumps({
         "step_time_s": statistics.median(times),
         "step_time_iqr_s": _iqr(times),
+        "step_time_mean_s": statistics.fmean(times),  # a whole critic/generator cycle for DMD2-style schedules
         "evals_per_step": statistics.fmean(evals),
         "params": sum(p.numel() for p in params),
         "trainable_params": sum(p.numel() for p in params if p.requires_grad),
@@ -223,19 +242,21 @@ def collect(out: str | Path, dirs: list[str | Path]) -> dict:
 def _isolated_table(rows: list[dict], with_run: bool = False) -> list[str]:
     head = "| run | objective |" if with_run else "| objective |"
     lines = [
-        head + " step time (s) | × flow matching | peak memory (GB) | × flow matching | evals / step | trainable |",
-        "|---" * (head.count("|") - 1) + "|---|---|---|---|---|---|",
+        head + " step time (s) | mean step (s) | × flow matching | peak memory (GB) | × flow matching "
+        "| evals / step | trainable |",
+        "|---" * (head.count("|") - 1) + "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         first = f"| {r['run']} | {r.get('objective', '')} |" if with_run else f"| {r.get('objective', '')} |"
         if r.get("oom"):
             mem = f"OOM ({r['peak_memory_mb'] / 1024:.1f} at failure)" if "peak_memory_mb" in r else "OOM"
-            lines.append(first + f" out of memory | | {mem} | | | |")
+            lines.append(first + f" out of memory | | | {mem} | | | |")
         elif "error" in r:
-            lines.append(first + f" failed: {r['error']} | | | | | |")
+            lines.append(first + f" failed: {r['error']} | | | | | | |")
         else:
             lines.append(
-                first + f" {r['step_time_s']:.3f} | {r.get('ratio_vs_flow_matching', float('nan')):.2f} | "
+                first + f" {r['step_time_s']:.3f} | {r.get('step_time_mean_s', float('nan')):.3f} | "
+                f"{r.get('ratio_vs_flow_matching', float('nan')):.2f} | "
                 f"{r['peak_memory_mb'] / 1024:.1f} | {r.get('memory_vs_flow_matching', float('nan')):.2f} | "
                 f"{r['evals_per_step']:.2f} | {r['trainable_params'] / 1e6:.0f} M |"
             )
@@ -260,9 +281,10 @@ def time_runners(runners: dict[str, StepRunner], warmup: int, repeats: int) -> d
     return out
 
 
-def time_variants(args, device, variants: dict[str, list[str]] = VARIANTS) -> dict[str, dict]:
+def time_variants(args, device, variants: dict[str, list[str]] | None = None) -> dict[str, dict]:
     """One timing run: fresh runners for ``variants``, timed by ``time_runners``. Returns plain numbers
     (per variant ``times``, ``evals``, ``params``); nothing built here outlives the call."""
+    variants = variants or {n: VARIANTS[n] for n in DEFAULT_VARIANTS}
     runners = {name: StepRunner([*base_overrides(args), *ov], device, args.mixed_precision)
                for name, ov in variants.items()}  # fmt: skip
     out = time_runners(runners, args.warmup, args.repeats)

@@ -182,3 +182,24 @@ def test_memory_is_measured_with_nothing_else_resident():
     with pytest.raises(RuntimeError, match="resident"):
         variant_memory_here([*TOY, *VARIANTS["twinflow"]], "no", CPU)
     del held
+
+
+def test_the_step_runner_steps_the_networks_an_objective_owns_on_its_schedule():
+    import torch
+
+    from fewstep.bench import StepRunner
+
+    runner = StepRunner(
+        ["data=toy2d", "model=tiny_toy", "data.batch_size=16", "objective=dmd2"], torch.device("cpu"), "no"
+    )
+    fake = runner.objective.network("fake_score")
+    student0 = [p.detach().clone() for p in runner.params["student"]]
+    fake0 = [p.detach().clone() for p in runner.params["fake_score"]]
+    for _ in range(runner.objective.critic_steps):  # critic steps: the fake score moves, the student does not
+        runner.step()
+    assert all(torch.equal(a, b) for a, b in zip(student0, runner.params["student"]))
+    assert any(not torch.equal(a, b) for a, b in zip(fake0, fake.parameters()))
+    fake1 = [p.detach().clone() for p in fake.parameters()]
+    runner.step()  # the generator step
+    assert any(not torch.equal(a, b) for a, b in zip(student0, runner.params["student"]))
+    assert all(torch.equal(a, b) for a, b in zip(fake1, fake.parameters()))

@@ -90,9 +90,9 @@ if want realsize; then
             "batch_size=$REAL_BATCH" isolate=true warmup=1 "repeats=$REAL_REPEATS" objectives_only=true "variants=$4" \
             "overrides=[model.random_init=true,model.architecture=$3,model.dtype=bfloat16,model.gradient_checkpointing=true,data.resolution=$REAL_RES$layers]"
     }
-    real sd35_medium_lora sd35_lora sd35_medium "[flow_matching,twinflow,twinflow_no_enhance]"
-    real sana_full sana sana_1600m_1024px "[flow_matching,twinflow]"
-    real qwenimage_lora qwenimage_lora qwen_image "[flow_matching,twinflow]"
+    real sd35_medium_lora sd35_lora sd35_medium "[flow_matching,twinflow,twinflow_no_enhance,dmd2]"
+    real sana_full sana sana_1600m_1024px "[flow_matching,twinflow,dmd2]"
+    real qwenimage_lora qwenimage_lora qwen_image "[flow_matching,twinflow,dmd2]"
     "$PY" -c "import sys; from fewstep.bench import collect; collect(sys.argv[1], sys.argv[2:])" "$OUT/realsize" \
         "$WORK"/real_* || status=1
 fi

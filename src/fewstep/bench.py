@@ -65,8 +65,10 @@ VARIANTS = {
     "rcgm": ["objective=rcgm", "objective.enhanced_ratio=0.0"],
     "twinflow": ["objective=twinflow", "objective.enhanced_ratio=0.5"],
     "twinflow_no_enhance": ["objective=twinflow", "objective.enhanced_ratio=0.0"],
-    # not in the default set: critic steps and generator steps differ, see the isolated table's mean column
+    # not in the default set (DMD2: critic and generator steps differ, see the isolated table's mean column)
     "dmd2": ["objective=dmd2"],
+    "meanflow": ["objective=meanflow"],
+    "scm": ["objective=scm"],
 }
 DEFAULT_VARIANTS = ("flow_matching", "rcgm", "twinflow", "twinflow_no_enhance")
 

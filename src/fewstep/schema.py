@@ -53,6 +53,7 @@ class TwinFlowConfig:
     null_condition: str = "null"
     cond_dropout: float = 0.0
     allow_diff2flow: bool = False
+    image_free: bool = False  # SPEC §10: data = the student's own one-step samples; needs a frozen teacher
 
 
 @dataclass

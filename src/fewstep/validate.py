@@ -66,6 +66,25 @@ def check_dmd2(cfg: DictConfig) -> None:
         )
 
 
+def check_image_free(cfg: DictConfig) -> None:
+    """``objective.image_free=true`` (SPEC §10) allows exactly the frozen teachers: ``teacher=frozen`` or
+    ``teacher=ema teacher.decay=1.0`` (the reference pairs it with EMA 1.0). A moving teacher would chase the
+    student's own samples with no data behind them; the guided velocity needs ``enhanced_ratio != 0``."""
+    teacher = cfg.teacher
+    target = str(teacher.get("_target_", ""))
+    frozen = target.endswith("FrozenTeacher") or (target.endswith("EMATeacher") and teacher.get("decay") == 1.0)
+    if not frozen:
+        raise ConfigError(
+            f"objective.image_free=true needs a frozen teacher (got {_choice(cfg, 'teacher')}): "
+            "use teacher=frozen or teacher=ema teacher.decay=1.0"
+        )
+    if cfg.objective.enhanced_ratio == 0:
+        raise ConfigError(
+            "objective.image_free=true needs objective.enhanced_ratio != 0: its target is the frozen teacher's "
+            "guided velocity f_T(null) + w*(f_T(c) - f_T(null)), w = enhanced_ratio (the reference uses 4.0)"
+        )
+
+
 def check_jvp_objective(obj: DictConfig, kind: str) -> None:
     """Ranges of the MeanFlow / sCM options (SPEC §11)."""
     _check_range("target_step_count", obj.target_step_count, 1, 8, hint=" (1-4 recommended)")
@@ -205,6 +224,8 @@ def validate(cfg: DictConfig) -> DictConfig:
             raise ConfigError(f"objective.enhanced_range={list(obj.enhanced_range)} must satisfy 0 <= lo < hi <= 1")
         if len(obj.time_dist) != 3:
             raise ConfigError(f"objective.time_dist={list(obj.time_dist)} must be [a, b, c] for t ~ Beta(a, b)*c")
+        if obj.get("image_free", False):
+            check_image_free(cfg)
         active = sum(1 for k, v in probs.items() if v > 0 and (k != "adv" or obj.adversarial))
         if cfg.data.batch_size < active:
             warnings.warn(

@@ -76,6 +76,13 @@ RANGE_CHECKS = [
     (["model.prediction_type=epsilon", "diff2flow.enabled=true"], "objective.allow_diff2flow=true", "bridge"),
     (["model=sd35", "model.pretrained=/no/such/pipe"], "model.pretrained=/no/such/pipe", "no such folder"),
     (["teacher=student"], "teacher.allow_student_teacher=true", "use teacher=ema"),
+    (["objective.image_free=true"], "objective.image_free=true", "use teacher=frozen or teacher=ema teacher.decay=1.0"),
+    (["objective.image_free=true", "teacher=student", "teacher.allow_student_teacher=true"],
+     "objective.image_free=true", "needs a frozen teacher (got teacher"),
+    (["objective.image_free=true", "teacher=ema", "teacher.decay=0.999"], "objective.image_free=true",
+     "needs a frozen teacher (got teacher"),
+    (["objective.image_free=true", "teacher=frozen", "objective.enhanced_ratio=0"], "objective.enhanced_ratio != 0",
+     "guided velocity"),
     (["trainer.mixed_precision=fp8"], "trainer.mixed_precision='fp8'", "must be no, bf16 or fp16"),
     *[([f"trainer.{key}=0"], f"trainer.{key}=0", "must be >= 1")
       for key in ("grad_accum", "log_every", "checkpoint_every", "sample_every", "keep_last", "max_nonfinite")],
@@ -97,6 +104,14 @@ def test_every_range_check_fails_in_one_line_naming_the_key(overrides, key, mess
         validate(compose(overrides))
     text = str(err.value)
     assert key in text and message in text and "\n" not in text, text
+
+
+@pytest.mark.parametrize("teacher", [["teacher=frozen"], ["teacher=ema", "teacher.decay=1.0"]])
+@pytest.mark.parametrize("objective", ["twinflow", "rcgm"])
+def test_image_free_allows_exactly_the_frozen_teachers(teacher, objective):
+    overrides = [f"objective={objective}", "objective.image_free=true", "objective.enhanced_ratio=4.0", *teacher]
+    cfg = validate(compose(overrides))
+    assert instantiate(cfg.objective).image_free
 
 
 def test_student_teacher_allowed_with_opt_in():

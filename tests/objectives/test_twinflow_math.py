@@ -378,8 +378,12 @@ def reference_loss(obj: TwinFlow, model, teacher_fn, batch: Batch) -> torch.Tens
     t[e2e], tt[e2e] = 1.0, 0.0
     tt[mul] = tt_mul[mul]
     with torch.no_grad():
+        if obj.image_free:  # SPEC §10: non-adv rows' data = the model's one-step samples x̂ = z' − f(z', 1, 0)
+            zg, n = torch.randn_like(x[~adv]), int((~adv).sum())
+            x[~adv] = zg - model(zg, torch.ones(n), torch.zeros(n), cond[~adv])
         zf = torch.randn_like(x[adv])
-        x[adv] = zf - model(zf, torch.ones(adv.sum()), torch.zeros(adv.sum()), cond[adv])
+        if adv.any():
+            x[adv] = zf - model(zf, torch.ones(adv.sum()), torch.zeros(adv.sum()), cond[adv])
     t[adv] = -t[adv]
     tt[adv] = t[adv]
     ta = t.abs().reshape(-1, 1)
@@ -392,22 +396,27 @@ def reference_loss(obj: TwinFlow, model, teacher_fn, batch: Batch) -> torch.Tens
         Fu = teacher_fn(x_t, t, t, uncond)
         lo, hi = obj.enhanced_range
         enh = (~adv) & (t > lo) & (t < hi)
-        target[enh] += obj.enhanced_ratio * (Fc - Fu)[enh]
+        if obj.image_free:  # the frozen teacher's guided velocity replaces v; the rollout uses the live model
+            target[enh] = (Fu + obj.enhanced_ratio * (Fc - Fu))[enh]
+        else:
+            target[enh] += obj.enhanced_ratio * (Fc - Fu)[enh]
+        rollout = model if obj.image_free else teacher_fn
         y = reference_rcgm(
-            teacher_fn, F.detach(), x_t, t, tt, target, cond, obj.estimate_order, obj.delta_t, obj.target_clamp
+            rollout, F.detach(), x_t, t, tt, target, cond, obj.estimate_order, obj.delta_t, obj.target_clamp
         )
         target[~adv] = y[~adv]
     w = time_weight(t, tt, "tan")
     w[adv] = 1
     loss = (barron_distance(F, target) * w).mean()
-    xf = (x_t[e2e] - F[e2e]).detach()
-    t2 = sample_time(int(e2e.sum()), (1, 1, 1), xf)
-    x2 = t2.reshape(-1, 1) * torch.randn_like(xf) + (1 - t2.reshape(-1, 1)) * xf
-    with torch.no_grad():
-        fake = model(x2, -t2, -t2, cond[e2e])
-        real = model(x2, t2, t2, cond[e2e])
-    delta = (fake - real).clamp(-1, 1)
-    loss = loss + obj.dist_match_coef * barron_distance(F[e2e], (F[e2e] - delta).detach()).mean()
+    if obj.adversarial:  # RCGM (adversarial off) has no rectify term
+        xf = (x_t[e2e] - F[e2e]).detach()
+        t2 = sample_time(int(e2e.sum()), (1, 1, 1), xf)
+        x2 = t2.reshape(-1, 1) * torch.randn_like(xf) + (1 - t2.reshape(-1, 1)) * xf
+        with torch.no_grad():
+            fake = model(x2, -t2, -t2, cond[e2e])
+            real = model(x2, t2, t2, cond[e2e])
+        delta = (fake - real).clamp(-1, 1)
+        loss = loss + obj.dist_match_coef * barron_distance(F[e2e], (F[e2e] - delta).detach()).mean()
     if obj.real_velocity:  # d(f(x_t, t, t), v) on the real (non-adversarial) rows
         real_rows = ~adv
         F_real = model(x_t[real_rows], t[real_rows], t[real_rows], cond[real_rows])
@@ -584,3 +593,71 @@ def test_float64_data_stays_float64_through_the_jvp_objectives(name):
     assert all(v.dtype == torch.float64 for v in logs["times"])
     loss.backward()
     assert all(p.grad.dtype == torch.float64 for p in model.parameters() if p.grad is not None)
+
+
+def image_free_case(options: dict, reference: bool, data_scale: float = 1.0):
+    """TwinFlow(image_free, enhanced 4.0 as openuni_full_imgfree) with a frozen teacher; the student has moved
+    away from the frozen weights, so a rollout with the wrong model shows in the loss."""
+    from fewstep.teachers import FrozenTeacher
+
+    model = tiny_model(seed=7)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    frozen = FrozenTeacher()
+    frozen.bind(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    obj = TwinFlow(**{"image_free": True, "enhanced_ratio": 4.0, "target_clamp": 100.0, **options})
+    x = torch.randn(24, 6, generator=torch.Generator().manual_seed(5)) * data_scale
+    batch = Batch(x, torch.arange(24) % 3, torch.full((24,), 3))
+    torch.manual_seed(11)
+    if reference:
+        return obj, reference_loss(obj, model, frozen.model, batch), None
+    return obj, *obj.loss(model, frozen, batch, 0)
+
+
+@pytest.mark.parametrize("options", [{}, {"adversarial": False}, {"estimate_order": 1, "enhanced_range": (0.2, 0.9)}])
+def test_image_free_loss_equals_reference_formula(options):
+    """SPEC §10 pinned: data = the student's one-step samples, target on the enhanced non-adv rows =
+    f_T(∅) + w·(f_T(c) − f_T(∅)) with the frozen teacher, then RCGM rolled out with the live student."""
+    obj, got, logs = image_free_case(options, reference=False)
+    _, expected, _ = image_free_case(options, reference=True)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    n_adv = partition_sizes(24, obj.probs)["adv"]
+    assert logs["nfe/rows_nograd"] >= 24 - n_adv  # the image-free generation pass ran on every non-adv row
+    # only the shape of the data is used: scaling the batch changes nothing
+    _, scaled, _ = image_free_case(options, reference=False, data_scale=5.0)
+    assert scaled.item() == got.item()
+    # and the image-free target differs from the ordinary enhanced target on the same draws
+    torch.manual_seed(0)
+    _, plain, _ = image_free_case({**options, "image_free": False}, reference=False)
+    assert abs(plain.item() - got.item()) > 1e-3 * abs(got.item())
+
+
+def test_image_free_target_is_the_guided_teacher_velocity():
+    """enhance_target alone: rows in the range get f_T(∅) + w·(f_T(c) − f_T(∅)); the others keep v."""
+    g = torch.Generator().manual_seed(3)
+    t = torch.tensor([0.2, 0.5, 0.95, 0.7])
+    x0, z = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
+    inp = make_inputs(t, t.clone(), x0, z)
+    inp["masks"]["adv"][3] = True
+
+    def teacher(x, s, s2, c):
+        return torch.sin(x) * s.reshape(-1, 1) + 0.5 * c.reshape(-1, 1).float()
+
+    obj = TwinFlow(image_free=True, enhanced_ratio=4.0, enhanced_range=(0.1, 0.9))
+    v = z - x0
+    target = v.clone()
+    obj.enhance_target(teacher, inp, target, RngState.capture(), EvalCounter())
+    fc, fu = teacher(inp["x_t"], t, t, inp["cond"]), teacher(inp["x_t"], t, t, inp["uncond"])
+    expected = v.clone()
+    expected[:2] = (fu + 4.0 * (fc - fu))[:2]  # t = 0.95 is outside the range, row 3 is adversarial
+    assert torch.allclose(target, expected, atol=1e-6)
+    assert torch.allclose(target[0], torch.sin(inp["x_t"][0]) * 0.2 + 0.5 * (1 - 4.0), atol=1e-6)
+
+
+def test_image_free_needs_a_guidance_weight():
+    with pytest.raises(ValueError, match="enhanced_ratio"):
+        TwinFlow(image_free=True, enhanced_ratio=0.0)

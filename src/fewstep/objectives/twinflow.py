@@ -66,6 +66,7 @@ class TwinFlow(Objective):
         null_condition: str = "null",
         cond_dropout: float = 0.0,
         allow_diff2flow: bool = False,
+        image_free: bool = False,
     ):
         self.target_step_count = int(target_step_count)
         self.estimate_order = int(estimate_order)
@@ -90,6 +91,12 @@ class TwinFlow(Objective):
         self.null_condition = null_condition
         self.cond_dropout = float(cond_dropout)
         self.allow_diff2flow = bool(allow_diff2flow)
+        self.image_free = bool(image_free)
+        if self.image_free and self.enhanced_ratio == 0:
+            raise ValueError(
+                "objective.image_free=true needs objective.enhanced_ratio != 0 (its target is the frozen teacher's "
+                "guided velocity f_T(null) + w*(f_T(c) - f_T(null)); the reference uses 4.0)"
+            )
         time_weight(torch.zeros(1), torch.zeros(1), time_weighting)  # validate the name early
 
     # -- building blocks -------------------------------------------------------------------------
@@ -120,6 +127,16 @@ class TwinFlow(Objective):
         t = torch.where(masks["e2e"], torch.ones_like(t), t)
         tt = torch.where(masks["e2e"], torch.zeros_like(tt), torch.where(masks["mul"], tt_mul, tt))
         adv = masks["adv"]
+        if self.image_free and sizes["adv"] < b:
+            # Image-free (SPEC §10): every row's data is the model's own one-step sample; only the shape (and
+            # dtype) of ``batch.x`` is used. Adversarial rows draw their own sample below, so they are skipped.
+            real = ~adv
+            n = b - sizes["adv"]
+            z_gen = torch.randn_like(x[real])
+            ones = torch.ones(n, device=device, dtype=t.dtype)
+            F_gen = self._call(counter, "image_free_generate", student, z_gen, ones, 0 * ones, cond_select(cond, real))
+            x = x.clone()
+            x[real] = reconstruct(z_gen, wide(F_gen), ones)[0].to(x.dtype)
         if sizes["adv"] > 0:
             # Adversarial rows: the model's own one-step samples become the data, on negative time.
             z_fake = torch.randn_like(x[adv])
@@ -135,7 +152,9 @@ class TwinFlow(Objective):
     @torch.no_grad()
     def enhance_target(self, teacher_model, inp: dict, target: torch.Tensor, rng: RngState, counter: EvalCounter):
         """``v ← v + w·(f_T(c) − f_T(∅))`` at ``(x_t, t, t)`` on non-adv rows with t in the range:
-        cond and uncond are one batched forward from the captured RNG state."""
+        cond and uncond are one batched forward from the captured RNG state. Image-free (SPEC §10), the
+        target on those rows is the teacher's guided velocity itself, ``f_T(∅) + w·(f_T(c) − f_T(∅))``
+        (``v = z − x̂`` of a self-generated ``x̂`` carries no data)."""
         t = inp["t"]
         lo, hi = self.enhanced_range
         rows = (~inp["masks"]["adv"]) & (t > lo) & (t < hi)
@@ -155,7 +174,11 @@ class TwinFlow(Objective):
                 cond_cat(cond_select(inp["cond"], rows), cond_select(inp["uncond"], rows)),
             )
         )
-        target[rows] += self.enhanced_ratio * (out[:n] - out[n:])
+        guidance = self.enhanced_ratio * (out[:n] - out[n:])
+        if self.image_free:
+            target[rows] = (out[n:] + guidance).to(target.dtype)
+        else:
+            target[rows] += guidance
 
     @torch.no_grad()
     def rollout_integral(self, teacher_model, x_m, t_m, tt, cond, rng: RngState, counter: EvalCounter):
@@ -222,7 +245,10 @@ class TwinFlow(Objective):
         teacher_model = teacher.model
         self.enhance_target(teacher_model, inp, target, rng, counter)
         if self.estimate_order >= 1 and self.consistency_ratio != 0:
-            rcgm = self.rcgm_target(teacher_model, F, inp, target, rng, counter)
+            # Image-free runs have a frozen teacher (checked in fewstep.validate); like the reference, whose
+            # EMA-1.0 runs roll out the live model, the RCGM rollout then uses the student's current weights.
+            rollout_model = student if self.image_free else teacher_model
+            rcgm = self.rcgm_target(rollout_model, F, inp, target, rng, counter)
             non_adv = ~masks["adv"]
             target[non_adv] = rcgm[non_adv]
         after_student.restore()  # teacher passes are RNG-neutral for what follows

@@ -360,6 +360,12 @@ def check_model_data(cfg: DictConfig) -> None:
             manifest = _latent_manifest(data)
         except FewstepError as err:
             problems.append(str(err))
+    if manifest is not None:
+        try:  # a cache of another family: say so (with the weights' problem, if any), skip the shape checks
+            check_cache_family(cfg)
+        except ConfigError as err:
+            problems.append(str(err))
+            manifest = None
     if config is not None and manifest is not None:
         problems += _latent_shape_problems(model, data, config, manifest)
     if len(problems) > 1:

@@ -382,6 +382,49 @@ def test_the_qwenimage_fsdp_accelerate_config_is_valid():
     assert not wrap(tiny.time_text_embed, recurse=False, nonwrapped_numel=0)
 
 
+def test_fsdp_is_refused_where_accelerate_would_not_shard_or_fewstep_would_save_shards():
+    """No FSDP config: no problem (DDP and single-process runs are unchanged). FSDP asked for on a CPU-only
+    machine: Accelerate would not shard. FSDP in effect (GPUs): fewstep's checkpoints and EMA would hold shards."""
+    from fewstep.train import sharding_problem
+
+    assert sharding_problem(False, None, gpu=False) is None
+    assert sharding_problem(False, "DistributedType.MULTI_CPU", gpu=False) is None
+    assert sharding_problem(False, "DistributedType.MULTI_GPU", gpu=True) is None
+    assert "only on GPUs" in sharding_problem(True, None, gpu=False)
+    assert "only on GPUs" in sharding_problem(True, "DistributedType.MULTI_CPU", gpu=False)
+    assert sharding_problem(True, None, gpu=True) is None  # checked again once Accelerate has set up
+    assert "shards" in sharding_problem(True, "DistributedType.FSDP", gpu=True)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:data.batch_size=2 is smaller")
+def test_an_fsdp_launch_on_cpu_stops_with_one_error_line_per_process(family, pretrained, cache, tmp_path):
+    """`accelerate launch --config_file scripts/accelerate/fsdp_qwenimage.yaml --num_processes 2` of a full
+    Qwen-Image TwinFlow run on this CPU-only machine: Accelerate 1.15 cannot shard here (its FSDP plugin raises
+    "no available devices"; without fsdp_sync_module_states it runs gloo DDP replicas), so fewstep stops
+    before building anything, with one `error:` line per process and no checkpoint."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if family != "qwenimage" or torch.cuda.is_available():
+        pytest.skip("the FSDP config is Qwen-Image's; on GPUs Accelerate shards (see the test above)")
+    config = Path(__file__).resolve().parents[1] / "scripts" / "accelerate" / "fsdp_qwenimage.yaml"
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
+        "--mixed_precision", "no", "-m", "fewstep", "objective=twinflow", "sampler=ucgm", "model=qwenimage",
+        f"model.pretrained={pretrained}", "data=latents", f"data.path={cache}", "data.batch_size=2",
+        "trainer.max_steps=3", "logger=none", f"hydra.run.dir={run}",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and all("asks for FSDP, which Accelerate runs only on GPUs" in e for e in errors)
+    assert "no available devices" not in proc.stderr  # stopped before Accelerate's own RuntimeError
+    assert not (run / "checkpoints").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:data.batch_size=2 is smaller")
 def test_a_resumed_lora_run_equals_an_uninterrupted_one(family, pretrained, cache, tmp_path):

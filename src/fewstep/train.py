@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import resource
 import signal
 import time
@@ -40,6 +41,38 @@ log = logging.getLogger("fewstep")
 
 class TrainingAborted(FewstepError, RuntimeError):
     pass
+
+
+class ShardingUnsupported(FewstepError, RuntimeError):
+    pass
+
+
+def sharding_problem(fsdp_requested: bool, distributed_type: str | None, gpu: bool) -> str | None:
+    """Why this run cannot train under the FSDP config it was launched with (None: no FSDP asked for).
+    ``fsdp_requested``: ``accelerate launch`` got an FSDP config (``ACCELERATE_USE_FSDP``); ``distributed_type``:
+    what Accelerate set up (None before the Accelerator exists); ``gpu``: CUDA is available.
+
+    On a CPU-only machine Accelerate 1.15 never shards: with ``fsdp_sync_module_states`` (the shipped config) its
+    FSDP plugin raises "no available devices", without it the processes run as gloo DDP with full replicas
+    (``DistributedType.MULTI_CPU``) and the FSDP config is ignored. Where Accelerate does shard, fewstep's
+    checkpoints, export and EMA teacher would read the unwrapped module's parameters, which under FSDP are this
+    rank's shards (flat 1-D slices under FSDP1 ``use_orig_params``, DTensors under FSDP2), and the checkpoint is
+    written by rank 0 alone: refused until a gathered full state dict and a sharded EMA are implemented and run."""
+    if not fsdp_requested:
+        return None
+    if not gpu:
+        return (
+            "the accelerate config asks for FSDP, which Accelerate runs only on GPUs: on this CPU-only machine it "
+            "would fail (fsdp_sync_module_states) or train unsharded DDP replicas; launch with --multi_gpu "
+            "(gloo DDP) here, or on GPUs"
+        )
+    if distributed_type is not None and distributed_type.endswith("FSDP"):
+        return (
+            "FSDP is not supported by fewstep's loop yet: its checkpoints and EMA teacher would hold this rank's "
+            "parameter shards, not the full weights (docs/families.md, 'FSDP for the full Qwen-Image run'); "
+            "launch with --multi_gpu (DDP) instead"
+        )
+    return None
 
 
 def peak_memory_mb() -> float:
@@ -135,7 +168,14 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     tr = cfg.trainer
     if tr.torch_threads > 0:
         torch.set_num_threads(tr.torch_threads)
-    accelerator = Accelerator(mixed_precision=tr.mixed_precision, cpu=not torch.cuda.is_available())
+    fsdp_requested = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    gpu = torch.cuda.is_available()
+    problem = sharding_problem(fsdp_requested, None, gpu)  # before the Accelerator: its FSDP plugin raises on CPU
+    if problem is None:
+        accelerator = Accelerator(mixed_precision=tr.mixed_precision, cpu=not gpu)
+        problem = sharding_problem(fsdp_requested, str(accelerator.distributed_type), gpu)
+    if problem is not None:
+        raise ShardingUnsupported(problem)
     main = accelerator.is_main_process
     if run_dir is None:
         from hydra.core.hydra_config import HydraConfig

@@ -427,6 +427,55 @@ def test_an_fsdp_launch_on_cpu_stops_with_one_error_line_per_process(family, pre
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:data.batch_size=2 is smaller")
+def test_full_qwenimage_under_two_process_ddp_resumes_to_the_same_weights(family, pretrained, cache, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` (gloo on CPU) of a full Qwen-Image TwinFlow run: the last
+    block's text stream gets no gradient, which stopped DDP at step 2 ("Expected to have finished reduction") until
+    the model asked for DDP's unused-parameter search. 3 steps straight equal 2 steps + resume to 3, bit for bit;
+    the EMA holds every trainable tensor at its full shape."""
+    import subprocess
+    import sys
+
+    if family != "qwenimage":
+        pytest.skip("the unused text stream is Qwen-Image's")
+
+    def launch(run, *extra):
+        cmd = [
+            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "fewstep",
+            "objective=twinflow", "sampler=ucgm", "model=qwenimage", f"model.pretrained={pretrained}", "data=latents",
+            f"data.path={cache}", "data.batch_size=2", "trainer.lr=1e-2", "trainer.lr_schedule=constant",
+            "trainer.log_every=1", "trainer.checkpoint_every=2", "trainer.final_nfe=[1]", "trainer.grid_size=4",
+            "trainer.sample_every=1000", "trainer.evaluate=false", "trainer.baseline_steps=0", "logger=none",
+            f"hydra.run.dir={run}", *extra,
+        ]  # fmt: skip
+        proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return run
+
+    straight = launch(tmp_path / "straight", "trainer.max_steps=3")
+    split = launch(tmp_path / "split", "trainer.max_steps=2")
+    launch(split, "trainer.max_steps=3", "trainer.resume=auto")
+    losses = [json.loads(line)["loss"] for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert (
+        len(losses) == 3
+        and all(np.isfinite(losses))
+        and json.loads((straight / "summary.json").read_text())["num_processes"] == 2
+    )
+    a, b = (run / "checkpoints" / "step_0000003" for run in (straight, split))
+    model = load_file(str(a / "model.safetensors"))
+    for name in ("model.safetensors", "teacher.safetensors"):
+        wa, wb = load_file(str(a / name)), load_file(str(b / name))
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), name
+    ema = load_file(str(a / "teacher.safetensors"))
+    assert ema.keys() <= model.keys() and len(ema) == 82  # every parameter of the tiny transformer
+    assert all(ema[k].shape == model[k].shape for k in ema)
+    assert "transformer.transformer_blocks.1.txt_mlp.net.2.weight" in ema  # still trained (and averaged), no grad
+    first = load_file(str(a.parent / "step_0000002" / "model.safetensors"))
+    assert max((model[k] - first[k]).abs().max().item() for k in model) > 1e-3  # step 3 moved the weights
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:data.batch_size=2 is smaller")
 def test_a_resumed_lora_run_equals_an_uninterrupted_one(family, pretrained, cache, tmp_path):
     """2 steps + resume to 4 gives the same adapter, embeddings, EMA and optimizer state as 4 steps straight."""
     from test_precompute_export import train_run

@@ -172,7 +172,14 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     gpu = torch.cuda.is_available()
     problem = sharding_problem(fsdp_requested, None, gpu)  # before the Accelerator: its FSDP plugin raises on CPU
     if problem is None:
-        accelerator = Accelerator(mixed_precision=tr.mixed_precision, cpu=not gpu)
+        from accelerate.utils import DistributedDataParallelKwargs
+        from hydra.utils import get_class
+
+        # A model some of whose trainable parameters never reach the output (Qwen-Image's last text stream) needs
+        # DDP's unused-parameter search, else the second step stops with "Expected to have finished reduction".
+        unused = getattr(get_class(cfg.model._target_), "ddp_find_unused_parameters", False)
+        handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if unused else []
+        accelerator = Accelerator(mixed_precision=tr.mixed_precision, cpu=not gpu, kwargs_handlers=handlers)
         problem = sharding_problem(fsdp_requested, str(accelerator.distributed_type), gpu)
     if problem is not None:
         raise ShardingUnsupported(problem)

@@ -158,6 +158,9 @@ class QwenImageModel(DiffusersFamilyModel):
     time_embed_class = QwenImageTimePairEmbedding
     default_lora_targets = DEFAULT_LORA_TARGETS
     default_pretrained = "Qwen/Qwen-Image"
+    # The last block's text stream (attn.to_add_out, txt_mlp and their LoRA adapters) is computed and dropped: only
+    # image tokens reach the output, so those parameters get no gradient and DDP must look for unused ones.
+    ddp_find_unused_parameters = True
 
     @staticmethod
     def data_channels(config) -> int:

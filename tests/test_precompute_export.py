@@ -219,6 +219,102 @@ def test_latent_data_errors_name_the_fix(cache, tmp_path):
     assert "holds no samples" in message(path=str(broken))
 
 
+# --------------------------------------------------------------------------- prompt-only (image-free) cache
+
+PROMPTS = ["a red cat number 1", "", "a blue dog number 0", "a red cat number 3", "   ", "a lighthouse", "a fox"]
+
+
+@pytest.fixture(scope="module")
+def prompt_cache(pretrained, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("prompt_cache")
+    (folder / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    manifest = run_prompt_precompute(pretrained, folder / "prompts.txt", folder / "cache")
+    return folder / "cache", manifest
+
+
+def run_prompt_precompute(pretrained, prompts, out, *extra):
+    return precompute_main(
+        [f"pretrained={pretrained}", f"prompts={prompts}", f"out={out}", "resolution=16", "batch_size=2",
+         "shard_size=3", f"max_sequence_length={MAX_SEQ}", "embeds_dtype=float32", "progress=false", *extra]
+    )  # fmt: skip
+
+
+def test_prompt_only_cache_holds_embeddings_null_and_latent_shape(pretrained, cache, prompt_cache, tmp_path):
+    """``prompts=FILE``: the same embeddings an image cache holds for the same caption, the null prompt, and the
+    latent shape of a resolution² image (4×16×16 for the tiny SD3), no latents; data=latents yields zero latents."""
+    out, manifest = prompt_cache
+    assert manifest["prompt_only"] and manifest["family"] == "sd3" and manifest["source"]["prompts"].endswith(".txt")
+    assert [e["count"] for e in manifest["shards"]] == [3, 2]  # 5 non-blank prompts, shard_size=3
+    assert all(e["latent_shape"] == [4, 16, 16] for e in manifest["shards"])
+    assert manifest["shards"][0]["files"] == ["a red cat number 1", "a blue dog number 0", "a red cat number 3"]
+    assert manifest["summary"]["encoded"] == 5 and manifest["summary"]["images_found"] == 5
+    first = load_file(str(out / manifest["shards"][0]["file"]))
+    assert sorted(first) == ["pooled_prompt_embeds", "prompt_embeds"]  # no latents stored
+    images = json.loads((cache / "manifest.json").read_text())
+    for entry in images["shards"]:  # img1.png is captioned "a red cat number 1" in the image cache
+        if "img1.png" in entry["files"]:
+            row = entry["files"].index("img1.png")
+            ref = load_file(str(cache / entry["file"]))
+            for key in ("prompt_embeds", "pooled_prompt_embeds"):
+                assert torch.allclose(first[key][0], ref[key][row], atol=1e-6)
+    assert torch.equal(load_file(str(out / "null.safetensors"))["prompt_embeds"],
+                       load_file(str(cache / "null.safetensors"))["prompt_embeds"])  # fmt: skip
+
+    data = LatentData(str(out), batch_size=2)
+    assert len(data) == 5 and data.shape == (4, 16, 16) and data.prompt_only
+    batch = next(data.batches(seed=0))
+    assert batch.x.shape == (2, 4, 16, 16) and not batch.x.any()
+    assert batch.cond["prompt_embeds"].shape == (2, 8 + 77, 32)
+
+    again = run_prompt_precompute(pretrained, out.parent / "prompts.txt", out)  # finished shards are kept
+    assert again["summary"]["shards_resumed"] == 2
+
+
+def test_prompt_only_arguments_and_cache_use_fail_in_one_line(pretrained, prompt_cache, images, tmp_path):
+    from fewstep.validate import ConfigError, validate
+
+    def error(*argv):
+        with pytest.raises(SystemExit) as err:
+            precompute_main([f"pretrained={pretrained}", f"out={tmp_path / 'o'}", *argv])
+        text = str(err.value)
+        assert text.startswith("error: ")
+        return text.splitlines()[0]
+
+    assert "give one of images=DIR, dataset=HUB_ID_OR_DIR or prompts=FILE" in error(
+        f"images={images}", f"prompts={tmp_path / 'p.txt'}"
+    )
+    assert "no such file" in error(f"prompts={tmp_path / 'p.txt'}")
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    assert "has no prompts" in error(f"prompts={tmp_path / 'blank.txt'}")
+    out, _ = prompt_cache
+    base = ["model=sd35", f"model.pretrained={pretrained}", "data=latents", f"data.path={out}"]
+    with pytest.raises(ConfigError) as err:
+        validate(compose(base))
+    assert "is a prompt-only cache" in str(err.value) and "objective.image_free=true" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:data.batch_size=2 is smaller")
+def test_image_free_training_from_a_prompt_only_cache(pretrained, prompt_cache, tmp_path):
+    """SPEC §10 end to end: a tiny SD3 trains 3 image-free steps (frozen teacher, guided target) from prompts
+    alone and writes its sample grid."""
+    out, _ = prompt_cache
+    run = tmp_path / "run"
+    extra = ["objective.image_free=true", "teacher=frozen", "objective.enhanced_ratio=4.0", "trainer.grid_size=4"]
+    summary = train_run(pretrained, out, run, "sd35", *extra)
+    assert summary["steps"] == 3
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss/main"] for m in metrics if "loss/main" in m]
+    assert losses and all(np.isfinite(losses))
+    grids = sorted(p.name for p in (run / "samples").glob("*.png"))
+    assert grids, "no sample grid written"
+    from PIL import Image
+
+    with Image.open(run / "samples" / grids[0]) as im:
+        assert im.size[0] >= 2 * 16 and im.size[1] >= 2 * 16  # a 2×2 grid of 16-pixel images
+
+
 # --------------------------------------------------------------------------- train → export → generate
 
 

@@ -165,5 +165,5 @@ def test_dataset_errors_name_the_fix(tmp_path):
         DatasetImages(str(tmp_path / "d"), image_column="img", caption_column="caption")
     with pytest.raises(DatasetSourceError, match=r"could not be opened .*give a hub id, a save_to_disk folder"):
         DatasetImages(str(tmp_path / "nope"))
-    with pytest.raises(SystemExit, match="give one of images=DIR or dataset=HUB_ID_OR_DIR"):
+    with pytest.raises(SystemExit, match="give one of images=DIR, dataset=HUB_ID_OR_DIR or prompts=FILE"):
         precompute_main(["pretrained=x", f"out={tmp_path / 'o'}"])

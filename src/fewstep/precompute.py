@@ -21,6 +21,12 @@ written after it, ``null.safetensors`` (the empty prompt, for the enhanced / CFG
 ``validation.safetensors`` (a few fixed prompts for sample grids) and ``manifest.json`` (written last).
 A rerun with the same arguments skips finished shards. Unreadable images and images without a caption
 are reported by name, skipped, and counted in the summary (printed, and in ``manifest.json``).
+
+Prompt-only (image-free training, SPEC §10): ``prompts=FILE`` instead of ``images=`` / ``dataset=``, one
+prompt per line (blank lines ignored). The shards then hold only the text embeddings; the manifest says
+``"prompt_only": true`` and records the latent shape of a ``resolution²`` image (the family's VAE run once
+on a blank image, so any family's channels, down-sampling and patch rounding apply), and ``data=latents``
+yields zero latents of that shape, which ``objective.image_free=true`` replaces by the student's samples.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ log = logging.getLogger("fewstep.precompute")
 
 USAGE = (
     "usage: python -m fewstep.precompute pretrained=DIR_OR_HUB_ID (images=DIR | dataset=HUB_ID_OR_DIR "
-    "[image_column=image] [caption_column=text] [split=train]) out=DIR [resolution=512] "
+    "[image_column=image] [caption_column=text] [split=train] | prompts=FILE) out=DIR [resolution=512] "
     "[batch_size=4] [device=cuda|cpu] [shard_size=256] [max_sequence_length=256] [buckets=true] "
     "[dtype=auto|float32|bfloat16] [embeds_dtype=bfloat16|float16|float32] [missing_caption=skip|empty] "
     "[validation_prompts=FILE] [progress=true] [null_prompt=TEXT] [complex_human_instruction=default|none|FILE]"
@@ -50,6 +56,7 @@ DEFAULTS = {
     "pretrained": "",
     "images": "",
     "dataset": "",  # a `datasets` dataset instead of images= (fewstep.data.image_datasets)
+    "prompts": "",  # one prompt a line instead of images=: a prompt-only cache for objective.image_free=true
     "image_column": "image",
     "caption_column": "text",
     "split": "train",
@@ -379,8 +386,9 @@ def precompute(args) -> dict:
     for key in ("pretrained", "out"):
         if not args[key]:
             raise PrecomputeError(f"{key}= is required\n{USAGE}")
-    if bool(args.images) == bool(args.dataset):
-        raise PrecomputeError(f"give one of images=DIR or dataset=HUB_ID_OR_DIR\n{USAGE}")
+    if sum(bool(args[k]) for k in ("images", "dataset", "prompts")) != 1:
+        raise PrecomputeError(f"give one of images=DIR, dataset=HUB_ID_OR_DIR or prompts=FILE\n{USAGE}")
+    prompts = read_prompts(args.prompts) if args.prompts else None
     images = Path(os.path.expanduser(args.images)) if args.images else None
     if images is not None and not images.is_dir():
         raise PrecomputeError(f"images={args.images}: no such folder; give the folder holding the images")
@@ -407,7 +415,7 @@ def precompute(args) -> dict:
         validation_prompts = list(DEFAULT_VALIDATION_PROMPTS)
 
     source = None
-    if images is None:  # open the dataset (and check its columns) before the encoders load
+    if images is None and prompts is None:  # open the dataset (and check its columns) before the encoders load
         from fewstep.data.image_datasets import DatasetImages
 
         source = DatasetImages(args.dataset, args.image_column, args.caption_column, args.split)
@@ -422,7 +430,17 @@ def precompute(args) -> dict:
     shards_dir = out / "shards"
     shards_dir.mkdir(parents=True, exist_ok=True)
     sizes = bucket_sizes(args.resolution, encoders.latent_multiple, args.buckets)
-    if images is not None:
+    prompt_shape = None
+    if prompts is not None:  # one square bucket; the latent shape from the VAE itself (family-generic)
+        size = bucket_sizes(args.resolution, encoders.latent_multiple, False)[0]
+        prompt_shape = list(encoders.encode_images(torch.zeros(1, 3, size[1], size[0])).shape[1:])
+        shards = [
+            Shard(f"shard_{n:05d}", size, [Item(p, p, size) for p in prompts[start : start + args.shard_size]])
+            for n, start in enumerate(range(0, len(prompts), args.shard_size))
+        ]
+        skipped, n_files = [], len(prompts)
+        open_image = None
+    elif images is not None:
         shards, skipped, n_files = plan_shards(images, sizes, args.shard_size, args.missing_caption)
         if n_files == 0:
             raise PrecomputeError(f"images={args.images}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
@@ -443,7 +461,8 @@ def precompute(args) -> dict:
     total = sum(len(s.items) for s in shards)
     done_infos = {s.name: _shard_done(s, shards_dir) for s in shards}
     initial = sum(len(s.items) for s in shards if done_infos[s.name] is not None)
-    progress = tqdm(total=total, initial=initial, desc="precompute", unit="img", disable=not args.progress)
+    unit = "prompt" if prompts is not None else "img"
+    progress = tqdm(total=total, initial=initial, desc="precompute", unit=unit, disable=not args.progress)
     resumed = sum(1 for v in done_infos.values() if v is not None)
     for shard in shards:
         if done_infos[shard.name] is not None:
@@ -451,6 +470,11 @@ def precompute(args) -> dict:
         latents, embeds, written, shard_skipped = [], [], [], []
         for start in range(0, len(shard.items), args.batch_size):
             chunk = shard.items[start : start + args.batch_size]
+            if prompts is not None:  # text only: no image to read or encode
+                embeds.append(encoders.encode_text([i.caption for i in chunk], args.max_sequence_length))
+                written.extend(i.file for i in chunk)
+                progress.update(len(chunk))
+                continue
             pixels, ok = [], []
             for item in chunk:
                 try:
@@ -473,9 +497,9 @@ def precompute(args) -> dict:
             "skipped": shard_skipped,
         }
         if written:
-            tensors = {"latents": torch.cat(latents)}
+            tensors = {"latents": torch.cat(latents)} if latents else {}
             tensors.update(_cast({k: torch.cat([e[k] for e in embeds]) for k in embeds[0]}, embeds_dtype))
-            info["latent_shape"] = list(tensors["latents"].shape[1:])
+            info["latent_shape"] = list(tensors["latents"].shape[1:]) if latents else prompt_shape
             _save_atomic(tensors, shards_dir / f"{shard.name}.safetensors")
         _write_json_atomic(info, shards_dir / f"{shard.name}.json")
         done_infos[shard.name] = info
@@ -524,7 +548,10 @@ def precompute(args) -> dict:
         "pretrained": pretrained,
         "source": {"images": str(images.resolve())}
         if images is not None
+        else {"prompts": str(Path(os.path.expanduser(args.prompts)).resolve())}
+        if prompts is not None
         else {k: args[k] for k in ("dataset", "split", "image_column", "caption_column")},
+        "prompt_only": prompts is not None,
         "pipeline_class": encoders.pipeline_class,
         "family": encoders.family.name,
         "null_prompt": null_prompt,
@@ -544,9 +571,9 @@ def precompute(args) -> dict:
     for s in skipped:
         log.warning("skipped %s: %s", s["file"], s["reason"])
     log.info(
-        "precompute: %d of %d images encoded into %d shard(s) (%d resumed), %d skipped (%d unreadable, "
+        "precompute: %d of %d %ss encoded into %d shard(s) (%d resumed), %d skipped (%d unreadable, "
         "%d without caption); buckets %s; cache in %s",
-        encoded, n_files, len(entries), resumed, len(skipped), summary["skipped_unreadable"],
+        encoded, n_files, unit, len(entries), resumed, len(skipped), summary["skipped_unreadable"],
         summary["skipped_no_caption"], buckets, out,
     )  # fmt: skip
     if encoded == 0:
@@ -555,6 +582,17 @@ def precompute(args) -> dict:
             "add readable, captioned images"
         )
     return manifest
+
+
+def read_prompts(path: str) -> list[str]:
+    """The non-blank lines of a prompt file (stripped), in order."""
+    file = Path(os.path.expanduser(path))
+    if not file.is_file():
+        raise PrecomputeError(f"prompts={path}: no such file; give a text file with one prompt per line")
+    prompts = [line.strip() for line in file.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise PrecomputeError(f"prompts={path} has no prompts; write one prompt per line")
+    return prompts
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -161,7 +161,8 @@ def check_known_keys(cfg: DictConfig) -> None:
 
 
 def check_cache_family(cfg: DictConfig) -> None:
-    """A latent cache precomputed with one model family, given to a model of another, stops here (one line)."""
+    """A latent cache precomputed with one model family, given to a model of another, stops here (one line); so
+    does a prompt-only cache without ``objective.image_free=true``."""
     if not str(cfg.data.get("_target_", "")).endswith("LatentData") or not cfg.data.get("path"):
         return
     import json
@@ -171,6 +172,12 @@ def check_cache_family(cfg: DictConfig) -> None:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, ValueError):
         return  # LatentData reports a missing or broken cache with its own message
+    if manifest.get("prompt_only") and not cfg.objective.get("image_free", False):
+        raise ConfigError(
+            f"data.path={cfg.data.path} is a prompt-only cache (no latents): train it with "
+            "objective.image_free=true teacher=frozen objective.enhanced_ratio=W (docs/twinflow.md), or precompute "
+            "images= / dataset= for this objective"
+        )
     from hydra.utils import get_class
 
     from fewstep.models.family import family_for_pipeline, family_of_model_class

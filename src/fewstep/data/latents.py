@@ -7,6 +7,10 @@ and the batches are permuted again; ``position`` counts global batches already t
 resumes the exact data order (as :class:`~fewstep.data.memory.InMemoryData`). Conditions are dicts
 (``prompt_embeds``, ``pooled_prompt_embeds``), the null condition is the cached empty-prompt embedding and
 grids use the cached validation prompts. ``decode`` turns latents into images with the pipeline's VAE.
+
+A prompt-only cache (``precompute prompts=FILE``, ``"prompt_only": true`` in the manifest) has shards of
+embeddings only: batches carry zero latents of the recorded shape, for ``objective.image_free=true``, which
+takes only their shape (``fewstep.validate`` refuses such a cache for any other objective).
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ class LatentData:
         self.decode_device = decode_device
         self._vae = None
         self._handles: dict[int, object] = {}
+        self.prompt_only = bool(manifest.get("prompt_only", False))
         self.shards = [s for s in manifest.get("shards", []) if s.get("count", 0) > 0]
         if not self.shards:
             n_skipped = manifest.get("summary", {}).get("skipped", 0)
@@ -132,9 +137,13 @@ class LatentData:
                     f"{shard['file']} is unreadable ({type(err).__name__}); delete it and its .json and re-run "
                     "precompute (it resumes)"
                 ) from None
+            n = shard["count"]
+            if self.prompt_only:  # embeddings only; the latent shape is the manifest's record
+                if "latents" in shapes or len(shard.get("latent_shape", ())) != 3:
+                    raise self._fail(f"{shard['file']} is not a prompt-only shard; re-run precompute into an empty dir")
+                shapes["latents"] = (n, *(int(v) for v in shard["latent_shape"]))
             if "latents" not in shapes or len(shapes["latents"]) != 4:
                 raise self._fail(f"{shard['file']} has no (N, C, h, w) latents; re-run precompute into an empty dir")
-            n = shard["count"]
             if any(s[0] != n for s in shapes.values()) or list(shapes["latents"][1:]) != list(shard["latent_shape"]):
                 raise self._fail(
                     f"{shard['file']} does not match manifest.json (rows or latent shape); delete it and its .json "
@@ -184,8 +193,12 @@ class LatentData:
         """Latents (float32) and condition of dataset items (global indices), in order."""
         latents, cond = [], {k: [] for k in self.cond_keys}
         for item in items.tolist():
-            handle, row = self._handle(int(self.shard_of[item])), int(self.row_of[item])
-            latents.append(handle.get_slice("latents")[row : row + 1])
+            shard, row = int(self.shard_of[item]), int(self.row_of[item])
+            handle = self._handle(shard)
+            if self.prompt_only:  # no data: the shape only (objective.image_free generates the samples)
+                latents.append(torch.zeros(1, *(int(v) for v in self.shards[shard]["latent_shape"])))
+            else:
+                latents.append(handle.get_slice("latents")[row : row + 1])
             for k in self.cond_keys:
                 cond[k].append(handle.get_slice(k)[row : row + 1])
         return torch.cat(latents).float(), {k: torch.cat(v).float() for k, v in cond.items()}

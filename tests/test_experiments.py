@@ -40,6 +40,9 @@ class Row(NamedTuple):
 ROWS = {
     "openuni_full": Row("openuni", "openuni", 16, 128, 1e-4, (0.9, 0.95), 0.999, 2, 0.8, 0.75, False),
     "openuni_full_imgfree": Row("openuni", "openuni", 16, 128, 1e-4, (0.9, 0.95), 1.0, 2, 4.0, 0.75, False),
+    # the reference's active "no teacher" block (its commented "fixed teacher" one is EMA 1.0, enhanced 4.0)
+    "openuni_lora_1order": Row("openuni_lora", "openuni", 16, 128, 1e-4, (0.9, 0.95), 0.0, 1, 0.8, 0.75, True),
+    "openuni_lora_2order": Row("openuni_lora", "openuni", 16, 128, 1e-4, (0.9, 0.95), 0.99, 2, 0.8, 0.75, True),
     "sd35_full": Row("sd35", "sd35", 16, 128, 1e-5, (0.9, 0.99), 0.99, 2, 0.8, 0.5, False),
     "sd35_lora_1order": Row("sd35_lora", "sd35", 8, 64, 1e-4, (0.9, 0.99), 0.0, 1, 0.8, 0.5, True),
     "sd35_lora_2order": Row("sd35_lora", "sd35", 8, 64, 1e-4, (0.9, 0.99), 0.99, 2, 0.8, 0.5, True),

@@ -299,7 +299,8 @@ def summarize_timings(runs: list[dict[str, dict]], reference: str = "flow_matchi
     """Per variant over the timing ``runs``: median step time and its IQR, evaluations per step averaged
     over every timed step, and the spread of the step ratio against ``reference`` (per-repeat ratios:
     the variant's step over the reference's step of the same round; their median, quartiles, range and
-    each run's median)."""
+    each run's median). A ``<name>_compiled`` variant beside ``<name>`` also gets ``ratio_vs_eager``, the
+    same spread of its step over the eager step of the same round."""
     out = {}
     for name in runs[0]:
         times = [t for run in runs for t in run[name]["times"]]
@@ -317,6 +318,13 @@ def summarize_timings(runs: list[dict[str, dict]], reference: str = "flow_matchi
             "ratio_run_medians": [statistics.median(r) for r in per_run],
             "timed_steps": len(times),
         }
+        eager = name.removesuffix("_compiled")
+        if eager != name and eager in runs[0]:  # compare_compile: the compiled step over the eager one, same round
+            per_run = [[t / e for t, e in zip(run[name]["times"], run[eager]["times"])] for run in runs]
+            ratios = [r for run in per_run for r in run]
+            out[name]["ratio_vs_eager"] = statistics.median(ratios)
+            out[name]["ratio_vs_eager_quartiles"] = _quartiles(ratios)
+            out[name]["ratio_vs_eager_run_medians"] = [statistics.median(r) for r in per_run]
     return out
 
 
@@ -491,6 +499,37 @@ def bench_quality(args, device) -> dict:
     return out
 
 
+def _spread_cells(quartiles: list[float], run_medians: list[float]) -> tuple[str, str]:
+    """``q1–q3`` and ``m1 / m2 / ...`` of a ratio's spread, for the Markdown tables."""
+    return f"{quartiles[0]:.2f}–{quartiles[1]:.2f}", " / ".join(f"{x:.2f}" for x in run_medians)
+
+
+def _compile_table(objectives: dict[str, dict]) -> list[str]:
+    """compare_compile: each ``<name>_compiled`` against its eager ``<name>`` (same-round ratios); none: []."""
+    compiled = {n.removesuffix("_compiled"): r for n, r in objectives.items() if "ratio_vs_eager" in r}
+    if not compiled:
+        return []
+    lines = [
+        "",
+        "## trainer.compile: compiled / eager",
+        "",
+        "| objective | eager step (ms) | compiled step (ms) | compiled / eager | IQR | per run |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in compiled.items():
+        iqr, per_run = _spread_cells(r["ratio_vs_eager_quartiles"], r["ratio_vs_eager_run_medians"])
+        lines.append(
+            f"| {name} | {objectives[name]['step_time_s'] * 1000:.2f} | {r['step_time_s'] * 1000:.2f} | "
+            f"{r['ratio_vs_eager']:.2f} | {iqr} | {per_run} |"
+        )
+    lines += [
+        "",
+        "compiled / eager: median of the per-round ratios (the compiled step over the eager step of the same "
+        "round), their quartiles and each run's median.",
+    ]
+    return lines
+
+
 def write_markdown(result: dict, path: Path) -> None:
     lines = [f"# fewstep benchmark ({result['device']}, {result['config']})", ""]
     lines += [
@@ -504,11 +543,10 @@ def write_markdown(result: dict, path: Path) -> None:
         lines[-2:] = _isolated_table([{"objective": k, **r} for k, r in result["objectives"].items()])
     else:
         for name, r in result["objectives"].items():
-            q1, q3 = r["ratio_quartiles"]
+            iqr, per_run = _spread_cells(r["ratio_quartiles"], r["ratio_run_medians"])
             lo, hi = r["ratio_range"]
-            per_run = " / ".join(f"{x:.2f}" for x in r["ratio_run_medians"])
             lines.append(
-                f"| {name} | {r['step_time_s'] * 1000:.2f} | {r['ratio_vs_flow_matching']:.2f} | {q1:.2f}–{q3:.2f} | "
+                f"| {name} | {r['step_time_s'] * 1000:.2f} | {r['ratio_vs_flow_matching']:.2f} | {iqr} | "
                 f"{lo:.2f}–{hi:.2f} | {per_run} | {r['evals_per_step']:.2f} | {r['peak_memory_mb']:.1f} |"
             )
         lines += [
@@ -519,6 +557,7 @@ def write_markdown(result: dict, path: Path) -> None:
             "× flow matching: median of the per-round ratios (a step over the flow-matching step of the same round), "
             "their quartiles, range and each run's median. Network evals: mean over the timed steps. Peak memory: "
             "each variant alone in a fresh process.",
+            *_compile_table(result["objectives"]),
         ]
     if "sampling" in result:
         lines += [

@@ -136,6 +136,29 @@ def test_summary_spread_and_means_hand_computed():
     # quartiles (inclusive) of 1.5, 2, 2, 2.5, 3, 3: positions 1.25 and 3.75 from 0: 2 + 0, 2.5 + 0.75 x 0.5
     assert tw["ratio_quartiles"] == pytest.approx([2.0, 2.875])
     assert tw["timed_steps"] == 6 and tw["params"] == 7
+    assert "ratio_vs_eager" not in tw
+
+
+def test_compiled_over_eager_is_a_same_round_ratio(tmp_path):
+    from fewstep.bench import write_markdown
+
+    fm = {"times": [1.0, 1.0, 1.0], "evals": [1.0] * 3, "params": 5}
+    runs = [{
+        "flow_matching": fm, "twinflow": {"times": [4.0, 2.0, 8.0], "evals": [3.0] * 3, "params": 5},
+        "flow_matching_compiled": {**fm, "times": [0.5, 1.0, 1.0]},
+        "twinflow_compiled": {"times": [1.0, 4.0, 2.0], "evals": [3.0] * 3, "params": 5},
+    }]  # fmt: skip
+    out = summarize_timings(runs)
+    # per round 1/4, 4/2, 2/8 = 0.25, 2, 0.25: the median of the rounds, not 2/4 from the two medians
+    assert out["twinflow_compiled"]["ratio_vs_eager"] == 0.25
+    assert out["twinflow_compiled"]["ratio_vs_eager_run_medians"] == [0.25]
+    assert out["flow_matching_compiled"]["ratio_vs_eager"] == 1.0
+    assert "ratio_vs_eager" not in out["twinflow"]
+    for r in out.values():
+        r["peak_memory_mb"] = 1.0
+    result = {"device": "cpu", "config": "c", "runs": 1, "repeats": 3, "warmup": 1, "objectives": out}
+    write_markdown(result, tmp_path / "bench.md")
+    assert "| twinflow | 4000.00 | 2000.00 | 0.25 | 0.25–1.12 | 0.25 |" in (tmp_path / "bench.md").read_text()
 
 
 @pytest.mark.slow

@@ -390,7 +390,9 @@ def load_initial_weights(source: str | Path, student, use_ema: bool = True) -> P
     checkpoint; or a checkpoint folder). Loads ``model.safetensors`` and, with ``use_ema``, overlays the run's
     EMA teacher weights (``teacher.safetensors``, what the run sampled with). Every tensor in the file must
     exist in ``student`` with its shape; tensors only the student has (e.g. the zero-initialised time-pair
-    embeddings of an SD3 model on top of a flow-matching run) keep their initial values. Returns the checkpoint."""
+    embeddings of an SD3 model on top of a flow-matching run) keep their initial values; a model with an
+    ``adapt_initial_weights(weights)`` method maps the file's tensors to its layout first (``TinyMLP``: a
+    flow-matching run into a TwinFlow model). Returns the checkpoint."""
     ckpt = resolve_resume(str(source), Path(source))
     if ckpt is None:
         raise CheckpointError(f"trainer.init_from={source}: no valid checkpoint there; give a finished run dir")
@@ -398,6 +400,9 @@ def load_initial_weights(source: str | Path, student, use_ema: bool = True) -> P
     ema = ckpt / "teacher.safetensors"
     if use_ema and ema.exists():
         weights.update(load_file(str(ema)))
+    adapt = getattr(student, "adapt_initial_weights", None)  # e.g. a vanilla run into a time-pair model
+    if adapt is not None:
+        weights = adapt(weights)
     own = student.state_dict()
     foreign = [k for k in weights if k not in own or own[k].shape != weights[k].shape]
     if foreign:

@@ -178,11 +178,21 @@ def test_init_from_loads_the_runs_ema_weights(tmp_path, flow_matching_run):
     load_initial_weights(flow_matching_run, model, use_ema=False)
     raw = load_file(str(ckpt / "model.safetensors"))
     assert all(torch.equal(model.state_dict()[k], v) for k, v in raw.items())
-    # a model of another shape (TinyMLP with the time-pair input of TwinFlow, a narrower net) is refused
-    for extra in ("objective=twinflow", "model.width=32"):
-        _, _, other, _, _ = build_components(compose([*TOY, "objective=flow_matching", extra]))
-        with pytest.raises(CheckpointError, match="tensors do not fit this model.*use the same model config"):
-            load_initial_weights(flow_matching_run, other)
+    # a narrower net is refused
+    _, _, other, _, _ = build_components(compose([*TOY, "objective=flow_matching", "model.width=32"]))
+    with pytest.raises(CheckpointError, match="tensors do not fit this model.*use the same model config"):
+        load_initial_weights(flow_matching_run, other)
+    # TinyMLP with TwinFlow's time-pair input starts from the flow-matching run: zero target-time columns, so it
+    # computes what the flow-matching model does, whatever tt (and t < 0 adds the zero sign row)
+    _, _, twin, _, _ = build_components(compose([*TOY, "objective=twinflow"]))
+    load_initial_weights(flow_matching_run, twin, use_ema=False)  # as model holds now
+    x, t = torch.randn(64, 2), torch.rand(64)
+    label = torch.zeros(64, dtype=torch.long)
+    with torch.no_grad():
+        want = model(x, t, t, label)
+        for tt in (torch.zeros(64), torch.rand(64) * t):
+            assert torch.allclose(twin(x, t, tt, label), want, rtol=0, atol=1e-6)  # summation order only
+            assert torch.allclose(twin(x, -t, -tt, label), want, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize(

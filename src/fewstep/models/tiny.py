@@ -96,6 +96,17 @@ class TinyMLP(nn.Module):
                 nn.init.zeros_(layer.weight)
                 nn.init.zeros_(layer.bias)
 
+    def adapt_initial_weights(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``trainer.init_from`` of a run without the time-pair embedding (flow matching) into this model: the
+        target-time features get zero input columns in ``time_mlp.0`` (the sign embedding is zero already), so
+        the loaded model computes exactly what the vanilla one did, whatever ``tt``."""
+        key = "time_mlp.0.weight"
+        w = weights.get(key)
+        if self.time_pair and w is not None and w.shape == (self.emb_dim, self.emb_dim):
+            weights = dict(weights)
+            weights[key] = torch.cat([w, torch.zeros_like(w)], dim=1)
+        return weights
+
     @property
     def null_label(self) -> int:
         return self.num_classes

@@ -164,18 +164,81 @@ def register_library_names(pipelines=None) -> None:
                 setattr(pipelines, library, _LibraryProxy(library, module))
 
 
-class RegisterOnImport:
-    """A one-shot import hook: once ``diffusers.pipelines`` is imported, :func:`register_library_names` runs
-    on it (``import fewstep`` installs it, so fewstep itself never imports diffusers for this)."""
+def fewstep_pipeline_classes() -> dict[str, str]:
+    """``{class name: module}`` of the diffusers pipeline classes fewstep defines (top-level classes of
+    ``fewstep.models.*`` deriving from ``DiffusionPipeline``, e.g. ``OpenUniPipeline``), read from the source
+    files without importing them."""
+    import pkgutil
 
-    target = "diffusers.pipelines"
+    found = {}
+    root = Path(__file__).parent / "models"
+    for info in pkgutil.iter_modules([str(root)]):
+        path = root / f"{info.name}.py"
+        source = path.read_text() if path.is_file() else ""
+        if "DiffusionPipeline" not in source:
+            continue
+        for node in ast.parse(source).body:
+            bases = [b.id if isinstance(b, ast.Name) else getattr(b, "attr", "") for b in getattr(node, "bases", [])]
+            if isinstance(node, ast.ClassDef) and "DiffusionPipeline" in bases:
+                found[node.name] = f"{PREFIX}.models.{info.name}"
+    return found
+
+
+def register_pipeline_classes(diffusers_module=None) -> None:
+    """Make fewstep's pipeline classes attributes of the ``diffusers`` module, where
+    ``DiffusionPipeline.from_pretrained`` resolves a folder's ``model_index.json`` ``_class_name`` (and where
+    ``from diffusers import OpenUniPipeline`` looks). The module's class gets a ``__getattr__`` that imports the
+    defining fewstep module on first access, so nothing heavy is imported here."""
+    module = diffusers_module if diffusers_module is not None else sys.modules.get("diffusers")
+    if module is None:
+        return
+    names = fewstep_pipeline_classes()
+    base = type(module)
+    if getattr(base, "_fewstep_pipelines", None) is None:
+
+        class WithFewstepPipelines(base):
+            _fewstep_pipelines: dict[str, str] = {}
+
+            def __getattr__(self, name: str):
+                source = type(self)._fewstep_pipelines.get(name)
+                if source is None:
+                    inner = getattr(super(), "__getattr__", None)
+                    if inner is None:
+                        raise AttributeError(f"module {self.__name__!r} has no attribute {name!r}")
+                    return inner(name)
+                value = getattr(importlib.import_module(source), name)
+                setattr(self, name, value)
+                return value
+
+        WithFewstepPipelines.__name__ = base.__name__
+        WithFewstepPipelines.__qualname__ = base.__qualname__
+        WithFewstepPipelines.__module__ = base.__module__
+        module.__class__ = WithFewstepPipelines
+    type(module)._fewstep_pipelines.update(names)
+
+
+class RegisterOnImport:
+    """A one-shot import hook: once ``diffusers`` is imported, :func:`register_pipeline_classes` runs on it, and
+    once ``diffusers.pipelines`` is, :func:`register_library_names` (``import fewstep`` installs it, so fewstep
+    itself never imports diffusers for this)."""
+
+    def __init__(self, targets: dict | None = None):
+        default = {"diffusers": register_pipeline_classes, "diffusers.pipelines": register_library_names}
+        self.pending = dict(targets or default)
+        self._finding = False
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != self.target:
+        register = self.pending.get(fullname)
+        if register is None or self._finding:
             return None
-        if self in sys.meta_path:
+        self._finding = True
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self._finding = False
+        del self.pending[fullname]
+        if not self.pending and self in sys.meta_path:
             sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
         if spec is None or spec.loader is None:
             return spec
         inner = spec.loader
@@ -186,15 +249,22 @@ class RegisterOnImport:
 
             def exec_module(self, module):
                 inner.exec_module(module)
-                register_library_names(sys.modules.get(fullname, module))  # diffusers swaps in a lazy module
+                register(sys.modules.get(fullname, module))  # diffusers swaps in a lazy module
+
+            def __getattr__(self, name):  # resource readers etc.: the wrapped loader's
+                return getattr(inner, name)
 
         spec.loader = Loader()
         return spec
 
 
 def install_hook() -> None:
-    """Register now if diffusers' pipelines are already imported, else when they are."""
-    if "diffusers.pipelines" in sys.modules:
-        register_library_names()
-    elif not any(isinstance(f, RegisterOnImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, RegisterOnImport())
+    """Register now what diffusers has already imported, and the rest when it is imported."""
+    targets = {}
+    for name, register in (("diffusers", register_pipeline_classes), ("diffusers.pipelines", register_library_names)):
+        if name in sys.modules:
+            register(sys.modules[name])
+        else:
+            targets[name] = register
+    if targets and not any(isinstance(f, RegisterOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, RegisterOnImport(targets))

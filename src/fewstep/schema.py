@@ -207,6 +207,18 @@ class SanaModelConfig(SD35ModelConfig):
     )
 
 
+OPENUNI_LORA_TARGETS = [  # the reference's (inclusionAI/TwinFlow openuni_lora_*) that SANA has
+    "to_q", "to_k", "to_v", "to_out.0", "time_embed.linear", "timestep_embedder.linear_1", "timestep_embedder.linear_2",
+]  # fmt: skip
+
+
+@dataclass
+class OpenUniModelConfig(SanaModelConfig):
+    _target_: str = "fewstep.models.openuni.OpenUniModel"
+    pretrained: str = ""  # the OpenUniPipeline folder of python -m fewstep.convert_openuni
+    lora: LoraModelConfig = field(default_factory=lambda: LoraModelConfig(target_modules=list(OPENUNI_LORA_TARGETS)))
+
+
 QWENIMAGE_LORA_TARGETS = [  # the reference's target list (SPEC §9)
     "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
     "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2",
@@ -365,6 +377,7 @@ SCHEMAS = {
         "sd35": SD35ModelConfig,
         "sd15": SD15ModelConfig,
         "sana": SanaModelConfig,
+        "openuni": OpenUniModelConfig,
         "qwenimage": QwenImageModelConfig,
     },
     "data": {

@@ -351,7 +351,7 @@ def check_model_data(cfg: DictConfig) -> None:
     try:
         config = _transformer_config(model)
     except FewstepError as err:
-        problems.append(str(err))
+        problems.append(str(err) + _pretrained_hint(model))
     if not latents and model.get("random_init", False):
         problems.append(
             f"{_choice(cfg, 'model')} with model.random_init=true trains on latents of its architecture's shapes, "
@@ -380,6 +380,17 @@ def check_model_data(cfg: DictConfig) -> None:
         raise ConfigError(f"{_choice(cfg, 'model')} {head}: " + "; and ".join(problems))
     if problems:
         raise ConfigError(problems[0])
+
+
+def _pretrained_hint(model: DictConfig) -> str:
+    """The model class's ``pretrained_hint`` (how to get its weights, e.g. OpenUni's conversion), as a suffix."""
+    try:
+        from hydra.utils import get_class
+
+        hint = getattr(get_class(str(model._target_)), "pretrained_hint", "")
+    except Exception:  # noqa: BLE001 - an unknown target is reported elsewhere
+        hint = ""
+    return f"; {hint}" if hint and not model.get("random_init") else ""
 
 
 def _transformer_config(model: DictConfig) -> dict:

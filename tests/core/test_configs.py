@@ -17,7 +17,7 @@ CONF = CONF_DIR
 GROUPS = ["objective", "teacher", "sampler", "model", "data", "trainer", "logger"]
 NEEDS_FILES = {
     "model": {"sd35", "sd35_lora", "sd15", "qwenimage", "qwenimage_lora", "sana", "sana_lora"}
-    | {"openuni", "openuni_lora"},  # placeholders: building them stops with "model family openuni is not available"
+    | {"openuni", "openuni_lora"},  # need a converted OpenUni folder (python -m fewstep.convert_openuni)
     "data": {"latents"},
 }
 

@@ -358,6 +358,7 @@ class DiffusersFamilyModel(nn.Module):
     time_embed_class: type | None = None  # the TimePairEmbedding subclass that replaces it
     default_lora_targets: tuple[str, ...] = ()
     default_pretrained = ""
+    pretrained_hint = ""  # how to get loadable weights, added to a failed model.pretrained's error line
 
     def __init__(
         self,

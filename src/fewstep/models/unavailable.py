@@ -1,8 +1,8 @@
-"""Model families that SPEC §7's paper rows name but fewstep has no wrapper for yet (OpenUni).
+"""A placeholder for model families that a paper row names before fewstep has a wrapper for them.
 
-``conf/model/openuni.yaml`` points ``_target_`` at :class:`UnavailableModel`, so ``experiment=table6/openuni_*``
-composes (its values can be read and tested) but a run stops at start with one line:
-``model family openuni is not available yet ...``.
+A ``conf/model/<family>.yaml`` whose ``_target_`` is :class:`UnavailableModel` composes (an experiment's values can be
+read and tested) but a run stops at start with one line: ``model family <family> is not available yet ...``.
+Every family of SPEC §7 has a wrapper now (OpenUni was the last); the mechanism stays for the next one.
 :func:`check_available` raises that error from the config alone, before data or weights load.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 from fewstep.validate import ConfigError
 
 TARGET = f"{__name__}.UnavailableModel"
-AVAILABLE = "model=tiny, tiny_toy, sd35, sd35_lora, sana, sana_lora, qwenimage or qwenimage_lora"
+AVAILABLE = "model=tiny, tiny_toy, sd35, sd35_lora, sana, sana_lora, qwenimage, qwenimage_lora, openuni or openuni_lora"
 
 
 class ModelFamilyUnavailable(ConfigError):

@@ -3,13 +3,14 @@
 Reads the run's ``.hydra/config.yaml`` and newest valid checkpoint (by default the weights ``fewstep.sample``
 and ``fewstep.eval`` use: the sampling EMA with ``teacher.sampling_decay``, else the teacher EMA) and writes
 ``DIR2/``: the pretrained pipeline of the run's model family (SD3: ``StableDiffusion3Pipeline``, SANA:
-``SanaPipeline``, Qwen-Image: ``QwenImagePipeline``) with its components (VAE, text encoders, tokenizers) saved
+``SanaPipeline``, Qwen-Image: ``QwenImagePipeline``, OpenUni: fewstep's ``OpenUniPipeline``) with its components
+(VAE, text encoders, tokenizers) saved
 again, the trained transformer (LoRA merged) as the family's TwinFlow class (e.g.
 :class:`fewstep.models.sd3.SD3TwinFlowTransformer2DModel`) when the run used the target-time / sign
 embeddings (else the vanilla class), and ``TwinFlowScheduler`` set up like the run's sampler. The code of
 those classes is copied into their component folders (:mod:`fewstep.export_code`), so the folder loads
-without fewstep (``DiffusionPipeline.from_pretrained(DIR2, trust_remote_code=True)``) and, with fewstep,
-after a bare ``import fewstep``::
+without fewstep (``DiffusionPipeline.from_pretrained(DIR2, trust_remote_code=True)``; not OpenUni, whose pipeline
+class is fewstep's) and, with fewstep, after a bare ``import fewstep``::
 
     import fewstep
     from diffusers import StableDiffusion3Pipeline
@@ -209,7 +210,7 @@ def export(args) -> dict:
         raise load_error("pipeline", pipeline_source, err) from err
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out)
-    from fewstep.export_code import vendor_components
+    from fewstep.export_code import fewstep_pipeline_classes, vendor_components
 
     vendor_components(out)  # the custom classes' code travels in their folders (trust_remote_code without fewstep)
     info = {
@@ -222,8 +223,12 @@ def export(args) -> dict:
         "time_pair": model.has_time_pair(),
         "lora": bool(model.lora_enabled),
         "pipeline": pipeline_source,
-        "load": f"import fewstep; {family.pipeline_class}.from_pretrained({str(out)!r}) (without fewstep: "
-        f"DiffusionPipeline.from_pretrained({str(out)!r}, trust_remote_code=True))",
+        "load": f"import fewstep; {family.pipeline_class}.from_pretrained({str(out)!r})"
+        + (
+            ""
+            if family.pipeline_class in fewstep_pipeline_classes()
+            else f" (without fewstep: DiffusionPipeline.from_pretrained({str(out)!r}, trust_remote_code=True))"
+        ),
     }
     if model.lora_enabled:
         from peft.utils import get_peft_model_state_dict

@@ -163,20 +163,28 @@ def model_card(cfg, info: dict, base: str, license_info: dict, grid: str | None,
 
 def load_code(pipeline_class: str, where: str, nfe: int, lora: bool) -> list[str]:
     """The card's loading snippet: the folder (or hub repo) as a diffusers pipeline, ``nfe`` steps at guidance 0,
-    with fewstep installed or (its code travels in the folder) without; a LoRA run also shows
-    :func:`fewstep.export.load_lora_pipeline` on the base pipeline."""
+    with fewstep installed or (its code travels in the folder) without; a pipeline class of fewstep's own
+    (OpenUni) needs fewstep installed. A LoRA run also shows :func:`fewstep.export.load_lora_pipeline` on the
+    base pipeline."""
+    from fewstep.export_code import fewstep_pipeline_classes
+
+    own = pipeline_class in fewstep_pipeline_classes()
     lines = [
         "import torch",
-        "import fewstep  # lets diffusers find fewstep's transformer and TwinFlowScheduler classes",
+        f"import fewstep  # lets diffusers find fewstep's {'pipeline, ' if own else ''}transformer and "
+        "TwinFlowScheduler classes",
         f"from diffusers import {pipeline_class}",
         "",
         f'pipe = {pipeline_class}.from_pretrained("{where}", torch_dtype=torch.bfloat16).to("cuda")',
         f'image = pipe("a photo of a red fox in snow", num_inference_steps={nfe}, guidance_scale=0.0).images[0]',
-        "",
-        "# without fewstep installed: the classes' code ships in the component folders",
-        "from diffusers import DiffusionPipeline",
-        f'pipe = DiffusionPipeline.from_pretrained("{where}", trust_remote_code=True, torch_dtype=torch.bfloat16)',
     ]
+    if not own:
+        lines += [
+            "",
+            "# without fewstep installed: the classes' code ships in the component folders",
+            "from diffusers import DiffusionPipeline",
+            f'pipe = DiffusionPipeline.from_pretrained("{where}", trust_remote_code=True, torch_dtype=torch.bfloat16)',
+        ]
     if lora:
         lines += [
             "",

@@ -4,7 +4,9 @@ Images + captions → a latent / text-embedding cache that ``data=latents data.p
 encoded by the pipeline's own VAE and text encoders. The pipeline folder's ``model_index.json`` names its family
 (:mod:`fewstep.models.family`), which says how latents are normalised and how ``encode_prompt`` is called
 (SD3: two CLIPs + T5; SANA: Gemma-2 with ``complex_human_instruction=default|none|FILE``; Qwen-Image:
-Qwen2.5-VL, embeddings padded to ``max_sequence_length`` with their mask). ``null_prompt=`` overrides the
+Qwen2.5-VL, embeddings padded to ``max_sequence_length`` with their mask; OpenUni: the frozen InternVL3 LM +
+meta-queries + connector + projector, 256 × 2304 per prompt, the null prompt "" = "Generate an image.", from a
+``fewstep.convert_openuni`` folder). ``null_prompt=`` overrides the
 family's unconditional prompt (empty; Qwen-Image: "Generate an image.", the reference's).
 
 Captions: ``metadata.jsonl`` in the image folder (lines ``{"file_name": ..., "text": ...}``) or a ``.txt``

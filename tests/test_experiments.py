@@ -1,21 +1,17 @@
-"""experiment=table6/<row>: one file per SPEC §7 row with the paper's values; unavailable families stop at start."""
+"""experiment=table6/<row>: one file per SPEC §7 row with the paper's values; every row trains on a tiny pipeline."""
 
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from fewstep.models.unavailable import TARGET, ModelFamilyUnavailable, check_available
 from fewstep.schema import CONF_DIR
-from fewstep.validate import validate
 
-from helpers import FAST, compose, run_cli
+from helpers import FAST, compose
 
 TABLE6 = CONF_DIR / "experiment" / "table6"
 REPRODUCING = Path(__file__).resolve().parents[1] / "docs" / "reproducing.md"
@@ -53,8 +49,11 @@ ROWS = {
     "qwenimage_lora_1order": Row("qwenimage_lora", "qwenimage", 4, 32, 1e-4, (0.9, 0.99), 1.0, 1, 4.0, 0.5, True),
     "qwenimage_lora_2order": Row("qwenimage_lora", "qwenimage", 4, 32, 1e-4, (0.9, 0.99), 0.99, 2, 0.8, 0.5, True),
 }
-UNAVAILABLE = {"openuni"}
-UNAVAILABLE_ROWS = sorted(n for n, r in ROWS.items() if r.family in UNAVAILABLE)
+MODEL_CLASSES = {
+    "sd35": "fewstep.models.sd3.SD3Model",
+    "qwenimage": "fewstep.models.qwenimage.QwenImageModel",
+    "openuni": "fewstep.models.openuni.OpenUniModel",
+}
 
 
 def check_values(cfg, row: Row) -> None:
@@ -120,7 +119,7 @@ def test_row_composes_with_its_values(name):
     cfg = compose_row(name, ["data.path=/cache"])
     check_values(cfg, row)
     assert cfg.objective._target_.endswith("TwinFlow")
-    assert (cfg.model._target_ == TARGET) == (row.family in UNAVAILABLE)
+    assert cfg.model._target_ == MODEL_CLASSES[row.family]  # every family has its wrapper
 
 
 def docs_rows() -> dict[str, dict[str, str]]:
@@ -160,41 +159,8 @@ def test_docs_table_matches_the_composed_row(name):
     assert float(doc["enhanced"]) == obj.enhanced_ratio
     assert float(doc["dist_match"]) == obj.dist_match_coef
     assert int(re.fullmatch(r"(\d+)k", doc["steps"]).group(1)) * 1000 == tr.max_steps
-    # the status is honest: "not available yet" exactly where the model is the placeholder
-    assert (doc["status"] == "not available yet") == (cfg.model._target_ == TARGET)
+    assert doc["status"].startswith("runs")  # every family has its wrapper; the rows train (tests below)
     assert f"experiment=table6/{name} " in REPRODUCING.read_text()  # its launch command is in the docs
-
-
-@pytest.mark.parametrize("name", UNAVAILABLE_ROWS)
-def test_unavailable_row_fails_before_anything_loads(name):
-    family = ROWS[name].family
-    cfg = compose_row(name, ["data.path=/nonexistent"])
-    message = f"model family {family} is not available yet"
-    with pytest.raises(ModelFamilyUnavailable, match=message):
-        check_available(cfg.model)
-    with pytest.raises(Exception, match=message):
-        instantiate(cfg.model)
-    with pytest.raises(ModelFamilyUnavailable) as err:
-        validate(cfg)
-    assert message in str(err.value) and "\n" not in str(err.value)
-
-
-@pytest.mark.slow
-def test_unavailable_row_fails_at_start_on_the_command_line(tmp_path):
-    start = time.perf_counter()
-    proc = run_cli(["experiment=table6/openuni_full", "data.path=/nonexistent"], tmp_path, check=False)
-    assert proc.returncode != 0 and time.perf_counter() - start < 30
-    assert "model family openuni is not available yet" in proc.stderr
-
-
-@pytest.mark.slow
-def test_placeholder_model_group_fails_with_one_line(tmp_path):
-    cfg = compose(["model=openuni", "data=toy2d"])
-    assert cfg.model.family == "openuni" and not cfg.model.lora.enabled
-    with pytest.raises(ModelFamilyUnavailable, match="^model family openuni is not available yet: "):
-        check_available(cfg.model)
-    proc = run_cli(["model=openuni", "data=toy2d", *FAST], tmp_path, check=False)  # validate() or the build
-    assert proc.returncode != 0 and "model family openuni is not available yet" in proc.stderr
 
 
 def tiny_cache(root, pretrained, max_sequence_length: int):
@@ -228,10 +194,18 @@ def tiny_qwenimage_cache(tmp_path_factory):
     return tiny_cache(root, save_tiny_pipeline("qwenimage", root / "pipe"), 200)
 
 
-TRAINED_ROWS = [  # the Qwen-Image rows train 3 steps on the tiny pipeline (multi-second: slow)
-    pytest.param(n, marks=[pytest.mark.slow] if r.family == "qwenimage" else [])
-    for n, r in sorted(ROWS.items())
-    if r.family in ("sd35", "qwenimage")
+@pytest.fixture(scope="module")
+def tiny_openuni_cache(tmp_path_factory):
+    """A tiny offline OpenUni pipeline (what python -m fewstep.convert_openuni writes) and a 16 px cache of it."""
+    from tiny_families import save_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("tiny_openuni")
+    return tiny_cache(root, save_tiny_pipeline("openuni", root / "pipe"), 8)
+
+
+CACHES = {"sd35": "tiny_sd3_cache", "qwenimage": "tiny_qwenimage_cache", "openuni": "tiny_openuni_cache"}
+TRAINED_ROWS = [  # the Qwen-Image and OpenUni rows train 3 steps on their tiny pipelines (multi-second: slow)
+    pytest.param(n, marks=[pytest.mark.slow] if r.family != "sd35" else []) for n, r in sorted(ROWS.items())
 ]
 
 
@@ -239,11 +213,11 @@ TRAINED_ROWS = [  # the Qwen-Image rows train 3 steps on the tiny pipeline (mult
 @pytest.mark.parametrize("name", TRAINED_ROWS)
 def test_row_trains_on_a_tiny_pipeline(name, request, tmp_path):
     """The row as written (its LoRA targets match the real family's module names: SD3's, the reference's Qwen-Image
-    list), shrunk only in size and precision."""
+    list, OpenUni's SANA DiT), shrunk only in size and precision."""
     from fewstep.train import train
 
     family = ROWS[name].family
-    pretrained, cache = request.getfixturevalue("tiny_sd3_cache" if family == "sd35" else "tiny_qwenimage_cache")
+    pretrained, cache = request.getfixturevalue(CACHES[family])
     steps = 2 if family == "sd35" else 3
     shrink = [f"model.pretrained={pretrained}", f"data.path={cache}", "data.batch_size=2", f"trainer.max_steps={steps}"]
     shrink += ["trainer.mixed_precision=no", "trainer.final_nfe=[1]", "trainer.grid_size=2", *FAST]

@@ -199,9 +199,6 @@ def check_cache_family(cfg: DictConfig) -> None:
 def validate(cfg: DictConfig) -> DictConfig:
     """Raise ConfigError on the first bad value; return cfg with forced settings applied (with a warning)."""
     check_known_keys(cfg)
-    from fewstep.models.unavailable import check_available
-
-    check_available(cfg.model)  # a placeholder family (qwenimage, openuni) stops here, before data or weights
     obj, tr = cfg.objective, cfg.trainer
     kind = _objective_kind(cfg)
     few_step = kind != "flow_matching"
@@ -332,10 +329,7 @@ def check_model_data(cfg: DictConfig) -> None:
     latent data (``data=latents`` with a cache, or ``data=synthetic``) of its channel count and a latent size
     it can take; latent data needs such a family. All problems found are reported together, in one line (the
     flagship ``model=sd35`` with nothing given names weights and data)."""
-    from fewstep.models.unavailable import check_available
-
     model, data = cfg.model, cfg.data
-    check_available(model)  # a placeholder family says so first
     family, latents = is_pretrained_family(model), is_latent_data(data)
     if not family and not latents:
         return

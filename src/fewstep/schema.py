@@ -216,6 +216,7 @@ OPENUNI_LORA_TARGETS = [  # the reference's (inclusionAI/TwinFlow openuni_lora_*
 class OpenUniModelConfig(SanaModelConfig):
     _target_: str = "fewstep.models.openuni.OpenUniModel"
     pretrained: str = ""  # the OpenUniPipeline folder of python -m fewstep.convert_openuni
+    architecture: str = "openuni_l_512"  # model.random_init: OpenUni-L-512's SANA-1.6B-512 DiT, 256 query embeddings
     lora: LoraModelConfig = field(default_factory=lambda: LoraModelConfig(target_modules=list(OPENUNI_LORA_TARGETS)))
 
 

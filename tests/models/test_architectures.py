@@ -9,7 +9,13 @@ from fewstep.data.synthetic import SyntheticData
 from fewstep.models import architectures
 from fewstep.models.architectures import ArchitectureError, load, materialize, random_transformer
 
-PUBLISHED = {"sd35_medium": 2.24e9, "sd35_large": 8.06e9, "sana_1600m_1024px": 1.60e9, "qwen_image": 20.4e9}
+PUBLISHED = {
+    "sd35_medium": 2.24e9,
+    "sd35_large": 8.06e9,
+    "sana_1600m_1024px": 1.60e9,
+    "openuni_l_512": 1.60e9,  # its SANA-1.6B-512 DiT (the frozen LM/connector are cached, never built)
+    "qwen_image": 20.4e9,
+}
 
 
 @pytest.mark.slow
@@ -71,6 +77,7 @@ def test_materialize_refuses_a_meta_buffer():
         ("sd35_medium", (16, 128, 128), {"prompt_embeds": (333, 4096), "pooled_prompt_embeds": (2048,)}),
         ("sana_1600m_1024px", (32, 32, 32), {"prompt_embeds": (300, 2304), "prompt_attention_mask": (300,)}),
         ("qwen_image", (16, 128, 128), {"prompt_embeds": (256, 3584), "prompt_embeds_mask": (256,)}),
+        ("openuni_l_512", (32, 32, 32), {"prompt_embeds": (256, 2304), "prompt_attention_mask": (256,)}),
     ],
 )
 def test_synthetic_data_has_the_architectures_real_shapes_at_1024(name, latent, cond):

@@ -9,6 +9,7 @@ into place, so a crash at any moment leaves the previous checkpoints intact;
 ``state.json`` is written last and names every file with its size. Rewriting an existing step moves the
 old folder aside (``.old_*``) before the new one is renamed in; the next save or prune deletes the
 ``.tmp_*`` / ``.old_*`` leftovers of a killed process (an ``.old_*`` whose step folder is gone is put back).
+Under FSDP the sharded tensors are gathered on the way: the files are the same as an unsharded run's.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from fewstep.distributed import full_optimizer_state, gathered, load_full_state_dict, load_optimizer_state
 from fewstep.errors import FewstepError
 
 FORMAT_VERSION = 1
@@ -34,11 +36,17 @@ class CheckpointError(FewstepError, RuntimeError):
     pass
 
 
-def student_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable parameters and buffers: what training changes (frozen base weights come from the model config)."""
-    state = {k: p.detach() for k, p in module.named_parameters() if p.requires_grad}
-    state.update({k: b.detach() for k, b in module.named_buffers()})
-    return {k: v.contiguous().cpu() for k, v in state.items()}
+def state_keys(module: torch.nn.Module) -> list[str]:
+    """The keys of :func:`student_state` (no tensor is read or gathered)."""
+    return [k for k, p in module.named_parameters() if p.requires_grad] + [k for k, _ in module.named_buffers()]
+
+
+def student_state(module: torch.nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+    """Trainable parameters and buffers: what training changes (frozen base weights come from the model config).
+    Whole CPU tensors: shards are gathered (a collective under FSDP; ``keep=False`` joins it and keeps nothing)."""
+    state = {k: p for k, p in module.named_parameters() if p.requires_grad}
+    state.update(dict(module.named_buffers()))
+    return gathered(state, keep)
 
 
 def rng_state() -> dict:
@@ -62,6 +70,31 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), *n[2:]))
 
 
+class _Folder:
+    """The temporary folder a checkpoint is written into, or nothing on the ranks that do not write. After a failed
+    write it stops writing but the caller goes on gathering (under FSDP the other ranks are in the same collectives);
+    :meth:`raise_error` reports the failure at the end."""
+
+    def __init__(self, path: Path | None):
+        self.path, self.error = path, None
+
+    @property
+    def writing(self) -> bool:
+        return self.path is not None and self.error is None
+
+    def put(self, name: str, tensors: dict | None = None, obj=None) -> None:
+        if not self.writing:
+            return
+        try:
+            if tensors is not None:
+                save_file(tensors, str(self.path / name))
+            else:
+                torch.save(obj, self.path / name)
+        except Exception as err:  # noqa: BLE001 - a full disk surfaces as OSError, SafetensorError or RuntimeError
+            self.error = err
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
 def save_checkpoint(
     ckpt_root: Path,
     step: int,
@@ -73,41 +106,51 @@ def save_checkpoint(
     extra: dict | None = None,
     rng_states: list[dict] | None = None,
     networks: dict | None = None,
+    write: bool = True,
 ) -> Path:
     """Write a checkpoint atomically. ``rng_states`` holds one RNG state per process (rank order);
     by default this process's state alone. ``networks``: name → ``(module, optimizer, scheduler, average)``
     of an objective's own networks (``network_<name>.safetensors``, ``network_<name>_ema.safetensors``,
-    their optimizer state in ``optim.pt``); none for single-network objectives (the files are then as before)."""
+    their optimizer state in ``optim.pt``); none for single-network objectives (the files are then as before).
+
+    Every process calls it; ``write`` is true on the one that writes (rank 0). Sharded weights, EMA and optimizer
+    state (FSDP) are gathered to whole tensors on the way (collectives, in the same order on every rank), so the
+    files are those of an unsharded run; without shards the other ranks copy nothing."""
     ckpt_root = Path(ckpt_root)
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    clean_stale(ckpt_root)  # a killed writer's leftovers; frees their space before this write
     final = ckpt_root / f"{PREFIX}{step:07d}"
     tmp = ckpt_root / f".tmp_{PREFIX}{step:07d}_{os.getpid()}"
+    folder = _Folder(tmp if write else None)
     try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        save_file(student_state(student), str(tmp / "model.safetensors"))
+        if write:
+            ckpt_root.mkdir(parents=True, exist_ok=True)
+            clean_stale(ckpt_root)  # a killed writer's leftovers; frees their space before this write
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        folder.put("model.safetensors", student_state(student, keep=write))
         tstate = teacher.state_dict()
         for key in [k for k, v in tstate.items() if isinstance(v, dict) or v is None]:
             tensors = tstate.pop(key)
             if tensors is not None:  # the teacher's weight averages: teacher.safetensors, teacher_<key>.safetensors
-                save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / teacher_file(key)))
-        optim = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+                folder.put(teacher_file(key), gathered(tensors, keep=write))
+        optim = {"optimizer": full_optimizer_state(optimizer, keep=write), "scheduler": scheduler.state_dict()}
         net_states = {}
         for name, (module, net_opt, net_sched, average) in (networks or {}).items():
-            save_file(student_state(module), str(tmp / f"network_{name}.safetensors"))
-            net_optim = {"optimizer": net_opt.state_dict(), "scheduler": net_sched.state_dict()}
+            folder.put(f"network_{name}.safetensors", student_state(module, keep=write))
+            net_optim = {"optimizer": full_optimizer_state(net_opt, keep=write), "scheduler": net_sched.state_dict()}
             optim.setdefault("networks", {})[name] = net_optim
             if average is not None:
                 avg = average.state_dict()
                 shadow = avg.pop("shadow")
                 if shadow is not None:
-                    save_file({k: v.detach().contiguous().cpu() for k, v in shadow.items()},
-                              str(tmp / f"network_{name}_ema.safetensors"))  # fmt: skip
+                    folder.put(f"network_{name}_ema.safetensors", gathered(shadow, keep=write))
                 net_states[name] = {k: v for k, v in avg.items() if not isinstance(v, dict)}
-        torch.save(optim, tmp / "optim.pt")
-        torch.save({"ranks": rng_states or [rng_state()]}, tmp / "rng.pt")
+        folder.put("optim.pt", obj=optim)
+        folder.put("rng.pt", obj={"ranks": rng_states or [rng_state()]})
+        if not write:
+            return final
+        if folder.error is not None:
+            raise folder.error
         files = {p.name: p.stat().st_size for p in tmp.iterdir()}
         state = {
             "format_version": FORMAT_VERSION,
@@ -124,6 +167,8 @@ def save_checkpoint(
             os.fsync(fh.fileno())
         _commit(tmp, final)
     except BaseException as err:
+        if not write:
+            raise
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(err, Exception):  # a full disk surfaces as OSError, SafetensorError or torch's RuntimeError
             detail = " ".join(str(err).split())[:300]
@@ -309,20 +354,21 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
 
 def _load_module(path: Path, module, ckpt: Path, what: str = "the model") -> None:
     weights = load_file(str(path))
-    missing = set(student_state(module)) - set(weights)
+    missing = set(state_keys(module)) - set(weights)
     if missing:
         raise CheckpointError(
             f"checkpoint {ckpt} does not match {what} ({len(missing)} tensors missing, "
             f"e.g. {sorted(missing)[0]}); resume with the run's own model and objective config"
         )
-    module.load_state_dict(weights, strict=False)
+    load_full_state_dict(module, weights)  # into this rank's shards under FSDP
 
 
 def load_checkpoint(
     ckpt: Path, student, teacher=None, optimizer=None, scheduler=None, restore_rng=True, rank: int = 0,
     networks: dict | None = None,
 ) -> dict:  # fmt: skip
-    """Restore what :func:`save_checkpoint` wrote (``networks`` as there); returns ``state.json``."""
+    """Restore what :func:`save_checkpoint` wrote (``networks`` as there); returns ``state.json``. Into an unsharded
+    or a sharded (FSDP, any process count) run alike: every rank reads the whole tensors and keeps its slice."""
     state = verify(ckpt)
     ckpt = Path(ckpt)
     try:
@@ -342,7 +388,7 @@ def load_checkpoint(
                 average.load_state_dict({**state["networks"][name], "shadow": shadow})
             if net_opt is not None:
                 opt = opt or torch.load(ckpt / "optim.pt", map_location="cpu", weights_only=True)
-                net_opt.load_state_dict(opt["networks"][name]["optimizer"])
+                load_optimizer_state(net_opt, opt["networks"][name]["optimizer"])
                 net_sched.load_state_dict(opt["networks"][name]["scheduler"])
         if teacher is not None:
             tstate = dict(state["teacher"])
@@ -352,7 +398,7 @@ def load_checkpoint(
             teacher.load_state_dict(tstate)
         if optimizer is not None:
             opt = torch.load(ckpt / "optim.pt", map_location="cpu", weights_only=True)
-            optimizer.load_state_dict(opt["optimizer"])
+            load_optimizer_state(optimizer, opt["optimizer"])
             if scheduler is not None:
                 scheduler.load_state_dict(opt["scheduler"])
         if restore_rng:

@@ -14,7 +14,8 @@ its transformer and defines two things:
 
 Shared here: resolving ``model.pretrained`` (hub id, pipeline folder or bare transformer folder), dtype
 parsing, the time-pair (target time + sign) embedding and its zero-init exactness, LoRA wrapping / merging,
-the trainable weights (what the EMA holds), chunked no-grad passes, and the export transformer.
+the trainable weights (what the EMA holds), chunked no-grad passes, the sharding units under FSDP, and the
+export transformer.
 """
 
 from __future__ import annotations
@@ -300,6 +301,31 @@ def merged_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
             continue
         merged[key] = value.detach().clone()
     return merged
+
+
+# --------------------------------------------------------------------------- sharding units (trainer.distributed=fsdp)
+
+
+def shard_units(module: nn.Module) -> list[nn.Module]:
+    """The sub-modules sharded one by one under ``trainer.distributed=fsdp`` (each all-gathered for its own
+    forward and freed after it): instances of the classes a diffusers model names in ``_no_split_modules`` (its
+    transformer blocks), else the members of a ``ModuleList`` whose name ends in ``blocks``; outermost matches
+    only, in module order. Whatever no unit holds (embeddings, final norm and projection) is sharded with the root.
+    One rule for every family (SD3 ``JointTransformerBlock``, Qwen-Image ``QwenImageTransformerBlock``, ...)."""
+    names = set()
+    for sub in module.modules():
+        names.update(getattr(sub, "_no_split_modules", None) or ())
+    if names:
+        found = [sub for sub in module.modules() if type(sub).__name__ in names]
+    else:
+        found = [
+            block
+            for name, sub in module.named_modules()
+            if isinstance(sub, nn.ModuleList) and name.rsplit(".", 1)[-1].endswith("blocks")
+            for block in sub
+        ]
+    inner = {id(m) for unit in found for m in unit.modules() if m is not unit}
+    return [unit for unit in found if id(unit) not in inner]
 
 
 # --------------------------------------------------------------------------- chunked no-grad passes

@@ -3,7 +3,8 @@
 A teacher never copies the student module. It keeps a shadow of the
 student's *trainable* parameters only (so a LoRA run's EMA holds adapter and
 embedding weights, not the frozen base) and calls the student module with
-those parameters swapped in (as ``torch.func.functional_call`` does, see ``Teacher._call_with``).
+those parameters swapped in (as ``torch.func.functional_call`` does, see ``Teacher._call_with``). Under FSDP
+(``trainer.distributed=fsdp``) the shadow holds this rank's shards and is copied in place for the call instead.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from fewstep.distributed import copy_full_, is_shard, is_sharded
 from fewstep.teachers.rng import RngState
 
 __all__ = ["Teacher", "EMATeacher", "StudentTeacher", "FrozenTeacher", "RngState", "trainable_parameters"]
@@ -46,6 +48,8 @@ class Teacher:
         by swapping the entries of each owning module's ``_parameters`` and putting them back: the same
         forward, without functional_call's per-call bookkeeping."""
         student = self.student
+        if is_sharded(student):
+            return self._call_with_copied(shadow)
         by_id = {id(p): shadow[name] for name, p in student.named_parameters() if name in shadow}
         slots = [
             (module._parameters, key, by_id[id(p)])
@@ -63,6 +67,30 @@ class Teacher:
             finally:
                 for params, key, old in saved:
                     params[key] = old
+
+        return call
+
+    def _call_with_copied(self, shadow: dict[str, torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """The sharded (FSDP) form of :meth:`_call_with`: a sharded module all-gathers each parameter from its
+        own shard storage, which a swapped ``_parameters`` entry would not reach, so the shadow's shards are copied
+        into the parameters' local shards for the call and the student's are copied back after it (this rank's
+        1/N of the trainable weights, each way). Between forward passes every parameter is a shard
+        (``fewstep.distributed.Sharded.place``)."""
+        student = self.student
+
+        def call(*args, **kwargs):
+            with torch.no_grad():
+                pairs = [(p, shadow[name]) for name, p in student.named_parameters() if name in shadow]
+                if not all(is_shard(p) for p, _ in pairs):
+                    raise RuntimeError("the sharded student's parameters are gathered: call the teacher between passes")
+                own = [p.to_local() for p, _ in pairs]
+                saved = [t.clone() for t in own]
+                torch._foreach_copy_(own, [s.to_local() for _, s in pairs])
+            try:
+                return student(*args, **kwargs)
+            finally:
+                with torch.no_grad():
+                    torch._foreach_copy_(own, saved)
 
         return call
 
@@ -90,7 +118,7 @@ class Teacher:
                     "resume with the same model/LoRA config or set trainer.resume=none"
                 )
             for k, v in state["shadow"].items():
-                self.shadow[k].copy_(v)
+                copy_full_(self.shadow[k], v)
 
 
 class EMATeacher(Teacher):
@@ -168,7 +196,7 @@ class EMATeacher(Teacher):
             if state.get("sampling_shadow") is None:
                 raise ValueError("checkpoint has no sampling EMA; resume with teacher.sampling_decay=null")
             for k, v in state["sampling_shadow"].items():
-                self.sampling_shadow[k].copy_(v)
+                copy_full_(self.sampling_shadow[k], v)
             self.current_sampling_decay = float(state["current_sampling_decay"])
 
 

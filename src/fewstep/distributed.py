@@ -1,0 +1,224 @@
+"""How a run's trainable networks are spread over its processes (``trainer.distributed``).
+
+The loop asks its :class:`Replicated` or :class:`Sharded` strategy to place the networks (``place``, before their
+optimizers are built), to prepare networks and optimizers (``prepare``), for the gradient-sync context of the
+accumulation micro-batches (``no_sync``) and to clip gradients; nothing else in the loop depends on the choice.
+Checkpoints and the EMA teacher work on full tensors through :func:`gathered`, :func:`copy_full_` and
+:func:`load_full_state_dict`, which leave unsharded tensors alone.
+
+* ``ddp`` (:class:`Replicated`, the default): Accelerate's own wrapping: DDP replicas across processes (gloo on
+  CPU), the plain module in one process.
+* ``fsdp`` (:class:`Sharded`): torch FSDP2 ``fully_shard``, which runs the same on CPU (gloo) and GPU (NCCL):
+  every parameter of the network is a ``DTensor`` sharded on dim 0 over the processes, so each holds 1/N of the
+  weights, gradients and AdamW state; each transformer block (:func:`fewstep.models.family.shard_units`) is
+  all-gathered for its own forward/backward and freed after, the rest with the root module. With
+  ``trainer.mixed_precision=bf16`` the gathered weights are bf16 and gradients are reduced in fp32. The EMA shadow
+  is a ``DTensor`` clone of the shards (the sharded EMA). Accelerate still launches the processes and owns the
+  process group; the sharded module is not wrapped in DDP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+from torch import nn
+
+log = logging.getLogger("fewstep")
+
+
+def _dtensor_class():
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def is_shard(t) -> bool:
+    """Whether ``t`` is a sharded ``DTensor`` (a parameter, gradient, EMA or optimizer state under FSDP)."""
+    return torch.distributed.is_available() and isinstance(t, _dtensor_class())
+
+
+def is_sharded(module: nn.Module) -> bool:
+    return any(is_shard(p) for p in module.parameters())
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a shard is all-gathered (a collective: every rank must call it, in the same order)."""
+    return t.full_tensor() if is_shard(t) else t
+
+
+def shard_like(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``whole`` laid out as ``like``: this rank's slice as a DTensor (no communication) when ``like`` is a shard."""
+    if not is_shard(like):
+        return whole
+    from torch.distributed.tensor import distribute_tensor
+
+    whole = whole.to(device=like.device, dtype=like.dtype)
+    return distribute_tensor(whole, like.device_mesh, like.placements, src_data_rank=None)
+
+
+@torch.no_grad()
+def copy_full_(dst: torch.Tensor, whole: torch.Tensor) -> None:
+    """Copy a whole tensor into ``dst`` (into its local shard when ``dst`` is a shard)."""
+    if is_shard(dst):
+        dst.to_local().copy_(shard_like(whole, dst).to_local())
+    else:
+        dst.copy_(whole)
+
+
+def gathered(tensors: dict[str, torch.Tensor], keep: bool = True) -> dict[str, torch.Tensor]:
+    """Whole, contiguous CPU copies of ``tensors`` (shards all-gathered, in key order); ``keep=False`` (the ranks
+    that do not write) joins the gathers and keeps nothing, so an unsharded run copies nothing there."""
+    out = {}
+    for key, value in tensors.items():
+        value = full(value.detach())
+        if keep:
+            out[key] = value.contiguous().cpu()
+    return out
+
+
+def full_optimizer_state(optimizer, keep: bool = True) -> dict:
+    """``optimizer.state_dict()`` with sharded state (AdamW moments) gathered to whole CPU tensors: the format of an
+    unsharded run (states keyed by parameter index). Unsharded states are left as they are."""
+    state = optimizer.state_dict()
+    for index in sorted(state["state"]):
+        entry = state["state"][index] = dict(state["state"][index])  # state_dict() shares the live entries
+        for key in sorted(entry):
+            if is_shard(entry[key]):
+                value = full(entry[key])
+                entry[key] = value.cpu() if keep else None
+    return state if keep else {}
+
+
+def load_optimizer_state(optimizer, state: dict) -> None:
+    """Load a whole-tensor optimizer state (:func:`full_optimizer_state`); over sharded parameters each state
+    tensor of the parameter's shape becomes this rank's slice."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if any(is_shard(p) for p in params):
+        state = {**state, "state": dict(state["state"])}
+        for index, entry in state["state"].items():
+            param = params[int(index)]
+            state["state"][index] = {
+                k: shard_like(v, param) if torch.is_tensor(v) and v.shape == param.shape else v
+                for k, v in entry.items()
+            }
+    optimizer.load_state_dict(state)
+
+
+def load_full_state_dict(module: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """``module.load_state_dict(weights, strict=False)`` for whole tensors, into shards when ``module`` is sharded
+    (keys the module lacks are ignored, as there)."""
+    if not is_sharded(module):
+        module.load_state_dict(weights, strict=False)
+        return
+    own = dict(module.named_parameters())
+    own.update(module.named_buffers())
+    for key, value in weights.items():
+        if key in own:
+            copy_full_(own[key], value)
+
+
+def local_numel(module: nn.Module) -> int:
+    """Parameter elements this process holds (its shards under FSDP)."""
+    return sum((p.to_local() if is_shard(p) else p).numel() for p in module.parameters())
+
+
+class Replicated:
+    """``trainer.distributed=ddp``: Accelerate's wrapping (DDP across processes, the module itself in one)."""
+
+    name = "ddp"
+    every_rank_samples = False  # a forward pass is local: rank 0 samples and evaluates alone
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+
+    def place(self, module: nn.Module) -> nn.Module:
+        """Lay ``module`` out before its optimizer is built (nothing to do for replicas)."""
+        return module
+
+    def prepare(self, modules: list, optimizers: list) -> tuple[list, list]:
+        """``(wrapped modules, prepared optimizers)``."""
+        prepared = self.accelerator.prepare(*modules, *optimizers)
+        if len(modules) + len(optimizers) == 1:
+            prepared = (prepared,)
+        return list(prepared[: len(modules)]), list(prepared[len(modules) :])
+
+    def unwrap(self, wrapped) -> nn.Module:
+        return self.accelerator.unwrap_model(wrapped)
+
+    def no_sync(self, wrapped):
+        """Around a micro-batch's forward and backward: accumulate gradients without reducing them."""
+        return self.accelerator.no_sync(wrapped)
+
+    def clip_grad_norm_(self, params: list, max_norm: float) -> torch.Tensor:
+        return self.accelerator.clip_grad_norm_(params, max_norm)
+
+
+class Sharded(Replicated):
+    """``trainer.distributed=fsdp``: torch FSDP2 over all processes (module docstring)."""
+
+    name = "fsdp"
+    every_rank_samples = True  # a forward pass all-gathers the weights: every rank takes part, rank 0 writes
+
+    def __init__(self, accelerator, mixed_precision: str = "no"):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        super().__init__(accelerator)
+        self.mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
+        bf16 = mixed_precision == "bf16"
+        self.policy = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if bf16
+            else MixedPrecisionPolicy()
+        )
+
+    def place(self, module: nn.Module) -> nn.Module:
+        """Shard each block, then the root. Every module, the root included, frees its gathered weights after its
+        forward (``reshard_after_forward=True``; FSDP2 keeps the root's by default), so between forward passes
+        every parameter is a shard: what the EMA teacher's in-place swap relies on."""
+        from torch.distributed.fsdp import fully_shard
+
+        from fewstep.models.family import shard_units
+
+        for unit in shard_units(module):
+            fully_shard(unit, mesh=self.mesh, mp_policy=self.policy, reshard_after_forward=True)
+        fully_shard(module, mesh=self.mesh, mp_policy=self.policy, reshard_after_forward=True)
+        return module
+
+    def prepare(self, modules: list, optimizers: list) -> tuple[list, list]:
+        if not optimizers:
+            return list(modules), []
+        prepared = self.accelerator.prepare(*optimizers)
+        if len(optimizers) == 1:
+            prepared = (prepared,)
+        return list(modules), list(prepared)
+
+    def unwrap(self, wrapped) -> nn.Module:
+        return wrapped
+
+    @contextlib.contextmanager
+    def no_sync(self, wrapped):
+        """FSDP2 reads the flag in backward: the context must span it (the loop's does)."""
+        wrapped.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            wrapped.set_requires_gradient_sync(True)
+
+    def clip_grad_norm_(self, params: list, max_norm: float) -> torch.Tensor:
+        """torch's clipping over sharded gradients: the total norm is reduced over the shards (a full tensor)."""
+        grads = [p.grad for p in params if p.grad is not None]
+        total = full(torch.nn.utils.get_total_norm(grads, 2.0))
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        return total
+
+
+def strategy_for(accelerator, distributed: str, mixed_precision: str) -> Replicated:
+    """The strategy of ``trainer.distributed`` for this launch; FSDP over one process has nothing to shard."""
+    if distributed == "fsdp":
+        if accelerator.num_processes > 1:
+            return Sharded(accelerator, mixed_precision)
+        log.warning("trainer.distributed=fsdp with one process: nothing to shard, training the whole model")
+    return Replicated(accelerator)

@@ -351,76 +351,68 @@ def test_train_export_and_generate_in_two_steps(family, pretrained, cache, tmp_p
         assert (pipeline_latents(family, lora_pipe, latents, "a red cat") - generated).abs().max().item() < 1e-4
 
 
-def test_the_qwenimage_fsdp_accelerate_config_is_valid():
-    """scripts/accelerate/fsdp_qwenimage.yaml parses as an Accelerate config, and its wrap unit is the transformer's
-    block class (``_no_split_modules``), which Accelerate's transformer auto-wrap policy finds in the model."""
+def test_the_qwenimage_launch_config_is_a_plain_multi_process_one_and_the_shard_units_are_the_blocks():
+    """scripts/accelerate/fsdp_qwenimage.yaml is a plain 8-process bf16 Accelerate config (fewstep shards the model
+    itself, trainer.distributed=fsdp); the shard units of every family are its transformer blocks, found by one rule
+    (``_no_split_modules``), and a model without that attribute falls back to its ``*blocks`` lists."""
     from pathlib import Path
 
     from accelerate.commands.config.config_args import ClusterConfig
-    from accelerate.utils import FullyShardedDataParallelPlugin
-    from diffusers import QwenImageTransformer2DModel
+    from diffusers import QwenImageTransformer2DModel, SD3Transformer2DModel
+
+    from fewstep.models.family import shard_units
+    from fewstep.models.tiny import TinyMLP
 
     path = Path(__file__).resolve().parents[1] / "scripts" / "accelerate" / "fsdp_qwenimage.yaml"
     config = ClusterConfig.from_yaml_file(str(path))
-    assert str(config.distributed_type).endswith("FSDP") and config.mixed_precision == "bf16"
-    fsdp = config.fsdp_config
-    assert fsdp["fsdp_sharding_strategy"] == "FULL_SHARD" and fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
-    assert [fsdp["fsdp_transformer_layer_cls_to_wrap"]] == QwenImageTransformer2DModel._no_split_modules
-    plugin = FullyShardedDataParallelPlugin(
-        auto_wrap_policy="transformer_based_wrap",
-        transformer_cls_names_to_wrap=[fsdp["fsdp_transformer_layer_cls_to_wrap"]],
-        state_dict_type=fsdp["fsdp_state_dict_type"],
-    )
-    tiny = QwenImageTransformer2DModel(
+    assert str(config.distributed_type).endswith("MULTI_GPU") and config.mixed_precision == "bf16"
+    assert config.num_processes == 8
+    qwen = QwenImageTransformer2DModel(
         patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=3,
         joint_attention_dim=16, axes_dims_rope=(8, 4, 4),
     )  # fmt: skip
-    plugin.set_auto_wrap_policy(tiny)  # raises if the class is not in the model
-    wrap = plugin.auto_wrap_policy
-    blocks = [m for m in tiny.modules() if type(m).__name__ == "QwenImageTransformerBlock"]
-    assert len(blocks) == 2 and wrap(blocks[0], recurse=False, nonwrapped_numel=0)
-    assert not wrap(tiny.time_text_embed, recurse=False, nonwrapped_numel=0)
+    assert shard_units(torch.nn.ModuleDict({"transformer": qwen})) == list(qwen.transformer_blocks)
+    sd3 = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8, out_channels=4,
+    )  # fmt: skip
+    assert shard_units(sd3) == list(sd3.transformer_blocks)
+    tiny = TinyMLP(data_shape=[2], width=8, depth=3, emb_dim=4)
+    assert shard_units(tiny) == list(tiny.blocks) and len(tiny.blocks) == 3
 
 
-def test_fsdp_is_refused_where_accelerate_would_not_shard_or_fewstep_would_save_shards():
-    """No FSDP config: no problem (DDP and single-process runs are unchanged). FSDP asked for on a CPU-only
-    machine: Accelerate would not shard. FSDP in effect (GPUs): fewstep's checkpoints and EMA would hold shards."""
+def test_an_accelerate_fsdp_config_is_refused_with_the_fewstep_option_to_use():
+    """No Accelerate FSDP config: no problem (DDP, single-process and trainer.distributed=fsdp runs). An Accelerate
+    FSDP config (never sharding on CPU, a second wrapping on GPU): one line naming trainer.distributed=fsdp."""
     from fewstep.train import sharding_problem
 
-    assert sharding_problem(False, None, gpu=False) is None
-    assert sharding_problem(False, "DistributedType.MULTI_CPU", gpu=False) is None
-    assert sharding_problem(False, "DistributedType.MULTI_GPU", gpu=True) is None
-    assert "only on GPUs" in sharding_problem(True, None, gpu=False)
-    assert "only on GPUs" in sharding_problem(True, "DistributedType.MULTI_CPU", gpu=False)
-    assert sharding_problem(True, None, gpu=True) is None  # checked again once Accelerate has set up
-    assert "shards" in sharding_problem(True, "DistributedType.FSDP", gpu=True)
+    assert sharding_problem(False) is None
+    assert "trainer.distributed=fsdp" in sharding_problem(True) and "--multi_gpu" in sharding_problem(True)
 
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:data.batch_size=2 is smaller")
 def test_an_fsdp_launch_on_cpu_stops_with_one_error_line_per_process(family, pretrained, cache, tmp_path):
-    """`accelerate launch --config_file scripts/accelerate/fsdp_qwenimage.yaml --num_processes 2` of a full
-    Qwen-Image TwinFlow run on this CPU-only machine: Accelerate 1.15 cannot shard here (its FSDP plugin raises
-    "no available devices"; without fsdp_sync_module_states it runs gloo DDP replicas), so fewstep stops
-    before building anything, with one `error:` line per process and no checkpoint."""
+    """`accelerate launch --use_fsdp --num_processes 2` of a full Qwen-Image TwinFlow run on this CPU-only machine
+    (Accelerate 1.15 cannot shard here: its FSDP plugin raises "no available devices", or runs DDP replicas): fewstep
+    stops before building anything, with one `error:` line per process naming trainer.distributed=fsdp."""
     import subprocess
     import sys
-    from pathlib import Path
 
     if family != "qwenimage" or torch.cuda.is_available():
-        pytest.skip("the FSDP config is Qwen-Image's; on GPUs Accelerate shards (see the test above)")
-    config = Path(__file__).resolve().parents[1] / "scripts" / "accelerate" / "fsdp_qwenimage.yaml"
+        pytest.skip("one family is enough; on GPUs Accelerate's own FSDP would start")
     run = tmp_path / "run"
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
-        "--mixed_precision", "no", "-m", "fewstep", "objective=twinflow", "sampler=ucgm", "model=qwenimage",
-        f"model.pretrained={pretrained}", "data=latents", f"data.path={cache}", "data.batch_size=2",
-        "trainer.max_steps=3", "logger=none", f"hydra.run.dir={run}",
+        sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_sharding_strategy", "FULL_SHARD",
+        "--fsdp_sync_module_states", "true", "--num_processes", "2", "--mixed_precision", "no", "-m", "fewstep",
+        "objective=twinflow", "sampler=ucgm", "model=qwenimage", f"model.pretrained={pretrained}", "data=latents",
+        f"data.path={cache}", "data.batch_size=2", "trainer.max_steps=3", "logger=none", f"hydra.run.dir={run}",
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 2 and all("asks for FSDP, which Accelerate runs only on GPUs" in e for e in errors)
+    assert len(errors) == 2
+    assert all("asks for Accelerate's FSDP" in e and "trainer.distributed=fsdp" in e for e in errors)
     assert "no available devices" not in proc.stderr  # stopped before Accelerate's own RuntimeError
     assert not (run / "checkpoints").exists()
 

@@ -62,14 +62,18 @@ def final_outputs(
     log=print,
     raw: bool | None = None,
     samples_dir: Path | None = None,
+    write: bool = True,
 ) -> dict:
     """Grids (``samples/<method>.png``), the evaluation protocol's raw samples (``samples/<method>.npz``,
-    arrays ``x`` and ``y``; ``raw`` defaults to ``evaluate``) and, with ``evaluate``, metrics keyed by method."""
+    arrays ``x`` and ``y``; ``raw`` defaults to ``evaluate``) and, with ``evaluate``, metrics keyed by method.
+    ``write=False``: the same sampling passes and nothing else (the other ranks of a sharded run, whose forward
+    passes are collectives); returns {}."""
     run_dir = Path(run_dir)
     samples_dir = Path(samples_dir) if samples_dir is not None else run_dir / "samples"
-    evaluator = data.evaluator() if evaluate and hasattr(data, "evaluator") else None
+    evaluated = evaluate and hasattr(data, "evaluator")
+    evaluator = data.evaluator() if evaluated and write else None
     raw = evaluate if raw is None else raw
-    protocol = (raw or evaluator is not None) and hasattr(data, "eval_inputs")
+    protocol = (raw or evaluated) and hasattr(data, "eval_inputs")
     grid_gen = torch.Generator().manual_seed(0)
     grid_noise = torch.randn(grid_size, *data.shape, generator=grid_gen).to(device)
     grid_cond = cond_to(data.grid_conds(grid_size), device)
@@ -79,6 +83,10 @@ def final_outputs(
     results = {}
     for name, smp, steps in sample_methods(sampler, nfes, baseline_steps):
         grid = sample_in_chunks(smp, model_fn, grid_noise, grid_cond, steps, autocast=autocast)
+        if not write:
+            if protocol:
+                sample_in_chunks(smp, model_fn, eval_noise, eval_cond, steps, autocast=autocast)
+            continue
         image = to_images(data, grid, device)
         png = save_samples(image, samples_dir / f"{name}.png", title=f"{name} ({steps} steps)", nrow=10)
         if not protocol:

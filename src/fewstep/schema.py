@@ -318,6 +318,9 @@ class TrainerConfig:
     torch_threads: int = 0  # 0 = torch's default
     compile: bool = False  # torch.compile the model's forward (student, teacher and sampling passes)
     grid_size: int = 100
+    # ddp: Accelerate's DDP replicas across processes | fsdp: the student sharded over the processes (torch FSDP2,
+    # per transformer block; full-state checkpoints). Launch both with accelerate launch --multi_gpu --num_processes N
+    distributed: str = "ddp"
 
 
 @dataclass
@@ -340,7 +343,7 @@ class LaunchConfig:
     and a start-up warning; the loop itself takes its process count from Accelerate."""
 
     num_processes: int = 1  # processes / GPUs: accelerate launch --num_processes N
-    distributed: str = "ddp"  # ddp | fsdp (accelerate launch --use_fsdp)
+    distributed: str = "ddp"  # ddp | fsdp: documents the row; the run's strategy is trainer.distributed
     resolution: int | None = None  # image size (px) the latent cache is precomputed at
     model_family: str | None = None  # tiny | sd35 | qwenimage | openuni
     paper_steps: str | None = None  # the step count(s) the paper reports for this row

@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 
 from fewstep import checkpoint as ckpt_io
 from fewstep.data.base import cond_to
+from fewstep.distributed import local_numel, strategy_for
 from fewstep.errors import FewstepError
 from fewstep.generate import final_outputs, sample_in_chunks, to_images
 from fewstep.logging.grids import save_samples
@@ -47,32 +48,21 @@ class ShardingUnsupported(FewstepError, RuntimeError):
     pass
 
 
-def sharding_problem(fsdp_requested: bool, distributed_type: str | None, gpu: bool) -> str | None:
-    """Why this run cannot train under the FSDP config it was launched with (None: no FSDP asked for).
-    ``fsdp_requested``: ``accelerate launch`` got an FSDP config (``ACCELERATE_USE_FSDP``); ``distributed_type``:
-    what Accelerate set up (None before the Accelerator exists); ``gpu``: CUDA is available.
+def sharding_problem(fsdp_requested: bool) -> str | None:
+    """Why this run cannot start under the Accelerate config it was launched with (None: no FSDP config).
+    ``fsdp_requested``: ``accelerate launch`` got an FSDP config or ``--use_fsdp`` (``ACCELERATE_USE_FSDP``).
 
-    On a CPU-only machine Accelerate 1.15 never shards: with ``fsdp_sync_module_states`` (the shipped config) its
-    FSDP plugin raises "no available devices", without it the processes run as gloo DDP with full replicas
-    (``DistributedType.MULTI_CPU``) and the FSDP config is ignored. Where Accelerate does shard, fewstep's
-    checkpoints, export and EMA teacher would read the unwrapped module's parameters, which under FSDP are this
-    rank's shards (flat 1-D slices under FSDP1 ``use_orig_params``, DTensors under FSDP2), and the checkpoint is
-    written by rank 0 alone: refused until a gathered full state dict and a sharded EMA are implemented and run."""
+    fewstep shards the networks itself (``trainer.distributed=fsdp``: torch FSDP2 per transformer block, the same on
+    CPU and GPU, full-state checkpoints; :mod:`fewstep.distributed`). Accelerate's own FSDP would wrap the model a
+    second way, and on a CPU-only machine Accelerate 1.15 never shards (its FSDP plugin raises "no available
+    devices" with ``fsdp_sync_module_states``, else the processes silently run as DDP replicas): refused, before
+    the Accelerator exists, with the launch to use instead."""
     if not fsdp_requested:
         return None
-    if not gpu:
-        return (
-            "the accelerate config asks for FSDP, which Accelerate runs only on GPUs: on this CPU-only machine it "
-            "would fail (fsdp_sync_module_states) or train unsharded DDP replicas; launch with --multi_gpu "
-            "(gloo DDP) here, or on GPUs"
-        )
-    if distributed_type is not None and distributed_type.endswith("FSDP"):
-        return (
-            "FSDP is not supported by fewstep's loop yet: its checkpoints and EMA teacher would hold this rank's "
-            "parameter shards, not the full weights (docs/families.md, 'FSDP for the full Qwen-Image run'); "
-            "launch with --multi_gpu (DDP) instead"
-        )
-    return None
+    return (
+        "the accelerate config asks for Accelerate's FSDP; fewstep shards the model itself: launch with "
+        "--multi_gpu --num_processes N (a plain multi-process config) and trainer.distributed=fsdp"
+    )
 
 
 def peak_memory_mb() -> float:
@@ -168,21 +158,19 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     tr = cfg.trainer
     if tr.torch_threads > 0:
         torch.set_num_threads(tr.torch_threads)
-    fsdp_requested = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    gpu = torch.cuda.is_available()
-    problem = sharding_problem(fsdp_requested, None, gpu)  # before the Accelerator: its FSDP plugin raises on CPU
-    if problem is None:
-        from accelerate.utils import DistributedDataParallelKwargs
-        from hydra.utils import get_class
-
-        # A model some of whose trainable parameters never reach the output (Qwen-Image's last text stream) needs
-        # DDP's unused-parameter search, else the second step stops with "Expected to have finished reduction".
-        unused = getattr(get_class(cfg.model._target_), "ddp_find_unused_parameters", False)
-        handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if unused else []
-        accelerator = Accelerator(mixed_precision=tr.mixed_precision, cpu=not gpu, kwargs_handlers=handlers)
-        problem = sharding_problem(fsdp_requested, str(accelerator.distributed_type), gpu)
-    if problem is not None:
+    problem = sharding_problem(os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true")
+    if problem is not None:  # before the Accelerator: its FSDP plugin raises on CPU
         raise ShardingUnsupported(problem)
+    from accelerate.utils import DistributedDataParallelKwargs
+    from hydra.utils import get_class
+
+    # A model some of whose trainable parameters never reach the output (Qwen-Image's last text stream) needs
+    # DDP's unused-parameter search, else the second step stops with "Expected to have finished reduction".
+    unused = getattr(get_class(cfg.model._target_), "ddp_find_unused_parameters", False)
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if unused else []
+    gpu = torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision=tr.mixed_precision, cpu=not gpu, kwargs_handlers=handlers)
+    strategy = strategy_for(accelerator, tr.distributed, tr.mixed_precision)
     main = accelerator.is_main_process
     if run_dir is None:
         from hydra.core.hydra_config import HydraConfig
@@ -203,6 +191,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     owned = dict(objective.networks)
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # Laid out (sharded under FSDP) before the optimizers are built over their parameters.
+    modules = [strategy.place(model), *(strategy.place(net.module) for net in owned.values())]
     params = [p for p in model.parameters() if p.requires_grad]
 
     def optimizer_for(trainable, lr):
@@ -210,22 +200,20 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, tr))
 
     optimizer, scheduler = optimizer_for(params, tr.lr)
-    net_params = {n: [p for p in net.module.parameters() if p.requires_grad] for n, net in owned.items()}
+    net_params = {n: [p for p in module.parameters() if p.requires_grad] for n, module in zip(owned, modules[1:])}
     net_opts = {n: optimizer_for(net_params[n], owned[n].lr or tr.lr) for n in owned}
-    prepared = accelerator.prepare(
-        model, optimizer, *(net.module for net in owned.values()), *(net_opts[n][0] for n in owned)
-    )
-    wrapped, optimizer = prepared[:2]
-    student = accelerator.unwrap_model(wrapped)
+    prepared, optimizers = strategy.prepare(modules, [optimizer, *(net_opts[n][0] for n in owned)])
+    wrapped, optimizer = prepared[0], optimizers[0]
+    student = strategy.unwrap(wrapped)
     teacher.bind(student)
     groups = {"student": Trainable(wrapped, student, optimizer, scheduler, params, teacher)}
     for i, name in enumerate(owned):
-        net_wrapped, net_opt = prepared[2 + i], prepared[2 + len(owned) + i]
+        net_wrapped, net_opt = prepared[1 + i], optimizers[1 + i]
         average = instantiate(cfg.teacher) if owned[name].ema else None
         if average is not None:
-            average.bind(accelerator.unwrap_model(net_wrapped))
+            average.bind(strategy.unwrap(net_wrapped))
         groups[name] = Trainable(
-            net_wrapped, accelerator.unwrap_model(net_wrapped), net_opt, net_opts[name][1], net_params[name], average
+            net_wrapped, strategy.unwrap(net_wrapped), net_opt, net_opts[name][1], net_params[name], average
         )
     extra = {n: g for n, g in groups.items() if n != "student"}
     objective.bind({n: g.wrapped for n, g in extra.items()}, {n: g.average for n, g in extra.items() if g.average})
@@ -250,9 +238,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     writer = MetricsWriter(run_dir, cfg, resume_step=start_step if resume_from else None, enabled=main)
     if main:
         log.info(
-            "run dir %s | %s on %s | %d params (%d trainable) | %d process(es) on %s",
+            "run dir %s | %s on %s | %d params (%d trainable) | %d process(es) on %s, %s",
             run_dir, type(objective).__name__, type(student).__name__, n_params, n_train,
-            accelerator.num_processes, accelerator.device,
+            accelerator.num_processes, accelerator.device, strategy.name,
         )  # fmt: skip
 
     device = accelerator.device
@@ -271,13 +259,13 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
             from accelerate.utils import gather_object
 
             rng_states = gather_object(rng_states)
+        ckpt_io.save_checkpoint(  # every rank (sharded state is gathered), rank 0 writes
+            ckpt_root, step, student, teacher, optimizer, scheduler, data_position,
+            extra={"nonfinite_total": nonfinite_total, "log_window": {k: to_float(v) for k, v in window.items()},
+                   "log_window_n": window_n},
+            rng_states=rng_states, networks=networks, write=main,
+        )  # fmt: skip
         if main:
-            ckpt_io.save_checkpoint(
-                ckpt_root, step, student, teacher, optimizer, scheduler, data_position,
-                extra={"nonfinite_total": nonfinite_total, "log_window": {k: to_float(v) for k, v in window.items()},
-                       "log_window_n": window_n},
-                rng_states=rng_states, networks=networks,
-            )  # fmt: skip
             ckpt_io.prune(ckpt_root, tr.keep_last)
         accelerator.wait_for_everyone()
 
@@ -307,21 +295,21 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
             for micro in range(grad_accum):
                 batch = next(streams[micro]).to(device)
                 torch.manual_seed(slot_seed(tr.seed, step, slots[micro], world * grad_accum))
-                sync = ExitStack()
+                sync = ExitStack()  # spans the backward too: FSDP reads the sync flag there
                 if micro < grad_accum - 1:
                     for g in groups.values():
-                        sync.enter_context(accelerator.no_sync(g.wrapped))
-                with sync, accelerator.autocast():
-                    loss, micro_logs = objective.loss(wrapped, teacher, batch, step)
+                        sync.enter_context(strategy.no_sync(g.wrapped))
+                with sync:
+                    with accelerator.autocast():
+                        loss, micro_logs = objective.loss(wrapped, teacher, batch, step)
+                    accelerator.backward(loss if grad_accum == 1 else loss / grad_accum)
                 if grad_accum == 1:  # the same numbers, without the accumulation ops
-                    accelerator.backward(loss)
                     loss_sum, logs = loss.detach().float(), micro_logs
                     continue
-                accelerator.backward(loss / grad_accum)
                 loss_sum += loss.detach().float() / grad_accum
                 for k, v in micro_logs.items():
                     logs[k] = v if k == "times" else logs.get(k, 0.0) + v / grad_accum
-            grad_norm = accelerator.clip_grad_norm_([p for g in stepping for p in g.params], max_norm)
+            grad_norm = strategy.clip_grad_norm_([p for g in stepping for p in g.params], max_norm)
             finite = bool(torch.isfinite(loss_sum)) and bool(torch.isfinite(grad_norm))
             if finite:
                 for g in stepping:
@@ -362,8 +350,10 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                 if progress is not None:
                     progress.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}", it_s=f"{row['steps_per_s']:.1f}")
                 window, window_n, t_window = {}, 0, now
-            if step % tr.sample_every == 0 and step < tr.max_steps and main:
-                _validation_grid(run_dir, step, objective, sampler, sampling_model(), data, device, accelerator, writer)
+            if step % tr.sample_every == 0 and step < tr.max_steps and (main or strategy.every_rank_samples):
+                _validation_grid(
+                    run_dir, step, objective, sampler, sampling_model(), data, device, accelerator, writer, write=main
+                )
             if step % tr.checkpoint_every == 0 and step < tr.max_steps:
                 save(step)
             if stop.signal is not None:
@@ -376,6 +366,11 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     if progress is not None:
         progress.close()
     save(step)
+    params_per_process = [local_numel(student)]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        params_per_process = gather_object(params_per_process)
 
     summary = {
         "steps": step,
@@ -386,6 +381,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         "nonfinite_skipped": nonfinite_total,
         "params": n_params,
         "trainable_params": n_train,
+        "params_per_process": params_per_process,  # elements each process holds: all of them unless sharded
+        "distributed": strategy.name,
         "num_processes": accelerator.num_processes,
         "device": str(device),
         "objective": type(objective).__name__,
@@ -393,15 +390,16 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     }
     if stopped_by is not None:
         summary["stopped_by"] = stopped_by
+    if stopped_by is None and (main or strategy.every_rank_samples):
+        student.eval()
+        results = final_outputs(
+            run_dir, sampling_model(), sampler, data, tr.final_nfe, tr.baseline_steps, device,
+            evaluate=tr.evaluate, grid_size=tr.grid_size, autocast=accelerator.autocast, log=log.info, write=main,
+        )  # fmt: skip
+        summary["eval"] = results
     if main:
         last = _last_metrics(run_dir)
         summary.update({k: last[k] for k in last if k.startswith(("loss", "nfe/"))})
-        if stopped_by is None:
-            student.eval()
-            summary["eval"] = final_outputs(
-                run_dir, sampling_model(), sampler, data, tr.final_nfe, tr.baseline_steps, device,
-                evaluate=tr.evaluate, grid_size=tr.grid_size, autocast=accelerator.autocast, log=log.info,
-            )  # fmt: skip
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         writer.finish(summary)
         log.info("done: %d steps in %.1f s (%.1f steps/s); summary in %s", step, wall, summary["steps_per_s"],
@@ -412,12 +410,15 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     return summary
 
 
-def _validation_grid(run_dir, step, objective, sampler, model_fn, data, device, accelerator, writer):
-    """Samples at the objective's ``target_step_count`` steps (guidance 0), saved as a grid."""
+def _validation_grid(run_dir, step, objective, sampler, model_fn, data, device, accelerator, writer, write=True):
+    """Samples at the objective's ``target_step_count`` steps (guidance 0), saved as a grid (when ``write``: the
+    other ranks of a sharded run take part in the forward passes only)."""
     n = 50
     noise = torch.randn(n, *data.shape, generator=torch.Generator().manual_seed(0)).to(device)
     cond = cond_to(data.grid_conds(n), device)
     x = sample_in_chunks(sampler, model_fn, noise, cond, objective.target_step_count, autocast=accelerator.autocast)
+    if not write:
+        return
     image = to_images(data, x, device)
     path = save_samples(image, Path(run_dir) / "samples" / f"step_{step:07d}.png", title=f"step {step}", nrow=10)
     writer.log_images(step, {"samples": path})

@@ -108,6 +108,34 @@ def check_jvp_objective(obj: DictConfig, kind: str) -> None:
             )
 
 
+def check_distributed(cfg: DictConfig, kind: str) -> None:
+    """``trainer.distributed`` and what FSDP supports (:mod:`fewstep.distributed`): full fine-tunes of the student
+    with a single-network objective, fp32 or bf16."""
+    tr = cfg.trainer
+    if tr.distributed not in ("ddp", "fsdp"):
+        raise ConfigError(f"trainer.distributed={tr.distributed!r} must be ddp or fsdp")
+    if tr.distributed != "fsdp":
+        return
+    lora = cfg.model.get("lora") or {}
+    if lora.get("enabled", False):
+        raise ConfigError(
+            "trainer.distributed=fsdp with a LoRA model: LoRA trains a few adapter weights over a frozen base that "
+            "every process holds anyway; use trainer.distributed=ddp"
+        )
+    if kind == "dmd2":
+        raise ConfigError(
+            "trainer.distributed=fsdp with objective=dmd2: its own networks (fake score, frozen real score) are not "
+            "sharded; use trainer.distributed=ddp"
+        )
+    if tr.mixed_precision == "fp16":
+        raise ConfigError(
+            "trainer.distributed=fsdp with trainer.mixed_precision=fp16: the loss scaler does not handle sharded "
+            "gradients; use bf16"
+        )
+    if tr.compile:
+        raise ConfigError("trainer.distributed=fsdp with trainer.compile=true is untested; turn one of them off")
+
+
 def _unknown_key(node: DictConfig, schema) -> str | None:
     """The first key of ``node`` (recursively, dotted) that the dataclass ``schema`` does not declare."""
     import dataclasses
@@ -264,6 +292,7 @@ def validate(cfg: DictConfig) -> DictConfig:
 
     if tr.mixed_precision not in ("no", "bf16", "fp16"):
         raise ConfigError(f"trainer.mixed_precision={tr.mixed_precision!r} must be no, bf16 or fp16")
+    check_distributed(cfg, kind)
     for key in ("grad_accum", "log_every", "checkpoint_every", "sample_every", "keep_last", "max_nonfinite"):
         if tr[key] < 1:
             raise ConfigError(f"trainer.{key}={tr[key]} must be >= 1")

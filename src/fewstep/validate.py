@@ -230,6 +230,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     obj, tr = cfg.objective, cfg.trainer
     kind = _objective_kind(cfg)
     few_step = kind != "flow_matching"
+    check_distributed(cfg, kind)  # config only: before the objective's and the model's own checks
     if kind in ("meanflow", "scm"):
         check_jvp_objective(obj, kind)
     if kind == "dmd2":
@@ -292,7 +293,6 @@ def validate(cfg: DictConfig) -> DictConfig:
 
     if tr.mixed_precision not in ("no", "bf16", "fp16"):
         raise ConfigError(f"trainer.mixed_precision={tr.mixed_precision!r} must be no, bf16 or fp16")
-    check_distributed(cfg, kind)
     for key in ("grad_accum", "log_every", "checkpoint_every", "sample_every", "keep_last", "max_nonfinite"):
         if tr[key] < 1:
             raise ConfigError(f"trainer.{key}={tr[key]} must be >= 1")

@@ -124,6 +124,25 @@ def local_numel(module: nn.Module) -> int:
     return sum((p.to_local() if is_shard(p) else p).numel() for p in module.parameters())
 
 
+_LOCKSTEP: list = []  # the device of the collective flag while the networks are sharded (set by Sharded)
+
+
+def lockstep() -> bool:
+    """Whether every model call is a collective that all processes must make together (the networks are sharded:
+    each forward all-gathers the weights). Objectives then decide to skip a call on a subset of rows together
+    (:func:`fewstep.objectives.base.call_rows`)."""
+    return bool(_LOCKSTEP)
+
+
+def any_process(flag: bool) -> bool:
+    """``flag`` on any process (an all-reduce while :func:`lockstep`, else ``flag`` itself)."""
+    if not _LOCKSTEP:
+        return bool(flag)
+    value = torch.tensor([int(flag)], device=_LOCKSTEP[0])
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
 class Replicated:
     """``trainer.distributed=ddp``: Accelerate's wrapping (DDP across processes, the module itself in one)."""
 
@@ -167,6 +186,7 @@ class Sharded(Replicated):
 
         super().__init__(accelerator)
         self.mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
+        _LOCKSTEP[:] = [accelerator.device]
         bf16 = mixed_precision == "bf16"
         self.policy = (
             MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

@@ -134,6 +134,11 @@ def check_distributed(cfg: DictConfig, kind: str) -> None:
         )
     if tr.compile:
         raise ConfigError("trainer.distributed=fsdp with trainer.compile=true is untested; turn one of them off")
+    if cfg.model.get("no_grad_chunk", 0) > 0:
+        raise ConfigError(
+            "trainer.distributed=fsdp with model.no_grad_chunk > 0: its number of calls depends on each process's "
+            "rows, and every sharded call is a collective; set model.no_grad_chunk=0"
+        )
 
 
 def _unknown_key(node: DictConfig, schema) -> str | None:

@@ -78,6 +78,25 @@ def sample_time(n: int, time_dist: list[float] | tuple[float, ...], like: torch.
     return t.to(device=like.device, dtype=wide_dtype(like.dtype))
 
 
+def call_rows(rows: torch.Tensor) -> torch.Tensor | None:
+    """The rows to run a model call on a subset ``rows`` (bool mask) with, or None to skip the call: ``rows``, None
+    when it is empty. Under FSDP every model call is a collective all processes make together
+    (:func:`fewstep.distributed.lockstep`): the call is skipped only when no process has a row, and a process without
+    one runs it on a stand-in row (row 0) and drops the output: callers keep ``out[: int(rows.sum())]``."""
+    from fewstep.distributed import any_process, lockstep
+
+    local = bool(rows.any())
+    if not lockstep():
+        return rows if local else None
+    if not any_process(local):
+        return None
+    if local:
+        return rows
+    stand_in = torch.zeros_like(rows)
+    stand_in[0] = True
+    return stand_in
+
+
 @dataclass
 class EvalCounter:
     """Network evaluations of one step: forward calls and rows, with and without grad."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from fewstep.data.base import Batch, cond_cat, cond_select, cond_where
-from fewstep.objectives.base import EvalCounter, Objective, wide, wide_dtype
+from fewstep.objectives.base import EvalCounter, Objective, call_rows, wide, wide_dtype
 from fewstep.objectives.jvp import time_derivative, unwrap
 from fewstep.path import expand_like, interpolate
 from fewstep.teachers.rng import RngState
@@ -104,18 +104,19 @@ class MeanFlow(Objective):
         v, t = inp["v"], inp["t"]
         lo, hi = self.guidance_interval
         rows = (~inp["dropped"]) & (t >= lo) & (t <= hi)
-        n = int(rows.sum())
-        if not self.guided or n == 0:
+        run = call_rows(rows) if self.guided else None
+        if run is None:
             return v
-        x_t, tr = inp["x_t"][rows], t[rows]
+        n, kept = int(run.sum()), int(rows.sum())  # kept < n: a stand-in row under FSDP (call_rows)
+        x_t, tr = inp["x_t"][run], t[run]
         counter.add("guidance", 2 * n, grad=False)
         out = unwrap(model)(
             torch.cat([x_t, x_t]),
             torch.cat([tr, tr]),
             torch.cat([tr, tr]),
-            cond_cat(cond_select(inp["cond"], rows), cond_select(inp["null"], rows)),
+            cond_cat(cond_select(inp["cond"], run), cond_select(inp["null"], run)),
         )
-        f_cond, f_null = out[:n].to(v.dtype), out[n:].to(v.dtype)
+        f_cond, f_null = out[:n][:kept].to(v.dtype), out[n:][:kept].to(v.dtype)
         w, k = self.guidance_scale, self.guidance_mix
         v = v.clone()
         v[rows] = w * v[rows] + k * f_cond + (1 - w - k) * f_null

@@ -14,7 +14,15 @@ from collections.abc import Mapping
 import torch
 
 from fewstep.data.base import Batch, cond_cat, cond_select, cond_where
-from fewstep.objectives.base import EvalCounter, Objective, make_distance, sample_time, time_weight, wide
+from fewstep.objectives.base import (
+    EvalCounter,
+    Objective,
+    call_rows,
+    make_distance,
+    sample_time,
+    time_weight,
+    wide,
+)
 from fewstep.path import interpolate, reconstruct
 from fewstep.teachers.rng import RngState
 
@@ -158,10 +166,11 @@ class TwinFlow(Objective):
         t = inp["t"]
         lo, hi = self.enhanced_range
         rows = (~inp["masks"]["adv"]) & (t > lo) & (t < hi)
-        n = int(rows.sum())
-        if self.enhanced_ratio == 0 or n == 0:
+        run = call_rows(rows) if self.enhanced_ratio != 0 else None
+        if run is None:
             return
-        x_t, tr = inp["x_t"][rows], t[rows]
+        n, kept = int(run.sum()), int(rows.sum())  # kept < n: a stand-in row under FSDP (call_rows)
+        x_t, tr = inp["x_t"][run], t[run]
         rng.restore()
         out = wide(
             self._call(
@@ -171,12 +180,12 @@ class TwinFlow(Objective):
                 torch.cat([x_t, x_t]),
                 torch.cat([tr, tr]),
                 torch.cat([tr, tr]),
-                cond_cat(cond_select(inp["cond"], rows), cond_select(inp["uncond"], rows)),
+                cond_cat(cond_select(inp["cond"], run), cond_select(inp["uncond"], run)),
             )
         )
-        guidance = self.enhanced_ratio * (out[:n] - out[n:])
+        guidance = (self.enhanced_ratio * (out[:n] - out[n:]))[:kept]
         if self.image_free:
-            target[rows] = (out[n:] + guidance).to(target.dtype)
+            target[rows] = (out[n:][:kept] + guidance).to(target.dtype)
         else:
             target[rows] += guidance
 
@@ -205,12 +214,12 @@ class TwinFlow(Objective):
         F = wide(F.detach())
         integral = torch.zeros_like(F)
         rows = (~inp["masks"]["adv"]) & (t - delta > tt)
-        if rows.any():
-            x_m = inp["x_t"][rows] - delta * v[rows].to(inp["x_t"].dtype)  # step 1
-            t_m = torch.maximum(t[rows] - delta, tt[rows])
-            integral[rows] = self.rollout_integral(
-                teacher_model, x_m, t_m, tt[rows], cond_select(inp["cond"], rows), rng, counter
-            )
+        run = call_rows(rows)
+        if run is not None:
+            x_m = inp["x_t"][run] - delta * v[run].to(inp["x_t"].dtype)  # step 1
+            t_m = torch.maximum(t[run] - delta, tt[run])
+            part = self.rollout_integral(teacher_model, x_m, t_m, tt[run], cond_select(inp["cond"], run), rng, counter)
+            integral[rows] = part[: int(rows.sum())]  # without a stand-in row under FSDP (call_rows)
         gap = (t - tt).reshape(-1, *([1] * (F.ndim - 1)))
         far = gap >= delta
         safe_gap = torch.where(gap == 0, torch.ones_like(gap), gap)

@@ -5,6 +5,7 @@
 #
 #   OUT=/tmp/device bash scripts/device_check.sh            # on a CUDA machine, from the repo root
 #   STAGES="digits sd3 realsize compile" ...                # a subset (default: all five, smoke first)
+#   STAGES=fsdp ...                                         # DDP vs FSDP memory of full Qwen-Image (2+ GPUs)
 #   PYTHON=.venv/bin/python SMOKE_STEPS=20 LAYERS=1 HEADS=2 RES=16 BATCH=2 QUALITY_S=2 REPEATS=2 RUNS=1 SD3_RUNS=1 \
 #       REAL_LAYERS=1 REAL_RES=64 REAL_REPEATS=1 bash scripts/device_check.sh   # CPU dry run (reduced depth/size)
 #
@@ -29,6 +30,9 @@ REAL_LAYERS=${REAL_LAYERS:-}   # empty: the published depth
 REAL_RES=${REAL_RES:-1024}
 REAL_REPEATS=${REAL_REPEATS:-3}
 REAL_STAGE_S=${REAL_STAGE_S:-300}   # limit of each real-size stage
+FSDP_LAYERS=${FSDP_LAYERS:-4}   # stage fsdp: Qwen-Image blocks (of 60; 4 ≈ 1.4B params)
+FSDP_STEPS=${FSDP_STEPS:-5}
+FSDP_STAGE_S=${FSDP_STAGE_S:-420}
 REAL_BATCH=${REAL_BATCH:-4}   # 4: one row in each TwinFlow group (e2e/mul/any/adv); at 1 the row is a 'mul' row
 want() { case " $STAGES " in *" $1 "*) return 0 ;; esac; return 1; }
 mkdir -p "$OUT" "$WORK"
@@ -102,6 +106,30 @@ if want compile; then
     stage compile_digits 240 "$PY" -m fewstep.bench "out=$WORK/compile" "repeats=$REPEATS" runs=1 objectives_only=true \
         compare_compile=true "variants=[flow_matching,twinflow_no_enhance]"
     cp "$WORK/compile/bench.json" "$OUT/compile.json" 2>/dev/null
+fi
+# 6. trainer.distributed=ddp vs fsdp (2+ GPUs; not in the default STAGES: STAGES=fsdp): per-GPU peak memory and step
+#    rate of the full Qwen-Image fine-tune of the qwenimage_full row (random weights, $FSDP_LAYERS of its 60 blocks,
+#    fp32 master weights, bf16 compute, gradient checkpointing, EMA 0) over every GPU. Writes fsdp_ddp.json and
+#    fsdp_fsdp.json (summary.json: peak_memory_mb is rank 0's, params_per_process each rank's share).
+if want fsdp; then
+    ngpu=${FSDP_PROCESSES:-$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)}
+    if [ "${ngpu:-0}" -lt 2 ]; then
+        echo "=== fsdp skipped: $ngpu GPU(s), sharding needs 2 or more (FSDP_PROCESSES=2 on CPU: a gloo dry run)"
+    else
+        for mode in ddp fsdp; do
+            stage "fsdp_$mode" "$FSDP_STAGE_S" "$PY" -m accelerate.commands.launch --multi_gpu --num_processes "$ngpu" \
+                --num_machines 1 --mixed_precision bf16 --dynamo_backend no -m fewstep objective=twinflow sampler=ucgm \
+                teacher.decay=0 model=qwenimage model.random_init=true model.architecture=qwen_image \
+                "model.num_layers=$FSDP_LAYERS" model.dtype=float32 model.gradient_checkpointing=true data=synthetic \
+                data.architecture=qwen_image "data.resolution=$REAL_RES" data.batch_size=1 trainer.mixed_precision=bf16 \
+                "trainer.distributed=$mode" "trainer.max_steps=$FSDP_STEPS" trainer.log_every=1 \
+                trainer.checkpoint_every=1000000 trainer.sample_every=1000000 trainer.evaluate=false \
+                trainer.baseline_steps=0 "trainer.final_nfe=[1]" trainer.grid_size=1 logger=none logger.progress=false \
+                "hydra.run.dir=$WORK/fsdp_$mode"
+            cp "$WORK/fsdp_$mode/summary.json" "$OUT/fsdp_$mode.json" 2>/dev/null
+            rm -rf "$WORK/fsdp_$mode/checkpoints"  # gigabytes; the summary holds the numbers
+        done
+    fi
 fi
 echo "device check finished with status $status"
 exit $status

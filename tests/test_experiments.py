@@ -119,6 +119,7 @@ def test_row_composes_with_its_values(name):
     cfg = compose_row(name, ["data.path=/cache"])
     check_values(cfg, row)
     assert cfg.objective.image_free is (name == "openuni_full_imgfree")  # the reference's use_image_free row
+    assert cfg.trainer.distributed == cfg.launch.distributed == ("fsdp" if name == "qwenimage_full" else "ddp")
     assert cfg.objective._target_.endswith("TwinFlow")
     assert cfg.model._target_ == MODEL_CLASSES[row.family]  # every family has its wrapper
 

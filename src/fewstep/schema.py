@@ -428,7 +428,7 @@ def help_template() -> str:
         "== Config (the composed defaults; override any key as key=value) ==",
         "$CONFIG",
         "Other commands: python -m fewstep.sample | fewstep.eval | fewstep.bench | fewstep.report | "
-        "fewstep.precompute | fewstep.export",
+        "fewstep.precompute | fewstep.export | fewstep.convert_openuni",
         "Hydra's own options: python -m fewstep --hydra-help",
     ]
     return "\n".join(lines)

@@ -29,7 +29,10 @@ def test_wheel_install_runs_from_any_directory(tmp_path):
         [sys.executable, "-c", "from fewstep.models import architectures as a; print(a.names())"],
         cwd="/", env=env, capture_output=True, text=True, check=True,
     )  # fmt: skip
-    assert shipped.stdout.split("]")[0] + "]" == "['qwen_image', 'sana_1600m_1024px', 'sd35_large', 'sd35_medium']"
+    assert (
+        shipped.stdout.split("]")[0] + "]"
+        == "['openuni_l_512', 'qwen_image', 'sana_1600m_1024px', 'sd35_large', 'sd35_medium']"
+    )
     run = subprocess.run(
         [sys.executable, "-m", "fewstep", "data=toy2d", "model=tiny_toy", "trainer.max_steps=3",
          "trainer.evaluate=false", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"],

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from fewstep.runs import parse_args
+from fewstep.cli import parse_kv
 
 log = logging.getLogger("fewstep.bench")
 
@@ -586,7 +586,7 @@ def write_markdown(result: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = parse_args(argv, DEFAULTS, USAGE)
+    args = parse_kv(argv, DEFAULTS, USAGE)
     from fewstep.errors import FewstepError
 
     for key in ("repeats", "runs", "batch_size", "sample_batch"):

@@ -35,8 +35,8 @@ from pathlib import Path
 
 import torch
 
+from fewstep.cli import parse_kv
 from fewstep.errors import FewstepError
-from fewstep.precompute import parse_kv
 
 log = logging.getLogger("fewstep.export")
 

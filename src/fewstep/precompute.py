@@ -37,12 +37,12 @@ import json
 import logging
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from fewstep.cli import parse_kv
 from fewstep.errors import FewstepError
 
 log = logging.getLogger("fewstep.precompute")
@@ -91,25 +91,6 @@ FORMAT_VERSION = 1
 
 class PrecomputeError(FewstepError, ValueError):
     """A bad argument or input; the message is one line naming the fix."""
-
-
-def parse_kv(argv: list[str] | None, defaults: dict, usage: str):
-    """``key=value`` arguments (OmegaConf dotlist syntax) over typed defaults; unknown keys exit with usage."""
-    from omegaconf import OmegaConf
-
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(usage)
-        raise SystemExit(0)
-    bad = [a for a in argv if "=" not in a]
-    if bad:
-        raise SystemExit(f"error: expected key=value, got {bad[0]!r}\n{usage}")
-    base = OmegaConf.create(defaults)
-    OmegaConf.set_struct(base, True)
-    try:
-        return OmegaConf.merge(base, OmegaConf.from_dotlist(argv))
-    except Exception as err:  # omegaconf raises several types for unknown keys / bad values
-        raise SystemExit(f"error: {err.__class__.__name__}: {str(err).splitlines()[0]}\n{usage}") from None
 
 
 # --------------------------------------------------------------------------- planning

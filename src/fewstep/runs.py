@@ -5,7 +5,6 @@ Shared by ``fewstep.sample``, ``fewstep.eval`` and ``fewstep.export``.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,18 +71,3 @@ def load_run(
     state = ckpt_io.load_checkpoint(ckpt, student, teacher, restore_rng=False)
     student.eval()
     return LoadedRun(run_dir, cfg, data, objective, student, teacher, sampler, ckpt, state["step"], dev)
-
-
-def parse_args(argv: list[str] | None, defaults: dict, usage: str) -> DictConfig:
-    """``key=value`` arguments (Hydra/OmegaConf syntax, lists as ``[1,2,4]``) over typed defaults;
-    an unknown key exits with the usage line."""
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(usage)
-        raise SystemExit(0)
-    base = OmegaConf.create(defaults)
-    OmegaConf.set_struct(base, True)
-    try:
-        return OmegaConf.merge(base, OmegaConf.from_dotlist(list(argv)))
-    except Exception as err:  # omegaconf raises several types for unknown keys / bad values
-        raise SystemExit(f"error: {err.__class__.__name__}: {str(err).splitlines()[0]}\n{usage}") from None

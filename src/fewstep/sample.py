@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 
+from fewstep.cli import parse_kv
 from fewstep.generate import final_outputs
-from fewstep.runs import load_run, parse_args
+from fewstep.runs import load_run
 
 USAGE = (
     "usage: python -m fewstep.sample run_dir=DIR [nfe=[1,2,4]] [baseline_steps=0] [weights=ema|student] "
@@ -21,7 +22,7 @@ DEFAULTS = {"run_dir": "???", "nfe": [1, 2, 4], "baseline_steps": 0, "weights": 
 
 def main(argv: list[str] | None = None, evaluate: bool = False) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = parse_args(argv, DEFAULTS, USAGE)
+    args = parse_kv(argv, DEFAULTS, USAGE)
     run = load_run(args.run_dir, device=args.device)
     logging.info("sampling %s at step %d (%s weights)", run.checkpoint, run.step, args.weights)
     return final_outputs(

@@ -188,6 +188,15 @@ def check_known_keys(cfg: DictConfig) -> None:
             valid = [f.name for f in dataclasses.fields(schemas[0])]
             close = difflib.get_close_matches(key.split(".")[-1], valid, n=1)
             hint = f" (did you mean {group}.{close[0]}?)" if close and "." not in key else ""
+            if not hint:  # a key of another choice of the group (data.path with data=digits)
+                top = key.split(".")[0]
+                owners = sorted(
+                    name
+                    for name, schema in SCHEMAS.get(group, {}).items()
+                    if top in {f.name for f in dataclasses.fields(schema)}
+                )
+                if owners:
+                    hint = f" ({group}.{top} belongs to {' or '.join(f'{group}={o}' for o in owners)})"
             raise ConfigError(
                 f"unknown config key {group}.{key}{hint}; `python -m fewstep --help` lists the keys of every group"
             )

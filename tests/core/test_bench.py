@@ -23,7 +23,7 @@ from fewstep.bench import (
     time_variants,
     variant_memory_here,
 )
-from fewstep.runs import parse_args
+from fewstep.cli import parse_kv as parse_args
 
 TOY = ["model=tiny_toy", "data=toy2d", "data.batch_size=32"]
 CPU = torch.device("cpu")
@@ -98,7 +98,7 @@ def test_an_out_of_memory_or_a_crash_is_a_result_not_an_exception(tmp_path, monk
     assert "| out of memory |" in "\n".join(bench._isolated_table([{"objective": "dmd2", **row}]))
     crashed = bench.isolated_variant(
         ["data=toy2d", "model=tiny_toy", "objective=no_such_objective"],
-        bench.parse_args(["isolate=true"], bench.DEFAULTS, bench.USAGE), torch.device("cpu"),
+        bench.parse_kv(["isolate=true"], bench.DEFAULTS, bench.USAGE), torch.device("cpu"),
     )  # fmt: skip
     assert crashed["error"].startswith("exit 1") and "no_such_objective" in crashed["error"]
 
@@ -109,12 +109,12 @@ def test_variants_are_checked_and_compare_compile_adds_compiled_copies():
     from fewstep import bench
     from fewstep.errors import FewstepError
 
-    args = bench.parse_args(["variants=[flow_matching,twinflow]", "compare_compile=true"], bench.DEFAULTS, bench.USAGE)
+    args = bench.parse_kv(["variants=[flow_matching,twinflow]", "compare_compile=true"], bench.DEFAULTS, bench.USAGE)
     chosen = bench.select_variants(args)
     assert list(chosen) == ["flow_matching", "twinflow", "flow_matching_compiled", "twinflow_compiled"]
     assert chosen["twinflow_compiled"] == [*bench.VARIANTS["twinflow"], "trainer.compile=true"]
     for bad, message in ((["dmd3"], "dmd3 unknown"), (["twinflow"], "must include flow_matching")):
-        args = bench.parse_args([f"variants=[{','.join(bad)}]"], bench.DEFAULTS, bench.USAGE)
+        args = bench.parse_kv([f"variants=[{','.join(bad)}]"], bench.DEFAULTS, bench.USAGE)
         with pytest.raises(FewstepError, match=message):
             bench.select_variants(args)
 

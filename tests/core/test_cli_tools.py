@@ -86,3 +86,24 @@ def test_eval_with_sampler_overrides_scores_the_same_weights_under_another_sampl
     assert not np.array_equal(other, own)
     with pytest.raises(FewstepError, match="sampler override"):
         main([f"run_dir={digits_run}", "nfe=[1]", f"out={tmp_path / 'c.json'}", "sampler.stochast=1"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["chekpoint=x.pth"], "error: unknown argument chekpoint= (did you mean checkpoint=?); usage: "),
+        (["zzz=1"], "error: unknown argument zzz=; usage: "),
+        (["checkpoint"], "error: expected key=value, got 'checkpoint'; usage: "),
+        (["out=[1"], "error: "),
+    ],
+)
+def test_tool_arguments_fail_in_one_line_naming_the_fix(argv, message):
+    """Every tool parses key=value through fewstep.cli.parse_kv: one line, the closest known key, the usage."""
+    from fewstep.cli import parse_kv
+
+    defaults = {"checkpoint": "", "out": "", "nfe": [1, 2, 4]}
+    with pytest.raises(SystemExit) as err:
+        parse_kv(argv, defaults, "usage: python -m fewstep.tool checkpoint=FILE\n    out=DIR [nfe=[1,2,4]]")
+    text = str(err.value)
+    assert text.startswith(message) and "\n" not in text
+    assert parse_kv(["nfe=[1]", "out=o"], defaults, "usage").nfe == [1]

@@ -179,6 +179,8 @@ def test_cli_prints_user_errors_as_one_line(tmp_path):
         (["trainer.lr=abc"], "trainer.lr=abc: Value 'abc' of type 'str' could not be converted to Float"),
         (["trainer.lr=[1"], "cannot parse the overrides"),
         (["objective=flow_matching", "objective.delta_t=0.1"], "unknown config key objective.delta_t"),
+        (["data.path=/cache"], "unknown config key data.path (data.path belongs to data=latents)"),
+        (["objective.critic_steps=3"], "(objective.critic_steps belongs to objective=dmd2)"),
     ],
 )
 def test_cli_overrides_are_checked_before_hydra_runs(argv, message):

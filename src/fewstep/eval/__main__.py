@@ -14,9 +14,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from fewstep.cli import parse_kv
 from fewstep.errors import FewstepError
 from fewstep.generate import final_outputs
-from fewstep.runs import load_run, parse_args
+from fewstep.runs import load_run
 
 USAGE = (
     "usage: python -m fewstep.eval run_dir=DIR [nfe=[1,2,4]] [baseline_steps=50] [weights=ema|student] "
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     argv = sys.argv[1:] if argv is None else list(argv)
     sampler_overrides = [a.removeprefix("sampler.") for a in argv if a.startswith("sampler.")]
-    args = parse_args([a for a in argv if not a.startswith("sampler.")], DEFAULTS, USAGE)
+    args = parse_kv([a for a in argv if not a.startswith("sampler.")], DEFAULTS, USAGE)
     run = load_run(args.run_dir, device=args.device, checkpoint=args.checkpoint, command="eval")
     if not hasattr(run.data, "evaluator"):
         raise SystemExit(f"data {type(run.data).__name__} has no evaluator; see fewstep.eval.features for a hook")

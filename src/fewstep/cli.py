@@ -1,0 +1,41 @@
+"""``key=value`` arguments of fewstep's tools (precompute, export, sample, eval, bench, convert_openuni).
+
+One parser for all of them: OmegaConf dotlist syntax (lists as ``nfe=[1,2,4]``) merged over the tool's typed
+defaults. Every mistake exits with one ``error:`` line that names the fix (an unknown key gets the closest known
+one) followed, on the same line, by the tool's usage.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def parse_kv(argv: list[str] | None, defaults: dict, usage: str):
+    """The tool's arguments as a struct ``DictConfig`` (``-h``/``--help`` print ``usage`` and exit 0)."""
+    from omegaconf import OmegaConf
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(usage)
+        raise SystemExit(0)
+    usage_line = _one_line(usage)
+    for arg in argv:
+        if "=" not in arg:
+            raise SystemExit(f"error: expected key=value, got {arg!r}; {usage_line}")
+        key = arg.split("=", 1)[0].lstrip("+~")
+        if key.split(".")[0] not in defaults:
+            close = difflib.get_close_matches(key, list(defaults), n=1)
+            hint = f" (did you mean {close[0]}=?)" if close else ""
+            raise SystemExit(f"error: unknown argument {key}={hint}; {usage_line}")
+    base = OmegaConf.create(defaults)
+    OmegaConf.set_struct(base, True)
+    try:
+        return OmegaConf.merge(base, OmegaConf.from_dotlist(argv))
+    except Exception as err:  # omegaconf raises several types for bad values
+        first = _one_line(str(err).splitlines()[0]) if str(err).strip() else type(err).__name__
+        raise SystemExit(f"error: {err.__class__.__name__}: {first}; {usage_line}") from None

@@ -27,11 +27,16 @@ def user_error(err: BaseException) -> FewstepError | None:
 
 def run_cli(main, *args, **kwargs):
     """Call a command's ``main``; a FewstepError (also one raised inside Hydra's ``instantiate``) becomes
-    ``error: <message>`` on stderr and exit status 2."""
+    ``error: <message>`` on stderr and exit status 2, as does a tool's ``SystemExit("error: ...")``."""
     import sys
 
     try:
         return main(*args, **kwargs)
+    except SystemExit as done:  # a tool's own one-line refusal (``SystemExit("error: ...")``): status 2 as well
+        if isinstance(done.code, str) and done.code.startswith("error:"):
+            print(done.code, file=sys.stderr)
+            raise SystemExit(2) from None
+        raise
     except Exception as err:
         found = user_error(err)
         if found is None:

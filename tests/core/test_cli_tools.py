@@ -107,3 +107,15 @@ def test_tool_arguments_fail_in_one_line_naming_the_fix(argv, message):
     text = str(err.value)
     assert text.startswith(message) and "\n" not in text
     assert parse_kv(["nfe=[1]", "out=o"], defaults, "usage").nfe == [1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tool", ["fewstep.export", "fewstep.precompute", "fewstep.bench", "fewstep.convert_openuni"])
+def test_every_tool_exits_2_with_one_error_line(tool, tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", tool, "outt=x"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: unknown argument outt= (did you mean out=?); usage: ")

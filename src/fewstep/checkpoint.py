@@ -25,7 +25,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from fewstep.distributed import full_optimizer_state, gathered, load_full_state_dict, load_optimizer_state
+from fewstep.distributed import (
+    builds_empty,
+    full_optimizer_state,
+    gathered,
+    load_full_state_dict,
+    load_optimizer_state,
+)
 from fewstep.errors import FewstepError
 
 FORMAT_VERSION = 1
@@ -438,10 +444,13 @@ def load_initial_weights(source: str | Path, student, use_ema: bool = True) -> P
     exist in ``student`` with its shape; tensors only the student has (e.g. the zero-initialised time-pair
     embeddings of an SD3 model on top of a flow-matching run) keep their initial values; a model with an
     ``adapt_initial_weights(weights)`` method maps the file's tensors to its layout first (``TinyMLP``: a
-    flow-matching run into a TwinFlow model). Returns the checkpoint."""
+    flow-matching run into a TwinFlow model). Under ``trainer.distributed=fsdp`` only rank 0 reads the files (the
+    other ranks built the student on ``meta``; sharding fills them from rank 0). Returns the checkpoint."""
     ckpt = resolve_resume(str(source), Path(source))
     if ckpt is None:
         raise CheckpointError(f"trainer.init_from={source}: no valid checkpoint there; give a finished run dir")
+    if builds_empty():  # a rank other than 0 of a sharded run: rank 0's weights reach its shards
+        return ckpt
     weights = load_file(str(ckpt / "model.safetensors"))
     ema = ckpt / "teacher.safetensors"
     if use_ema and ema.exists():

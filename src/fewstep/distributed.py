@@ -14,7 +14,9 @@ Checkpoints and the EMA teacher work on full tensors through :func:`gathered`, :
   all-gathered for its own forward/backward and freed after, the rest with the root module. With
   ``trainer.mixed_precision=bf16`` the gathered weights are bf16 and gradients are reduced in fp32. The EMA shadow
   is a ``DTensor`` clone of the shards (the sharded EMA). Accelerate still launches the processes and owns the
-  process group; the sharded module is not wrapped in DDP.
+  process group; the sharded module is not wrapped in DDP. Only rank 0 reads the pretrained weights: the networks
+  are built inside :meth:`Sharded.building`, where the other ranks build them on the ``meta`` device
+  (:func:`builds_empty`), and :meth:`Sharded.place` gives each rank its shards of rank 0's weights (a broadcast).
 """
 
 from __future__ import annotations
@@ -124,6 +126,19 @@ def local_numel(module: nn.Module) -> int:
     return sum((p.to_local() if is_shard(p) else p).numel() for p in module.parameters())
 
 
+_EMPTY: list = []  # non-empty while a rank other than 0 of a sharded run builds its networks (Sharded.building)
+
+
+def builds_empty() -> bool:
+    """Whether networks built now are to stay on the ``meta`` device (no weights read, drawn or stored): true on a
+    rank other than 0 inside :meth:`Sharded.building`; :meth:`Sharded.place` fills their shards from rank 0."""
+    return bool(_EMPTY)
+
+
+def _has_meta(module: nn.Module) -> bool:
+    return any(t.is_meta for t in (*module.parameters(), *module.buffers()))
+
+
 _LOCKSTEP: list = []  # the device of the collective flag while the networks are sharded (set by Sharded)
 
 
@@ -151,6 +166,10 @@ class Replicated:
 
     def __init__(self, accelerator):
         self.accelerator = accelerator
+
+    def building(self):
+        """Around building the networks: every process builds them whole (each reads the pretrained weights)."""
+        return contextlib.nullcontext()
 
     def place(self, module: nn.Module) -> nn.Module:
         """Lay ``module`` out before its optimizer is built (nothing to do for replicas)."""
@@ -194,17 +213,40 @@ class Sharded(Replicated):
             else MixedPrecisionPolicy()
         )
 
+    @contextlib.contextmanager
+    def building(self):
+        """Around building the networks: the ranks other than 0 build them on the ``meta`` device (no pretrained
+        weight is read there: :func:`builds_empty`); :meth:`place` then fills every rank's shards from rank 0."""
+        rank = self.accelerator.process_index
+        if rank == 0:
+            yield
+            return
+        log.info("rank %d builds the networks on the meta device; rank 0 reads the weights", rank)
+        _EMPTY[:] = [rank]
+        try:
+            yield
+        finally:
+            _EMPTY.clear()
+
     def place(self, module: nn.Module) -> nn.Module:
-        """Shard each block, then the root. Every module, the root included, frees its gathered weights after its
-        forward (``reshard_after_forward=True``; FSDP2 keeps the root's by default), so between forward passes
-        every parameter is a shard: what the EMA teacher's in-place swap relies on."""
+        """Shard each block, then the root, and fill every rank's shards with rank 0's weights (a broadcast; the
+        ranks that built ``module`` on ``meta`` give their shards storage first). Every module, the root included,
+        frees its gathered weights after its forward (``reshard_after_forward=True``; FSDP2 keeps the root's by
+        default), so between forward passes every parameter is a shard: what the EMA teacher's in-place swap relies
+        on."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         from torch.distributed.fsdp import fully_shard
 
         from fewstep.models.family import shard_units
 
+        source = module.state_dict() if self.accelerator.process_index == 0 else {}  # whole tensors, not copies
         for unit in shard_units(module):
             fully_shard(unit, mesh=self.mesh, mp_policy=self.policy, reshard_after_forward=True)
         fully_shard(module, mesh=self.mesh, mp_policy=self.policy, reshard_after_forward=True)
+        if _has_meta(module):
+            _materialise(module, self.accelerator.device)
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(module, source, options=options)
         return module
 
     def prepare(self, modules: list, optimizers: list) -> tuple[list, list]:
@@ -233,6 +275,16 @@ class Sharded(Replicated):
         total = full(torch.nn.utils.get_total_norm(grads, 2.0))
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
         return total
+
+
+def _materialise(module: nn.Module, device: torch.device) -> None:
+    """Storage (uninitialised) for the ``meta`` tensors of ``module``; the buffers computed at construction (rotary
+    tables, which no state dict carries) are kept as they are."""
+    kept = [(sub, name, buf) for sub in module.modules() for name, buf in sub._buffers.items() if buf is not None]
+    module.to_empty(device=device)
+    for sub, name, buf in kept:
+        if not buf.is_meta:
+            sub._buffers[name] = buf.to(device)
 
 
 def strategy_for(accelerator, distributed: str, mixed_precision: str) -> Replicated:

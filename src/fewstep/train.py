@@ -65,14 +65,21 @@ def sharding_problem(fsdp_requested: bool) -> str | None:
     )
 
 
-def peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
+def peak_host_memory_mb() -> float:
+    """This process's peak resident host memory (RSS) so far."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def build_components(cfg: DictConfig, device=None):
-    """Data, objective, model, teacher and sampler from a composed config (validated first)."""
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return peak_host_memory_mb()
+
+
+def build_components(cfg: DictConfig, device=None, bind_teacher: bool = True):
+    """Data, objective, model, teacher and sampler from a composed config (validated first). ``bind_teacher=False``
+    (training, which binds it once the model is placed) leaves the teacher unbound: an EMA teacher binding here
+    copies every trainable weight, a second whole model in host memory while the networks are built."""
     data = instantiate(cfg.data)
     objective = instantiate(cfg.objective, _convert_="all")
     model = build_model(cfg.model, data, objective)
@@ -83,7 +90,8 @@ def build_components(cfg: DictConfig, device=None):
         # the teacher's call over swapped-in weights (Teacher._call_with) goes through the same compiled forward.
         model.compile()
     teacher = instantiate(cfg.teacher)
-    teacher.bind(model)
+    if bind_teacher:
+        teacher.bind(model)
     sampler = instantiate(cfg.sampler, _convert_="all")
     return data, objective, model, teacher, sampler
 
@@ -184,9 +192,10 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     resume_from = ckpt_io.resolve_resume(tr.resume, run_dir)
 
     set_seed(tr.seed)
-    data, objective, model, teacher, sampler = build_components(cfg)
-    if tr.init_from:
-        ckpt_io.load_initial_weights(tr.init_from, model, use_ema=tr.init_from_ema)
+    with strategy.building():  # under FSDP only rank 0 reads weights; the others build on meta (filled in place)
+        data, objective, model, teacher, sampler = build_components(cfg, bind_teacher=False)  # bound once placed
+        if tr.init_from:
+            ckpt_io.load_initial_weights(tr.init_from, model, use_ema=tr.init_from_ema)
     objective.setup(model, data)  # the objective's own networks (none for single-network objectives)
     owned = dict(objective.networks)
     n_params = sum(p.numel() for p in model.parameters())
@@ -194,6 +203,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     # Laid out (sharded under FSDP) before the optimizers are built over their parameters.
     modules = [strategy.place(model), *(strategy.place(net.module) for net in owned.values())]
     params = [p for p in model.parameters() if p.requires_grad]
+    rss = peak_host_memory_mb()
+    log.debug("rank %d: peak host memory %.0f MB once built and placed", accelerator.process_index, rss)
 
     def optimizer_for(trainable, lr):
         opt = make_optimizer(trainable, lr=lr, betas=tuple(tr.betas), weight_decay=tr.weight_decay, eps=tr.eps)
@@ -366,11 +377,11 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     if progress is not None:
         progress.close()
     save(step)
-    params_per_process = [local_numel(student)]
+    params_per_process, host_mb = [local_numel(student)], [round(peak_host_memory_mb(), 1)]
     if accelerator.num_processes > 1:
         from accelerate.utils import gather_object
 
-        params_per_process = gather_object(params_per_process)
+        params_per_process, host_mb = gather_object(params_per_process), gather_object(host_mb)
 
     summary = {
         "steps": step,
@@ -382,6 +393,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         "params": n_params,
         "trainable_params": n_train,
         "params_per_process": params_per_process,  # elements each process holds: all of them unless sharded
+        "peak_host_memory_mb": host_mb,  # each process's peak RSS up to the last checkpoint (rank order)
         "distributed": strategy.name,
         "num_processes": accelerator.num_processes,
         "device": str(device),

@@ -9,6 +9,7 @@ import logging
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,3 +146,51 @@ def test_meanflow_with_grad_accumulation_under_two_process_fsdp_equals_ddp(tmp_p
     other = torch.load(ckpts[1] / "optim.pt", weights_only=True)["optimizer"]["state"]
     assert start.keys() == other.keys() and len(start) == len(weights)
     assert max((start[i]["exp_avg_sq"] - other[i]["exp_avg_sq"]).abs().max().item() for i in start) < 1e-6
+
+
+@pytest.mark.slow
+def test_under_fsdp_only_rank_0_reads_the_pretrained_weights_and_every_rank_gets_them_exactly(tmp_path):
+    """2 gloo processes (tests/fsdp_load_worker.py) build a tiny Qwen-Image TwinFlow model from a saved pipeline and
+    shard it. Inside ``Sharded.building`` rank 1 reads no weight file (diffusers' ``safetensors.torch.load_file`` is
+    never called there; rank 0 calls it once) and its 82 parameters are on ``meta`` until sharding; after it, on
+    every rank, the gathered weights (the zero-initialised time-pair embeddings included), the rotary tables and the
+    forward output equal the single-process model's bit for bit, and a forward + AdamW step later the weights and
+    output equal those of the run where every rank reads the weights (the former FSDP load), bit for bit."""
+    from fewstep.models.qwenimage import QwenImageModel
+    from fsdp_load_worker import inputs
+    from tiny_families import save_tiny_pipeline
+
+    pretrained = save_tiny_pipeline("qwenimage", tmp_path / "pipe")
+    worker = Path(__file__).resolve().parents[1] / "fsdp_load_worker.py"
+    runs = {}
+    for mode in ("rank0", "every"):
+        out = tmp_path / mode
+        out.mkdir()
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
+               str(pretrained), str(out), mode]  # fmt: skip
+        proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[mode] = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    single = QwenImageModel(pretrained=str(pretrained), time_pair=True, data_shape=[4, 6, 4])
+    x, t, tt, cond = inputs()
+    with torch.no_grad():
+        reference = single(x, t, tt, cond)
+    state = single.state_dict()
+    rotary = {k: v for k, v in vars(single.transformer.pos_embed).items() if torch.is_tensor(v)}
+    assert sorted(rotary) == ["neg_freqs", "pos_freqs"]
+
+    rank0, rank1 = runs["rank0"]
+    assert len(rank0["reads"]) == 1 and rank1["reads"] == []  # only rank 0 reads the weights
+    assert len(rank1["on_meta"]) == 82 and all(rank1["on_meta"]) and not any(rank0["on_meta"])
+    assert all(len(r["reads"]) == 1 and not any(r["on_meta"]) for r in runs["every"])
+    for got in (rank0, rank1):
+        assert got["placed"].keys() == state.keys() and all(torch.equal(got["placed"][k], state[k]) for k in state)
+        assert all(torch.equal(got["buffers"][k], rotary[k]) for k in rotary)
+        assert torch.equal(got["before"], reference) and reference.abs().max().item() > 1e-2
+    emb = "transformer.time_text_embed."
+    assert state[emb + "sign_embedding.weight"].abs().max() == 0  # the zero-initialised extras, as on every rank
+    for new, old in zip(runs["rank0"], runs["every"]):
+        assert torch.equal(new["after"], old["after"])
+        assert all(torch.equal(new["stepped"][k], old["stepped"][k]) for k in state)
+    moved = max((rank0["stepped"][k] - state[k]).abs().max().item() for k in state)
+    assert moved > 1e-3  # the step changed the weights (measured 1.0e-2 at lr 1e-2)

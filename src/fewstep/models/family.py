@@ -303,6 +303,22 @@ def merged_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return merged
 
 
+def empty_transformer(cls, config: dict, dtype: torch.dtype) -> nn.Module:
+    """``cls.from_config(config)`` with its parameters on the ``meta`` device in ``dtype`` (no storage), in eval mode
+    like ``from_pretrained``; the buffers computed at construction (rotary tables) are real and keep their dtype,
+    as a loaded model's do. Under ``trainer.distributed=fsdp`` the ranks other than 0 build this, and
+    :meth:`fewstep.distributed.Sharded.place` fills its shards with rank 0's weights."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        module = cls.from_config(config)
+    for sub in module.modules():
+        for name, param in list(sub._parameters.items()):
+            if param is not None and param.is_floating_point() and param.dtype != dtype:
+                sub._parameters[name] = nn.Parameter(param.to(dtype), requires_grad=param.requires_grad)
+    return module.eval()
+
+
 # --------------------------------------------------------------------------- sharding units (trainer.distributed=fsdp)
 
 
@@ -449,12 +465,18 @@ class DiffusersFamilyModel(nn.Module):
 
     @classmethod
     def load_transformer(cls, pretrained: str, subfolder: str | None, revision: str | None, dtype: torch.dtype):
-        """The pretrained transformer (resolved first); a fewstep export loads as the family's export class."""
+        """The pretrained transformer (resolved first); a fewstep export loads as the family's export class. Where
+        :func:`fewstep.distributed.builds_empty` (a rank other than 0 of a sharded run) only its config is read:
+        the same module on the ``meta`` device (:func:`empty_transformer`), whose shards rank 0 fills."""
+        from fewstep.distributed import builds_empty
+
         source, sub = resolve_pretrained(pretrained, "transformer", subfolder)
         try:
             config = cls.transformer_class.load_config(source, subfolder=sub, revision=revision)
             exported = config.get("_class_name") == cls.export_class.__name__
             target = cls.export_class if exported else cls.transformer_class
+            if builds_empty():
+                return empty_transformer(target, config, dtype)
             return target.from_pretrained(source, subfolder=sub, revision=revision, **dtype_kwargs(dtype))
         except PretrainedNotFound:
             raise
@@ -478,6 +500,10 @@ class DiffusersFamilyModel(nn.Module):
                 f"model.architecture={architecture} is a {arch.class_name}, not the {cls.family} family's "
                 f"{cls.transformer_class.__name__}; pick a {cls.family} architecture or another model"
             )
+        from fewstep.distributed import builds_empty
+
+        if builds_empty():  # a rank other than 0 of a sharded run: rank 0 draws the weights
+            return empty_transformer(cls.transformer_class, arch.with_layers(num_layers).config, dtype)
         return architectures.random_transformer(architecture, dtype, num_layers=num_layers, cls=cls.transformer_class)
 
     @staticmethod

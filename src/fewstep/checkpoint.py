@@ -9,11 +9,14 @@ into place, so a crash at any moment leaves the previous checkpoints intact;
 ``state.json`` is written last and names every file with its size. Rewriting an existing step moves the
 old folder aside (``.old_*``) before the new one is renamed in; the next save or prune deletes the
 ``.tmp_*`` / ``.old_*`` leftovers of a killed process (an ``.old_*`` whose step folder is gone is put back).
-Under FSDP the sharded tensors are gathered on the way: the files are the same as an unsharded run's.
+Under FSDP the sharded tensors are gathered on the way: the files are the same as an unsharded run's. Resuming
+under FSDP, each rank reads only its shards' rows of the weight files (``safe_open``) and of the optimizer state
+(``torch.load(..., mmap=True)``), not the whole tensors.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -23,12 +26,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from fewstep.distributed import (
     builds_empty,
     full_optimizer_state,
     gathered,
+    is_shard,
+    is_sharded,
     load_full_state_dict,
     load_optimizer_state,
 )
@@ -358,15 +364,43 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
     raise CheckpointError(f"trainer.resume={resume}: no valid checkpoint found there")
 
 
+class _Stored:
+    """One tensor of an open safetensors file, read when indexed as a tensor is: ``stored[rows, cols]`` reads only
+    that part from disk, ``stored[()]`` all of it (see :func:`fewstep.distributed.local_part`)."""
+
+    def __init__(self, file, key: str):
+        self.file, self.key = file, key
+
+    def __getitem__(self, index):
+        return self.file.get_tensor(self.key) if index == () else self.file.get_slice(self.key)[index]
+
+
+@contextlib.contextmanager
+def _tensors(path: Path, sharded: bool):
+    """The tensors of a safetensors file by key: read whole; for a ``sharded`` (FSDP) target as :class:`_Stored`
+    ones, so that each rank reads only its slices while the file is open."""
+    if not sharded:
+        yield load_file(str(path))
+        return
+    with safe_open(str(path), framework="pt") as file:
+        yield {key: _Stored(file, key) for key in file.keys()}
+
+
 def _load_module(path: Path, module, ckpt: Path, what: str = "the model") -> None:
-    weights = load_file(str(path))
-    missing = set(state_keys(module)) - set(weights)
-    if missing:
-        raise CheckpointError(
-            f"checkpoint {ckpt} does not match {what} ({len(missing)} tensors missing, "
-            f"e.g. {sorted(missing)[0]}); resume with the run's own model and objective config"
-        )
-    load_full_state_dict(module, weights)  # into this rank's shards under FSDP
+    with _tensors(path, is_sharded(module)) as weights:
+        missing = set(state_keys(module)) - set(weights)
+        if missing:
+            raise CheckpointError(
+                f"checkpoint {ckpt} does not match {what} ({len(missing)} tensors missing, "
+                f"e.g. {sorted(missing)[0]}); resume with the run's own model and objective config"
+            )
+        load_full_state_dict(module, weights)  # into this rank's shards under FSDP (reading only those)
+
+
+def _load_optim(ckpt: Path, optimizer) -> dict:
+    """``optim.pt``; memory-mapped for sharded parameters, whose states then read only this rank's slices."""
+    sharded = any(is_shard(p) for group in optimizer.param_groups for p in group["params"])
+    return torch.load(ckpt / "optim.pt", map_location="cpu", weights_only=True, mmap=sharded)
 
 
 def load_checkpoint(
@@ -374,7 +408,8 @@ def load_checkpoint(
     networks: dict | None = None,
 ) -> dict:  # fmt: skip
     """Restore what :func:`save_checkpoint` wrote (``networks`` as there); returns ``state.json``. Into an unsharded
-    or a sharded (FSDP, any process count) run alike: every rank reads the whole tensors and keeps its slice."""
+    or a sharded (FSDP, any process count) run alike: under FSDP each rank reads only its slices of the weights, the
+    EMA and the optimizer state."""
     state = verify(ckpt)
     ckpt = Path(ckpt)
     try:
@@ -390,20 +425,22 @@ def load_checkpoint(
             _load_module(path, module, ckpt, what=f"the objective's network {name!r}")
             if average is not None:
                 ema_path = ckpt / f"network_{name}_ema.safetensors"
-                shadow = load_file(str(ema_path)) if ema_path.exists() else None
-                average.load_state_dict({**state["networks"][name], "shadow": shadow})
+                with contextlib.ExitStack() as files:
+                    shadow = files.enter_context(_tensors(ema_path, is_sharded(module))) if ema_path.exists() else None
+                    average.load_state_dict({**state["networks"][name], "shadow": shadow})
             if net_opt is not None:
-                opt = opt or torch.load(ckpt / "optim.pt", map_location="cpu", weights_only=True)
+                opt = opt or _load_optim(ckpt, net_opt)
                 load_optimizer_state(net_opt, opt["networks"][name]["optimizer"])
                 net_sched.load_state_dict(opt["networks"][name]["scheduler"])
         if teacher is not None:
             tstate = dict(state["teacher"])
-            for p in ckpt.glob("teacher*.safetensors"):
-                key = "shadow" if p.name == "teacher.safetensors" else p.name[len("teacher_") : -len(".safetensors")]
-                tstate[key] = load_file(str(p))
-            teacher.load_state_dict(tstate)
+            with contextlib.ExitStack() as files:
+                for p in ckpt.glob("teacher*.safetensors"):
+                    key = "shadow" if p.name == "teacher.safetensors" else p.stem[len("teacher_") :]
+                    tstate[key] = files.enter_context(_tensors(p, is_sharded(student)))
+                teacher.load_state_dict(tstate)
         if optimizer is not None:
-            opt = torch.load(ckpt / "optim.pt", map_location="cpu", weights_only=True)
+            opt = _load_optim(ckpt, optimizer)
             load_optimizer_state(optimizer, opt["optimizer"])
             if scheduler is not None:
                 scheduler.load_state_dict(opt["scheduler"])

@@ -50,23 +50,45 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if is_shard(t) else t
 
 
-def shard_like(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``whole`` laid out as ``like``: this rank's slice as a DTensor (no communication) when ``like`` is a shard."""
-    if not is_shard(like):
-        return whole
-    from torch.distributed.tensor import distribute_tensor
+def local_index(like: torch.Tensor) -> tuple[slice, ...]:
+    """The part of the whole tensor that the shard ``like`` holds on this rank: one slice per dimension (FSDP2's
+    ``Shard(0)``: a contiguous row range, uneven or empty where the rows do not divide)."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    whole = whole.to(device=like.device, dtype=like.dtype)
-    return distribute_tensor(whole, like.device_mesh, like.placements, src_data_rank=None)
+    shape, offset = compute_local_shape_and_global_offset(like.shape, like.device_mesh, like.placements)
+    return tuple(slice(o, o + n) for o, n in zip(offset, shape))
+
+
+def local_part(whole, like: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``whole`` as a plain tensor of ``like``'s local shape, device and dtype (a copy, no
+    communication) when ``like`` is a shard; else all of ``whole``. ``whole``: a tensor, or anything indexed like
+    one that reads on indexing (a stored tensor of a checkpoint, ``whole[()]`` the whole of it): only this rank's
+    rows are read then."""
+    if not is_shard(like):
+        return whole if torch.is_tensor(whole) else whole[()]
+    part = whole[local_index(like)]
+    return part.to(device=like.device, dtype=like.dtype, copy=torch.is_tensor(whole))  # no view of ``whole`` kept
+
+
+def shard_like(whole, like: torch.Tensor) -> torch.Tensor:
+    """``whole`` laid out as ``like``: this rank's slice as a DTensor (no communication) when ``like`` is a shard
+    (``whole`` as in :func:`local_part`)."""
+    if not is_shard(like):
+        return local_part(whole, like)
+    from torch.distributed.tensor import DTensor
+
+    part = local_part(whole, like)
+    return DTensor.from_local(part, like.device_mesh, like.placements, shape=like.shape, stride=like.stride())
 
 
 @torch.no_grad()
-def copy_full_(dst: torch.Tensor, whole: torch.Tensor) -> None:
-    """Copy a whole tensor into ``dst`` (into its local shard when ``dst`` is a shard)."""
+def copy_full_(dst: torch.Tensor, whole) -> None:
+    """Copy a whole tensor (or a stored one, see :func:`local_part`) into ``dst`` (into its local shard when ``dst``
+    is a shard: only that part is read)."""
     if is_shard(dst):
-        dst.to_local().copy_(shard_like(whole, dst).to_local())
+        dst.to_local().copy_(whole[local_index(dst)])
     else:
-        dst.copy_(whole)
+        dst.copy_(local_part(whole, dst))
 
 
 def gathered(tensors: dict[str, torch.Tensor], keep: bool = True) -> dict[str, torch.Tensor]:
@@ -93,24 +115,31 @@ def full_optimizer_state(optimizer, keep: bool = True) -> dict:
     return state if keep else {}
 
 
+def _state_part(value, param: torch.Tensor):
+    """An optimizer state entry for the sharded ``param``: a tensor of its shape becomes this rank's slice (only
+    that part of a memory-mapped state is read), another tensor (AdamW's step) a copy; no view of ``value``."""
+    if not torch.is_tensor(value):
+        return value
+    return shard_like(value, param) if is_shard(param) and value.shape == param.shape else value.clone()
+
+
 def load_optimizer_state(optimizer, state: dict) -> None:
     """Load a whole-tensor optimizer state (:func:`full_optimizer_state`); over sharded parameters each state
-    tensor of the parameter's shape becomes this rank's slice."""
+    tensor of the parameter's shape becomes this rank's slice (``state`` may be memory-mapped: ``torch.load(...,
+    mmap=True)``, then only the slices are read)."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if any(is_shard(p) for p in params):
         state = {**state, "state": dict(state["state"])}
         for index, entry in state["state"].items():
             param = params[int(index)]
-            state["state"][index] = {
-                k: shard_like(v, param) if torch.is_tensor(v) and v.shape == param.shape else v
-                for k, v in entry.items()
-            }
+            state["state"][index] = {k: _state_part(v, param) for k, v in entry.items()}
     optimizer.load_state_dict(state)
 
 
 def load_full_state_dict(module: nn.Module, weights: dict[str, torch.Tensor]) -> None:
     """``module.load_state_dict(weights, strict=False)`` for whole tensors, into shards when ``module`` is sharded
-    (keys the module lacks are ignored, as there)."""
+    (keys the module lacks are ignored, as there); there the values may be stored ones (see :func:`local_part`),
+    of which only this rank's rows are read."""
     if not is_sharded(module):
         module.load_state_dict(weights, strict=False)
         return

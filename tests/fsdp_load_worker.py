@@ -2,7 +2,8 @@
 Qwen-Image TwinFlow model from ``PRETRAINED`` under :class:`fewstep.distributed.Sharded`, shards it, runs a forward
 pass and one AdamW step, and saves what the test compares to ``OUT/rank{r}.pt``. ``MODE``: ``rank0`` builds inside
 ``Sharded.building`` (only rank 0 reads the weights), ``every`` as before it (every rank reads them). Every call of
-``safetensors.torch.load_file`` (diffusers' weight reader) is recorded."""
+``safetensors.torch.load_file`` (diffusers' weight reader) is recorded. ``resume`` (:func:`resume`): checkpoint a
+sharded model, EMA teacher and AdamW after one step, load it into fresh ones and record what each rank read."""
 
 from __future__ import annotations
 
@@ -25,8 +26,104 @@ def inputs():
     return x, t, tt, cond
 
 
+class _Counted:
+    """A ``safe_open`` file whose tensor reads are counted in bytes (``reads``: one entry per read)."""
+
+    def __init__(self, file, reads: list):
+        self.file, self.reads = file, reads
+
+    def __enter__(self):
+        self.file.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.file.__exit__(*exc)
+
+    def keys(self):
+        return self.file.keys()
+
+    def get_tensor(self, key):
+        return self._count(self.file.get_tensor(key))
+
+    def get_slice(self, key):
+        file = self
+
+        class Slice:
+            def __getitem__(self, index):
+                return file._count(file.file.get_slice(key)[index])
+
+        return Slice()
+
+    def _count(self, tensor):
+        self.reads.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+
+def resume(pretrained: str, out: str) -> None:
+    """Rank ``r`` saves ``OUT/rank{r}.pt``: ``read`` (bytes read from each safetensors file by ``load_checkpoint``),
+    ``whole_reads`` (files read whole), ``optim_mmap`` (how ``optim.pt`` was opened), ``local`` (the bytes of this
+    rank's shards of the trainable parameters), the gathered ``saved`` and ``restored`` weights, EMA and AdamW
+    moments."""
+    import fewstep.checkpoint as ckpt_io
+    from fewstep.distributed import Sharded, full_optimizer_state, gathered
+    from fewstep.models.qwenimage import QwenImageModel
+    from fewstep.teachers.base import EMATeacher
+
+    rank = dist.get_rank()
+    strategy = Sharded(types.SimpleNamespace(process_index=rank, num_processes=2, device=torch.device("cpu")))
+
+    def build():
+        with strategy.building():
+            model = QwenImageModel(pretrained=pretrained, time_pair=True, data_shape=[4, 6, 4])
+        strategy.place(model)
+        teacher = EMATeacher(decay=0.5)
+        teacher.bind(model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        return model, teacher, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+    def snapshot(model, teacher, optimizer):
+        moments = full_optimizer_state(optimizer)["state"]
+        return {"model": gathered(model.state_dict()), "ema": gathered(teacher.shadow),
+                "moments": {(i, k): v for i, e in moments.items() for k, v in e.items()}}  # fmt: skip
+
+    model, teacher, optimizer, scheduler = build()
+    x, t, tt, cond = inputs()
+    model(x, t, tt, cond).square().mean().backward()
+    optimizer.step()
+    teacher.update(model, 1)
+    folder = ckpt_io.save_checkpoint(Path(out) / "ckpt", 1, model, teacher, optimizer, scheduler, 0,
+                                     write=rank == 0)  # fmt: skip
+    saved = snapshot(model, teacher, optimizer)
+    dist.barrier()
+
+    model, teacher, optimizer, scheduler = build()
+    read, whole_reads, optim_mmap = {}, [], []
+    safe_open, load_file, torch_load = ckpt_io.safe_open, ckpt_io.load_file, torch.load
+    ckpt_io.safe_open = lambda path, **kw: _Counted(safe_open(path, **kw), read.setdefault(Path(path).name, []))
+    ckpt_io.load_file = lambda path, *a, **kw: whole_reads.append(Path(path).name) or load_file(path, *a, **kw)
+
+    def recorded_load(path, *args, **kwargs):
+        if Path(path).name == "optim.pt":
+            optim_mmap.append(kwargs.get("mmap"))
+        return torch_load(path, *args, **kwargs)
+
+    torch.load = recorded_load
+    ckpt_io.load_checkpoint(folder, model, teacher, optimizer, scheduler, restore_rng=False, rank=rank)
+    torch.load = torch_load
+    local = {k: p.to_local().numel() * p.element_size() for k, p in model.named_parameters() if p.requires_grad}
+    torch.save(
+        {"read": {k: sum(v) for k, v in read.items()}, "whole_reads": whole_reads, "optim_mmap": optim_mmap,
+         "local": local, "saved": saved, "restored": snapshot(model, teacher, optimizer)},
+        Path(out) / f"rank{rank}.pt",
+    )  # fmt: skip
+
+
 def main(pretrained: str, out: str, mode: str) -> None:
     dist.init_process_group("gloo")
+    if mode == "resume":
+        resume(pretrained, out)
+        dist.destroy_process_group()
+        return
     rank = dist.get_rank()
     reads = []
     load_file = safetensors.torch.load_file

@@ -10,6 +10,8 @@ from __future__ import annotations
 import difflib
 import sys
 
+from fewstep.errors import describe
+
 
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
@@ -37,5 +39,4 @@ def parse_kv(argv: list[str] | None, defaults: dict, usage: str):
     try:
         return OmegaConf.merge(base, OmegaConf.from_dotlist(argv))
     except Exception as err:  # omegaconf raises several types for bad values
-        first = _one_line(str(err).splitlines()[0]) if str(err).strip() else type(err).__name__
-        raise SystemExit(f"error: {err.__class__.__name__}: {first}; {usage_line}") from None
+        raise SystemExit(f"error: {describe(err, limit=1000)}; {usage_line}") from None

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from fewstep.cli import parse_kv
-from fewstep.errors import FewstepError
+from fewstep.errors import FewstepError, describe
 
 log = logging.getLogger("fewstep.convert_openuni")
 
@@ -62,11 +62,6 @@ class ConvertError(FewstepError, ValueError):
     """A bad argument or input; the message is one line naming the fix."""
 
 
-def _one_line(err: Exception) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0][:200]}" if text else type(err).__name__
-
-
 def _is_hub_id(text: str) -> bool:
     from fewstep.models.family import _HUB_ID
 
@@ -89,7 +84,7 @@ def read_checkpoint(path: str) -> dict[str, torch.Tensor]:
         except RuntimeError:  # a legacy (non-zip) torch.save cannot be memory-mapped
             state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - pickle / zip / weights_only errors of many types
-        raise ConvertError(f"checkpoint={path}: not a torch.save'd state dict ({_one_line(err)}); {fix}") from None
+        raise ConvertError(f"checkpoint={path}: not a torch.save'd state dict ({describe(err)}); {fix}") from None
     for wrapper in ("state_dict", "module"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
@@ -196,7 +191,7 @@ def internvl_folder(source: str, weights: bool) -> Path:
         return Path(snapshot_download(source, allow_patterns=TOKENIZER_FILES + (["*.safetensors"] if weights else [])))
     except Exception as err:  # noqa: BLE001 - huggingface_hub raises many types for an unreachable id
         raise ConvertError(
-            f"internvl={source}: could not fetch it ({_one_line(err)}); give a local InternVL3 folder, or a hub id "
+            f"internvl={source}: could not fetch it ({describe(err)}); give a local InternVL3 folder, or a hub id "
             "that is cached or downloadable (HF_HUB_OFFLINE unset)"
         ) from None
 
@@ -213,7 +208,7 @@ def llm_config(folder: Path, source: str):
     try:
         config = json.loads(path.read_text())
     except ValueError as err:
-        raise ConvertError(f"internvl={source}: config.json does not parse ({_one_line(err)})") from None
+        raise ConvertError(f"internvl={source}: config.json does not parse ({describe(err)})") from None
     llm = config.get("llm_config")
     if not isinstance(llm, dict):
         raise ConvertError(
@@ -277,7 +272,7 @@ def load_tokenizer(folder: Path, source: str):
     try:
         tokenizer = (cls or transformers.AutoTokenizer).from_pretrained(str(folder))
     except (OSError, ValueError, TypeError) as err:
-        raise ConvertError(f"internvl={source}: could not load its tokenizer ({_one_line(err)})") from None
+        raise ConvertError(f"internvl={source}: could not load its tokenizer ({describe(err)})") from None
     tokenizer.padding_side = "right"
     return tokenizer
 
@@ -298,7 +293,7 @@ def sana_transformer_config(source: str) -> tuple[dict, str, str | None]:
         raise ConvertError(f"{err} (SANA-1.6B-512px: Efficient-Large-Model/Sana_1600M_512px_diffusers)") from None
     except (OSError, ValueError) as err:
         raise ConvertError(
-            f"sana={source}: could not read its transformer config ({_one_line(err)}); give the SANA-1.6B-512px "
+            f"sana={source}: could not read its transformer config ({describe(err)}); give the SANA-1.6B-512px "
             "pipeline folder or hub id (cached, or HF_HUB_OFFLINE unset)"
         ) from None
     if config.get("_class_name") not in (None, "SanaTransformer2DModel"):
@@ -329,7 +324,7 @@ def vae_source(source: str) -> tuple[str, str | None]:
         raise ConvertError(f"{err} (the DC-AE: mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers)") from None
     except (OSError, ValueError) as err:
         raise ConvertError(
-            f"vae={source}: could not read its config ({_one_line(err)}); give the DC-AE folder or hub id "
+            f"vae={source}: could not read its config ({describe(err)}); give the DC-AE folder or hub id "
             "(mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers)"
         ) from None
 
@@ -357,7 +352,7 @@ def build_scheduler(kind: str, sana: str, sub: str | None):
         return cls.from_pretrained(sana, subfolder="scheduler")
     except (OSError, ValueError, KeyError, AttributeError) as err:
         raise ConvertError(
-            f"sana={sana}: could not load its scheduler ({_one_line(err)}); give scheduler=twinflow"
+            f"sana={sana}: could not load its scheduler ({describe(err)}); give scheduler=twinflow"
         ) from None
 
 

@@ -9,6 +9,13 @@ class FewstepError(Exception):
     """A user-fixable problem; the message names the fix."""
 
 
+def describe(err: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message`` (at most ``limit`` characters of it), for quoting a library's error
+    inside a one-line fewstep message."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {' '.join(text.splitlines()[0].split())[:limit]}" if text else type(err).__name__
+
+
 def user_error(err: BaseException) -> FewstepError | None:
     """The FewstepError ``err`` is, or the one Hydra's ``instantiate`` wrapped while building a component
     (a missing pretrained folder, an unreachable hub id, a bad cache); None for anything else (a bug)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from fewstep.errors import FewstepError
+from fewstep.errors import FewstepError, describe
 
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
 PUSH_WHAT = ("auto", "pipeline", "lora")
@@ -43,9 +43,8 @@ def push_export(out: Path, repo_id: str, what: str = "auto", private: bool = Fal
             repo_id=repo_id, repo_type="model", folder_path=str(folder), commit_message=f"fewstep export ({what})"
         )
     except Exception as err:  # noqa: BLE001 - auth, network and hub errors all end the push the same way
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise HubPushError(
-            f"hub_repo={repo_id}: the push failed ({type(err).__name__}: {first}); log in (hf auth login or "
+            f"hub_repo={repo_id}: the push failed ({describe(err)}); log in (hf auth login or "
             f"HF_TOKEN with write access) and check the network; the export itself is complete in {out}"
         ) from None
     return {"repo": repo_id, "pushed": what, "folder": str(folder), "url": str(url), "commit": str(commit)}

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fewstep.errors import FewstepError
+from fewstep.errors import FewstepError, describe
 
 _DTYPES = {
     "float32": torch.float32,
@@ -97,9 +97,8 @@ def resolve_pretrained(
 
 def load_error(key: str, pretrained: str, err: Exception) -> PretrainedNotFound:
     """A one-line :class:`PretrainedNotFound` for a failed ``from_pretrained``."""
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return PretrainedNotFound(
-        f"{key}={pretrained}: could not load it ({type(err).__name__}: {first[:200]}); give a local diffusers "
+        f"{key}={pretrained}: could not load it ({describe(err)}); give a local diffusers "
         "folder, or a hub id that is cached or downloadable (HF_HUB_OFFLINE unset, logged in for gated repos)"
     )
 

@@ -38,7 +38,7 @@ log = logging.getLogger("fewstep.bench")
 USAGE = (
     "usage: python -m fewstep.bench out=DIR [batch_size=128] [repeats=30] [warmup=5] [model=tiny] [data=digits] "
     "[runs=3] [mixed_precision=no|bf16] [sample_batch=1000] [quality_budget_s=0] [device=cpu|cuda] [overrides=[...]] "
-    "[variants=[flow_matching,twinflow,...]] [isolate=true] [compare_compile=true]"
+    "[variants=[flow_matching,twinflow,...]] [isolate=true] [compare_compile=true] [estimate_memory=true]"
 )
 DEFAULTS = {
     "out": "bench_out",
@@ -58,6 +58,10 @@ DEFAULTS = {
     "isolate": False,  # each variant timed and measured alone in a fresh process (real size; OOM is a result)
     "compare_compile": False,  # every variant also with trainer.compile=true ("<name>_compiled")
     "variant_timeout_s": 900,
+    # peak memory of each variant estimated without allocating it (fewstep.estimate: FakeTensorMode, no step
+    # time); each variant in a fresh process; a real-size table on any machine, GPU or not
+    "estimate_memory": False,
+    "estimate_steps": 6,  # steps per variant: one DMD2 critic/generator cycle (5 + 1)
 }
 
 VARIANTS = {
@@ -171,12 +175,16 @@ def isolated_variant(overrides: list[str], args, device) -> dict:
     code = "import sys; from fewstep.bench import _isolated_child; _isolated_child(*sys.argv[1:])"
     argv = [json.dumps(overrides), args.mixed_precision, str(device), str(args.warmup), str(args.repeats)]
     log.info("isolated: %s", " ".join(overrides))
+    return _child_result(code, argv, args.variant_timeout_s)
+
+
+def _child_result(code: str, argv: list[str], timeout_s: float) -> dict:
+    """Run ``code`` in a fresh interpreter; its last stdout line is the result (a crash or a time-out becomes
+    ``{"error": ...}``, never an exception here)."""
     try:
-        proc = subprocess.run(
-            [sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=args.variant_timeout_s
-        )
+        proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {args.variant_timeout_s} s"}
+        return {"error": f"timed out after {timeout_s} s"}
     lines = proc.stdout.strip().splitlines()
     try:
         return json.loads(lines[-1])
@@ -210,6 +218,29 @@ def _isolated_child(overrides_json: str, mixed_precision: str, device: str, warm
     }))  # fmt: skip
 
 
+def bench_estimated(args, variants: dict[str, list[str]]) -> dict:
+    """Each variant's peak memory estimated in a fresh process (:func:`fewstep.estimate.estimate_step_memory`;
+    nothing is allocated, so any model size runs on any machine). Ratios against flow matching."""
+    code = "import sys; from fewstep.bench import _estimate_child; _estimate_child(*sys.argv[1:])"
+    out = {}
+    for name, ov in variants.items():
+        overrides = [*base_overrides(args), *ov]
+        log.info("estimate: %s", " ".join(overrides))
+        argv = [json.dumps(overrides), args.mixed_precision, str(args.estimate_steps)]
+        out[name] = _child_result(code, argv, args.variant_timeout_s)
+    ref = out["flow_matching"]
+    for row in out.values():
+        if "peak_memory_mb" in row and "peak_memory_mb" in ref:
+            row["memory_vs_flow_matching"] = row["peak_memory_mb"] / ref["peak_memory_mb"]
+    return out
+
+
+def _estimate_child(overrides_json: str, mixed_precision: str, steps: str) -> None:
+    from fewstep.estimate import estimate_step_memory
+
+    print(json.dumps(estimate_step_memory(json.loads(overrides_json), mixed_precision, int(steps))))
+
+
 def _peak(device: torch.device) -> dict:
     if device.type == "cuda":
         return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20}
@@ -235,34 +266,60 @@ def collect(out: str | Path, dirs: list[str | Path]) -> dict:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(merged, indent=2))
-    lines = [f"# Real-size training step ({merged['device']})", "", *_isolated_table(rows, with_run=True)]
+    lines = [f"# Real-size training step ({merged['device']})", "", *_table(rows, with_run=True)]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(out.with_suffix(".md").read_text())
     return merged
 
 
-def _isolated_table(rows: list[dict], with_run: bool = False) -> list[str]:
+def _nan(r: dict, key: str) -> float:
+    return r.get(key, float("nan"))
+
+
+# (header, cell) of the per-variant tables: measured (isolate=true) and estimated (estimate_memory=true)
+MEASURED_COLUMNS = [
+    ("step time (s)", lambda r: f"{r['step_time_s']:.3f}"),
+    ("mean step (s)", lambda r: f"{_nan(r, 'step_time_mean_s'):.3f}"),
+    ("× flow matching", lambda r: f"{_nan(r, 'ratio_vs_flow_matching'):.2f}"),
+    ("peak memory (GB)", lambda r: f"{r['peak_memory_mb'] / 1024:.1f}"),
+    ("× flow matching", lambda r: f"{_nan(r, 'memory_vs_flow_matching'):.2f}"),
+    ("evals / step", lambda r: f"{r['evals_per_step']:.2f}"),
+    ("trainable", lambda r: f"{r['trainable_params'] / 1e6:.0f} M"),
+]
+ESTIMATED_COLUMNS = [
+    ("estimated peak memory (GB)", lambda r: f"{r['peak_memory_mb'] / 1024:.2f}"),
+    ("× flow matching", lambda r: f"{_nan(r, 'memory_vs_flow_matching'):.3f}"),
+    ("resident after the steps (GB)", lambda r: f"{r['resident_mb'] / 1024:.2f}"),
+    ("evals / step", lambda r: f"{r['evals_per_step']:.2f}"),
+    ("trainable", lambda r: f"{r['trainable_params'] / 1e6:.0f} M"),
+]
+ESTIMATE_NOTE = (
+    "Estimated with `estimate_memory=true` (fewstep.estimate): the step runs on fake tensors, nothing is "
+    "allocated; peak = the largest total of live tensor storages (each rounded to 512 bytes) during any step. "
+    "Leaves out GPU kernel workspaces and allocator fragmentation."
+)
+
+
+def _table(rows: list[dict], with_run: bool = False) -> list[str]:
+    """One row per variant: the measured columns, or the estimated ones when every row that ran is an estimate.
+    An out-of-memory or a failure is a row too."""
+    ran = [r for r in rows if "error" not in r]
+    estimated = bool(ran) and all(r.get("estimated") for r in ran)
+    columns = ESTIMATED_COLUMNS if estimated else MEASURED_COLUMNS
     head = "| run | objective |" if with_run else "| objective |"
-    lines = [
-        head + " step time (s) | mean step (s) | × flow matching | peak memory (GB) | × flow matching "
-        "| evals / step | trainable |",
-        "|---" * (head.count("|") - 1) + "|---|---|---|---|---|---|---|",
-    ]
+    lines = [head + "".join(f" {h} |" for h, _ in columns), "|---" * (head.count("|") - 1 + len(columns)) + "|"]
     for r in rows:
-        first = f"| {r['run']} | {r.get('objective', '')} |" if with_run else f"| {r.get('objective', '')} |"
+        cells = [r["run"]] if with_run else []
+        cells.append(r.get("objective", ""))
         if r.get("oom"):
             mem = f"OOM ({r['peak_memory_mb'] / 1024:.1f} at failure)" if "peak_memory_mb" in r else "OOM"
-            lines.append(first + f" out of memory | | | {mem} | | | |")
+            cells += ["out of memory", "", "", mem, "", "", ""]
         elif "error" in r:
-            lines.append(first + f" failed: {r['error']} | | | | | | |")
+            cells += [f"failed: {r['error']}"] + [""] * (len(columns) - 1)
         else:
-            lines.append(
-                first + f" {r['step_time_s']:.3f} | {r.get('step_time_mean_s', float('nan')):.3f} | "
-                f"{r.get('ratio_vs_flow_matching', float('nan')):.2f} | "
-                f"{r['peak_memory_mb'] / 1024:.1f} | {r.get('memory_vs_flow_matching', float('nan')):.2f} | "
-                f"{r['evals_per_step']:.2f} | {r['trainable_params'] / 1e6:.0f} M |"
-            )
-    return lines
+            cells += [cell(r) for _, cell in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, "", ESTIMATE_NOTE] if estimated else lines
 
 
 def base_overrides(args) -> list[str]:
@@ -330,6 +387,8 @@ def summarize_timings(runs: list[dict[str, dict]], reference: str = "flow_matchi
 
 def bench_objectives(args, device) -> dict:
     variants = select_variants(args)
+    if args.estimate_memory:
+        return bench_estimated(args, variants)
     if args.isolate:
         return bench_isolated(args, device, variants)
     runs = []
@@ -539,8 +598,8 @@ def write_markdown(result: dict, path: Path) -> None:
         "| network evals / step | peak memory (MB) |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    if result.get("isolated"):
-        lines[-2:] = _isolated_table([{"objective": k, **r} for k, r in result["objectives"].items()])
+    if result.get("isolated") or result.get("estimated"):
+        lines[-2:] = _table([{"objective": k, **r} for k, r in result["objectives"].items()])
     else:
         for name, r in result["objectives"].items():
             iqr, per_run = _spread_cells(r["ratio_quartiles"], r["ratio_run_medians"])
@@ -610,11 +669,14 @@ def main(argv: list[str] | None = None) -> dict:
         "load_avg_1min": os.getloadavg()[0],
         "quality_budget_s": args.quality_budget_s,
         "isolated": bool(args.isolate),
+        "estimated": bool(args.estimate_memory),
         "overrides": list(args.overrides),
     }
+    if args.estimate_memory:
+        result["device"] = "estimate: fake tensors, no device memory used"
     log.info("training-step benchmark: %s", result["config"])
     result["objectives"] = bench_objectives(args, device)
-    if not args.objectives_only and not args.isolate:  # isolate: the models may not fit beside one another
+    if not (args.objectives_only or args.isolate or args.estimate_memory):  # (real size: one model at a time)
         log.info("sampling benchmark")
         result["sampling"] = bench_sampling(args, device)
     if args.quality_budget_s > 0:

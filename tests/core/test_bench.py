@@ -95,7 +95,7 @@ def test_an_out_of_memory_or_a_crash_is_a_result_not_an_exception(tmp_path, monk
     bench._isolated_child("[]", "no", "cpu", "1", "1")
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["oom"] is True and row["error"] == "CUDA out of memory. Tried to allocate 80.00 GiB"
-    assert "| out of memory |" in "\n".join(bench._isolated_table([{"objective": "dmd2", **row}]))
+    assert "| out of memory |" in "\n".join(bench._table([{"objective": "dmd2", **row}]))
     crashed = bench.isolated_variant(
         ["data=toy2d", "model=tiny_toy", "objective=no_such_objective"],
         bench.parse_kv(["isolate=true"], bench.DEFAULTS, bench.USAGE), torch.device("cpu"),

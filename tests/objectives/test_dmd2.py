@@ -64,6 +64,26 @@ def test_schedule_alternates_critic_and_generator_updates():
     assert DMD2(critic_steps=5).stepping(0) == ("fake_score",)
 
 
+def test_copies_share_constant_buffers_but_not_running_statistics():
+    """A positional table is held once by the student and both DMD2 copies; BatchNorm statistics, which
+    training updates, are each copy's own."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("table", torch.arange(12.0).reshape(3, 4), persistent=False)
+            self.lin = torch.nn.Linear(4, 4)
+            self.norm = torch.nn.BatchNorm1d(4)
+
+    student = Net()
+    copy = share_frozen_copy(student)
+    assert copy.table is student.table
+    assert copy.norm.running_mean is not student.norm.running_mean
+    assert torch.equal(copy.norm.running_mean, student.norm.running_mean)
+    copy.norm.train()(torch.randn(5, 4) + 3.0)
+    assert student.norm.running_mean.abs().max() == 0 and copy.norm.running_mean.min() > 0.1
+
+
 def test_setup_copies_trainable_weights_and_shares_frozen_ones():
     torch.manual_seed(0)
     student = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 3))

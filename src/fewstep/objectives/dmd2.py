@@ -52,8 +52,14 @@ class GanHead(nn.Module):
 
 
 def share_frozen_copy(module: nn.Module) -> nn.Module:
-    """A deep copy of ``module`` whose frozen parameters are the original's (shared, not copied)."""
+    """A deep copy of ``module`` whose frozen parameters and constant buffers are the original's (shared, not
+    copied). Constant buffers: all but a normalisation layer's running statistics, which training updates; in
+    the transformers here they are positional and rotary tables (SD3.5's ``pos_embed`` is 0.9 GB in float32,
+    which two DMD2 copies would otherwise hold twice more)."""
     memo = {id(p): p for p in module.parameters() if not p.requires_grad}
+    for sub in module.modules():
+        if not isinstance(sub, nn.modules.batchnorm._NormBase):
+            memo.update({id(b): b for b in sub.buffers(recurse=False)})
     return copy.deepcopy(module, memo)
 
 

@@ -1,0 +1,96 @@
+"""fewstep.estimate: a training step's peak memory counted on fake tensors equals the same count of the real
+step; small tensors keep real values (masks, row counts), a decision on a large tensor's values is one clear
+error; the bench reports it as a table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fewstep.bench import collect, main
+from fewstep.errors import FewstepError
+from fewstep.estimate import BLOCK, SMALL, estimate_step_memory, fake_execution
+
+# SD3.5-medium's published architecture at 1 layer and 64² (4 × 4 latents): real widths and heads, tiny depth
+TINY_REAL = [
+    "model=sd35_lora", "data=synthetic", "model.random_init=true", "model.architecture=sd35_medium",
+    "model.num_layers=1", "data.resolution=64", "data.batch_size=4", "model.dtype=bfloat16",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "objective",
+    [
+        pytest.param(["objective=twinflow", "objective.enhanced_ratio=0.5"], marks=pytest.mark.slow),
+        ["objective=dmd2", "objective.critic_steps=1"],  # (flow matching: DMD2's critic step is one like it)
+    ],
+    ids=["twinflow", "dmd2"],
+)
+def test_the_fake_step_counts_the_bytes_the_real_step_holds(objective):
+    """2 steps (DMD2: a critic step, then a generator step): peaks and resident bytes of the estimate equal
+    those of the real step counted the same way, within a few allocation blocks."""
+    torch.manual_seed(0)
+    fake = estimate_step_memory([*TINY_REAL, *objective], "bf16", steps=2)
+    real = estimate_step_memory([*TINY_REAL, *objective], "bf16", steps=2, fake=False)
+    assert fake["estimated"] and not real["estimated"]
+    assert fake["params"] == real["params"] and fake["trainable_params"] == real["trainable_params"]
+    for key in ("built_mb", "resident_mb", "peak_memory_mb"):
+        assert abs(fake[key] - real[key]) * 2**20 <= 8 * BLOCK, (key, fake[key], real[key])
+    for f, r in zip(fake["step_peaks_mb"], real["step_peaks_mb"], strict=True):
+        assert abs(f - r) * 2**20 <= 8 * BLOCK
+    # at least the bf16 weights are resident, and a step holds more than what is resident
+    weights_mb = fake["params"] * 2 / 2**20
+    assert fake["built_mb"] >= weights_mb and fake["peak_memory_mb"] > fake["resident_mb"]
+
+
+def test_small_tensors_keep_values_and_a_large_decision_is_one_clear_error():
+    with fake_execution() as memory:
+        x = torch.randn(8, SMALL)  # large: no values
+        mask = torch.arange(8) % 3 == 0  # small: real values
+        picked = x[mask]
+        assert picked.shape == (3, SMALL) and int(mask.sum()) == 3 and bool(mask.any())
+        x[mask] = torch.zeros(3, SMALL)
+        assert memory.live >= 8 * SMALL * 4 and memory.peak >= memory.live
+        with pytest.raises(FewstepError, match="depends on the values of a tensor of more than") as err:
+            bool(x.sum() > 0)
+        assert "\n" not in str(err.value) and "drop estimate_memory=true" in str(err.value)
+
+
+def test_the_count_follows_allocations_and_frees_in_blocks():
+    with fake_execution() as memory:
+        memory.rebase()
+        start = memory.live
+        a = torch.empty(1000, dtype=torch.float32)  # 4,000 bytes -> 4,096
+        b = torch.empty(10)  # 40 bytes -> 512
+        assert memory.live - start == 4096 + 512
+        view = a[:10]  # a view holds no storage of its own
+        assert memory.live - start == 4096 + 512
+        del a
+        assert memory.live - start == 4096 + 512  # the view keeps the storage alive
+        del view
+        assert memory.live - start == 512 and memory.peak - start == 4096 + 512
+        del b
+
+
+@pytest.mark.slow  # a subprocess per variant
+def test_bench_estimate_memory_writes_an_estimated_table_and_collect_keeps_it(tmp_path):
+    out = tmp_path / "est"
+    result = main([
+        f"out={out}", "model=sd35_lora", "data=synthetic", "mixed_precision=bf16", "batch_size=2",
+        "estimate_memory=true", "estimate_steps=2", "variants=[flow_matching,twinflow]",
+        "overrides=[model.random_init=true,model.architecture=sd35_medium,model.num_layers=1,data.resolution=64,"
+        "model.dtype=bfloat16]",
+    ])  # fmt: skip
+    assert result["estimated"] and result["device"].startswith("estimate") and "sampling" not in result
+    objs = result["objectives"]
+    assert objs["flow_matching"]["memory_vs_flow_matching"] == 1.0
+    assert objs["twinflow"]["memory_vs_flow_matching"] > 1.0 and objs["twinflow"]["evals_per_step"] > 1.0
+    assert all("step_time_s" not in r and len(r["step_peaks_mb"]) == 2 for r in objs.values())
+    md = (out / "bench.md").read_text()
+    assert "estimated peak memory (GB)" in md and "| twinflow |" in md
+    collect(tmp_path / "table", [out])
+    merged = json.loads((tmp_path / "table.json").read_text())
+    assert [r["objective"] for r in merged["rows"]] == ["flow_matching", "twinflow"]
+    assert "| est | twinflow |" in (tmp_path / "table.md").read_text()

@@ -25,8 +25,9 @@ TINY_REAL = [
     [
         pytest.param(["objective=twinflow", "objective.enhanced_ratio=0.5"], marks=pytest.mark.slow),
         ["objective=dmd2", "objective.critic_steps=1"],  # (flow matching: DMD2's critic step is one like it)
+        pytest.param(["model=sd35", "objective=dmd2", "objective.critic_steps=1"], marks=pytest.mark.slow),
     ],
-    ids=["twinflow", "dmd2"],
+    ids=["twinflow", "dmd2_lora", "dmd2_full"],
 )
 def test_the_fake_step_counts_the_bytes_the_real_step_holds(objective):
     """2 steps (DMD2: a critic step, then a generator step): peaks and resident bytes of the estimate equal

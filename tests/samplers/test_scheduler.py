@@ -13,6 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fewstep.models.diff2flow import (  # noqa: E402
     alpha_bar_from_flow_time,
+    bridged_velocity,
     diffusion_timestep_from_flow_time,
     diffusion_to_flow_velocity,
     flow_time_from_alpha_bar,
@@ -253,8 +254,10 @@ def test_oracle_epsilon_and_v_give_flow_velocity(alphas_cumprod, k):
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("steps", [1, 2, 4])
 def test_diff2flow_scheduler_with_oracle_model_recovers_data(prediction_type, steps):
-    """An oracle diffusion model of a point mass, driven through scale_model_input / step, lands on it."""
-    scheduler = TwinFlowScheduler(prediction_type=prediction_type, stochast_ratio=0.0)
+    """An oracle diffusion model of a point mass, driven through scale_model_input / step, lands on it. The grid
+    starts at t = 0.9, inside the schedule's noise range (σ(ᾱ_999) ≈ 0.936), where the oracle's noise level is
+    the flow time's; above it see test_diff2flow_scheduler_matches_native_bridge."""
+    scheduler = TwinFlowScheduler(prediction_type=prediction_type, stochast_ratio=0.0, rfba_gap_steps=(0.1, 0.5))
     scheduler.set_timesteps(steps)
     ac = scheduler.alphas_cumprod
     assert scheduler.timesteps.tolist() == pytest.approx(
@@ -272,6 +275,35 @@ def test_diff2flow_scheduler_with_oracle_model_recovers_data(prediction_type, st
         output = eps if prediction_type == "epsilon" else a * eps - b * target
         x = scheduler.step(output, timestep, x).prev_sample
     assert (x - target).abs().max().item() < 1e-8
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_diff2flow_scheduler_matches_native_bridge(prediction_type, steps):
+    """An exported diffusion pipeline (scheduler with prediction_type epsilon / v) gives the native sampler's
+    samples of the same network behind the model-side bridge (bridged_velocity). The grid's first time 0.999 lies
+    above the schedule's noisiest σ (≈ 0.936): the network is fed timestep 999 there, so the state maps must use
+    that noise level too (before the fix the epsilon samples were off by ~3800 on values of ~60)."""
+    ac = make_alphas_cumprod(1000, "scaled_linear", 0.00085, 0.012)
+    net = RandomVelocityMLP(seed=3)
+    cond = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    noise = torch.randn(4, 2, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(steps))
+
+    def diffusion_net(x_diff, timestep):  # a network on the diffusion timestep scale
+        k = torch.as_tensor(timestep, dtype=x_diff.dtype).reshape(-1).expand(x_diff.shape[0])
+        return net(x_diff, k / 1000, torch.zeros_like(k), cond)
+
+    def bridged(x, t, tt, c):
+        return bridged_velocity(diffusion_net, x, t, ac, prediction_type)
+
+    native = UCGMSampler(style="few", stochast_ratio=0.0).sample(bridged, noise, cond, steps)
+    scheduler = TwinFlowScheduler(prediction_type=prediction_type, stochast_ratio=0.0)
+    scheduler.set_timesteps(steps)
+    assert scheduler.sigmas[0].item() > flow_time_from_alpha_bar(ac[-1]).item()  # the case under test
+    x = noise
+    for timestep in scheduler.timesteps:
+        x = scheduler.step(diffusion_net(scheduler.scale_model_input(x, timestep), timestep), timestep, x).prev_sample
+    assert (x - native).abs().max().item() < 1e-6
 
 
 def test_native_sampler_perfect_model_through_scheduler():

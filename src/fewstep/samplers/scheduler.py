@@ -36,7 +36,9 @@ CPU global RNG: pipelines call ``step`` without a generator, so seed with
 on the flow grid (SPEC §5): ``.timesteps`` are the diffusion timesteps whose
 ``σ(ᾱ)`` match the flow times, ``scale_model_input`` maps the flow state to the
 diffusion state ``(√ᾱ + √(1 − ᾱ))·x``, and ``step`` converts the prediction into a flow
-velocity with :func:`fewstep.models.diff2flow.diffusion_to_flow_velocity`.
+velocity with :func:`fewstep.models.diff2flow.diffusion_to_flow_velocity`. Flow times above the schedule's
+noisiest ``σ(ᾱ_{T−1})`` (the grid starts at 0.999) use that noise level in both maps, matching the last timestep
+the model is fed there, exactly as the model-side bridge (``bridged_velocity``) does.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from fewstep.models.diff2flow import (
     diffusion_timestep_from_flow_time,
     diffusion_to_flow_velocity,
     flow_time_from_alpha_bar,
+    flow_time_range,
     flow_to_diffusion_state,
     make_alphas_cumprod,
 )
@@ -121,10 +124,14 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"shift must be > 0, got {shift}.")
         UCGMStepper(stochast_ratio, extrapol_ratio)  # validates stochast_ratio
         self.alphas_cumprod: torch.Tensor | None = None
+        self._max_time = 1.0
         if prediction_type != "flow_matching":
             self.alphas_cumprod = make_alphas_cumprod(
                 num_train_timesteps, beta_schedule, beta_start, beta_end, trained_betas
             )
+            # the noisiest flow time the diffusion model knows: the state maps use it above (as the model-side
+            # bridge, fewstep.models.diff2flow.bridged_velocity, does), matching the clamped timestep it is fed
+            self._max_time = flow_time_range(self.alphas_cumprod)[1]
         self._step_index: int | None = None
         self._begin_index: int | None = None
         self.set_timesteps(default_num_inference_steps)
@@ -245,7 +252,8 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
         """Identity for flow models; the flow → diffusion state map ``(√ᾱ + √(1 − ᾱ))·x`` for epsilon / v models."""
         if self.alphas_cumprod is None:
             return sample
-        alpha_bar = alpha_bar_from_flow_time(torch.tensor(self._time_of(timestep), dtype=torch.float64))
+        time = min(self._time_of(timestep), self._max_time)
+        alpha_bar = alpha_bar_from_flow_time(torch.tensor(time, dtype=torch.float64))
         return flow_to_diffusion_state(sample, alpha_bar).to(sample.dtype)
 
     def scale_noise(
@@ -309,7 +317,7 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
             x = sample.to(work)
         velocity = model_output.to(work)
         if self.alphas_cumprod is not None:
-            alpha_bar = alpha_bar_from_flow_time(full_time(t_cur, x.shape[0], x))
+            alpha_bar = alpha_bar_from_flow_time(full_time(min(t_cur, self._max_time), x.shape[0], x))
             velocity = diffusion_to_flow_velocity(
                 velocity, flow_to_diffusion_state(x, alpha_bar), alpha_bar, self.config.prediction_type
             )

@@ -328,6 +328,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                     g.scheduler.step()
                 consecutive_bad = 0
             else:
+                if accelerator.scaler is not None:  # fp16: the skipped step still backs the loss scale off (what
+                    accelerator.scaler.update()  # optimizer.step would do), else every later step overflows
                 nonfinite_total += 1
                 consecutive_bad += 1
                 log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", step, consecutive_bad)

@@ -260,3 +260,30 @@ def test_bf16_training_on_the_cpu_matches_fp32(tmp_path, fresh_accelerator_state
     assert len(bf16) == 8 and all(math.isfinite(v) for v in bf16)
     assert bf16 == pytest.approx(fp32, rel=5e-3)
     assert bf16[0] == fp32[0] and max(abs(a - b) for a, b in zip(fp32[1:], bf16[1:])) > 1e-5
+
+
+def test_fp16_overflow_steps_lower_the_loss_scale_instead_of_aborting(tmp_path, monkeypatch, fresh_accelerator_state):
+    """fp16 (a GradScaler; accelerate only builds one on a GPU, so one is put in on the CPU here): a step whose
+    scaled gradients overflow is skipped, and the scaler must still back off, else the scale never drops and every
+    later step overflows too. Scale 2^127 overflows float32 (at step 2 here); backoff 2^-40 makes the next step
+    finite. Before the fix the step after the overflow raised "unscale_() has already been called on this optimizer
+    since the last update()" (accelerate's clip_grad_norm_ unscales again without an update in between)."""
+    import accelerate
+
+    scalers = []
+
+    class ScaledAccelerator(accelerate.Accelerator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, backoff_factor=2.0**-40)
+            scalers.append(self.scaler)
+
+        def unscale_gradients(self, optimizer=None):  # what accelerate does for native fp16
+            for opt in self._optimizers:
+                self.scaler.unscale_(opt.optimizer)
+
+    monkeypatch.setattr(accelerate, "Accelerator", ScaledAccelerator)
+    over = [*TOY, "trainer.max_steps=6", "trainer.max_nonfinite=3", "trainer.log_every=1"]
+    summary = train(compose(over), run_dir=tmp_path / "run")
+    assert summary["nonfinite_skipped"] == 1
+    assert scalers[0].get_scale() == 2.0**87

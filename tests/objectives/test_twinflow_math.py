@@ -356,6 +356,32 @@ def test_rng_restore_aligns_dropout_passes():
     assert torch.equal(c1, c2) and torch.equal(c1, a)
 
 
+def test_enhanced_target_cond_and_uncond_passes_draw_the_same_dropout_masks():
+    """SPEC §1/§2: both teacher passes of the enhanced target start from the captured RNG state, so a model with
+    dropout sees the same masks in both. With cond == uncond the guidance f_T(c) − f_T(∅) is then exactly 0 and the
+    loss equals the loss without enhancement. One batched 2B forward drew different masks for its two halves:
+    before the fix the loss was 863.55 against 840.35 without enhancement."""
+    from fewstep.objectives.twinflow import has_active_dropout
+
+    model = tiny_model(dropout=0.3, seed=3)
+    model.train()
+    ema = EMATeacher(decay=0.9)
+    ema.bind(model)
+    assert has_active_dropout(model) and not has_active_dropout(tiny_model(dropout=0.0))
+    null = torch.full((8,), 3)
+    batch = Batch(torch.randn(8, 6, generator=torch.Generator().manual_seed(1)), null.clone(), null)
+    losses = []
+    for ratio in (1.0, 0.0):
+        obj = TwinFlow(
+            enhanced_ratio=ratio, probs={"any": 1.0}, adversarial=False, target_clamp=100.0, loss={"type": "l2"}
+        )
+        torch.manual_seed(4)
+        losses.append(obj.loss(model, ema, batch, 0)[0].item())
+    assert losses[0] == losses[1]
+    model.eval()
+    assert not has_active_dropout(model)
+
+
 def reference_loss(obj: TwinFlow, model, teacher_fn, batch: Batch) -> torch.Tensor:
     """The SPEC §2 loss the plain way: teacher passes on the whole batch, cond and uncond as separate
     passes, rectify fake and real as separate passes, the real-velocity term on its own pass. Same random

@@ -23,6 +23,7 @@ from fewstep.objectives.base import (
     time_weight,
     wide,
 )
+from fewstep.objectives.jvp import unwrap
 from fewstep.path import interpolate, reconstruct
 from fewstep.teachers.rng import RngState
 
@@ -47,6 +48,14 @@ def partition_sizes(batch_size: int, probs: Mapping[str, float]) -> dict[str, in
         bounds.append(int(math.floor(batch_size * acc / total + 0.5)))
     bounds[-1] = batch_size
     return {k: bounds[i + 1] - bounds[i] for i, k in enumerate(GROUPS)}
+
+
+def has_active_dropout(model) -> bool:
+    """Whether ``model`` (the student; the teacher calls the same module) has a dropout layer that draws masks now
+    (training mode, ``p > 0``)."""
+    return any(
+        isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training and m.p > 0 for m in unwrap(model).modules()
+    )
 
 
 class TwinFlow(Objective):
@@ -158,10 +167,14 @@ class TwinFlow(Objective):
         return dict(x=x, z=z, x_t=x_t, v=wide(z - x), t=t, tt=tt, masks=masks, cond=cond, uncond=uncond)
 
     @torch.no_grad()
-    def enhance_target(self, teacher_model, inp: dict, target: torch.Tensor, rng: RngState, counter: EvalCounter):
+    def enhance_target(
+        self, teacher_model, inp: dict, target: torch.Tensor, rng: RngState, counter: EvalCounter, paired=False
+    ):
         """``v ← v + w·(f_T(c) − f_T(∅))`` at ``(x_t, t, t)`` on non-adv rows with t in the range:
-        cond and uncond are one batched forward from the captured RNG state. Image-free (SPEC §10), the
-        target on those rows is the teacher's guided velocity itself, ``f_T(∅) + w·(f_T(c) − f_T(∅))``
+        cond and uncond are one batched forward from the captured RNG state, or, with ``paired`` (the model
+        has active dropout, :func:`has_active_dropout`), two forwards each from that state, so both draw the
+        same dropout masks (one batched forward would draw different masks for its two halves). Image-free
+        (SPEC §10), the target on those rows is the teacher's guided velocity itself, ``f_T(∅) + w·(f_T(c) − f_T(∅))``
         (``v = z − x̂`` of a self-generated ``x̂`` carries no data)."""
         t = inp["t"]
         lo, hi = self.enhanced_range
@@ -171,18 +184,27 @@ class TwinFlow(Objective):
             return
         n, kept = int(run.sum()), int(rows.sum())  # kept < n: a stand-in row under FSDP (call_rows)
         x_t, tr = inp["x_t"][run], t[run]
-        rng.restore()
-        out = wide(
-            self._call(
-                counter,
-                "teacher_enhance",
-                teacher_model,
-                torch.cat([x_t, x_t]),
-                torch.cat([tr, tr]),
-                torch.cat([tr, tr]),
-                cond_cat(cond_select(inp["cond"], run), cond_select(inp["uncond"], run)),
+        if paired:
+            outs = []
+            for key in ("cond", "uncond"):
+                rng.restore()
+                outs.append(
+                    self._call(counter, "teacher_enhance", teacher_model, x_t, tr, tr, cond_select(inp[key], run))
+                )
+            out = wide(torch.cat(outs))
+        else:
+            rng.restore()
+            out = wide(
+                self._call(
+                    counter,
+                    "teacher_enhance",
+                    teacher_model,
+                    torch.cat([x_t, x_t]),
+                    torch.cat([tr, tr]),
+                    torch.cat([tr, tr]),
+                    cond_cat(cond_select(inp["cond"], run), cond_select(inp["uncond"], run)),
+                )
             )
-        )
         guidance = (self.enhanced_ratio * (out[:n] - out[n:]))[:kept]
         if self.image_free:
             target[rows] = (out[n:][:kept] + guidance).to(target.dtype)
@@ -252,7 +274,7 @@ class TwinFlow(Objective):
 
         target = inp["v"].clone()
         teacher_model = teacher.model
-        self.enhance_target(teacher_model, inp, target, rng, counter)
+        self.enhance_target(teacher_model, inp, target, rng, counter, paired=has_active_dropout(student))
         if self.estimate_order >= 1 and self.consistency_ratio != 0:
             # Image-free runs have a frozen teacher (checked in fewstep.validate); like the reference, whose
             # EMA-1.0 runs roll out the live model, the RCGM rollout then uses the student's current weights.

@@ -364,9 +364,11 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                     progress.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}", it_s=f"{row['steps_per_s']:.1f}")
                 window, window_n, t_window = {}, 0, now
             if step % tr.sample_every == 0 and step < tr.max_steps and (main or strategy.every_rank_samples):
+                student.eval()  # sample as final_outputs does (no dropout), then back to training
                 _validation_grid(
                     run_dir, step, objective, sampler, sampling_model(), data, device, accelerator, writer, write=main
                 )
+                student.train()
             if step % tr.checkpoint_every == 0 and step < tr.max_steps:
                 save(step)
             if stop.signal is not None:

@@ -287,3 +287,32 @@ def test_fp16_overflow_steps_lower_the_loss_scale_instead_of_aborting(tmp_path, 
     summary = train(compose(over), run_dir=tmp_path / "run")
     assert summary["nonfinite_skipped"] == 1
     assert scalers[0].get_scale() == 2.0**87
+
+
+def test_validation_grids_sample_in_eval_mode(tmp_path, monkeypatch):
+    """The grids drawn during training (trainer.sample_every) sample the model as final_outputs does, in eval mode:
+    with model.dropout=0.5 two calls on the same input agree. Before the fix the student stayed in training mode
+    and they differed (by 0.02-0.03); training resumes in training mode afterwards."""
+    import fewstep.train as train_mod
+
+    seen = []
+    real = train_mod.sample_in_chunks
+
+    def probe(sampler, model_fn, noise, cond, steps, **kwargs):
+        t = torch.full((4,), 0.5)
+        a, b = model_fn(noise[:4], t, t, cond[:4]), model_fn(noise[:4], t, t, cond[:4])
+        seen.append((a - b).abs().max().item())
+        return real(sampler, model_fn, noise, cond, steps, **kwargs)
+
+    monkeypatch.setattr(train_mod, "sample_in_chunks", probe)
+    modes = []
+    over = [*TOY, "model.dropout=0.5", "teacher.decay=0", "trainer.max_steps=3", "trainer.sample_every=1"]
+    over += ["trainer.final_nfe=[]"]
+    from fewstep.objectives.twinflow import TwinFlow
+
+    real_tf_loss = TwinFlow.loss
+    monkeypatch.setattr(TwinFlow, "loss", lambda self, student, *a: modes.append(student.training) or real_tf_loss(
+        self, student, *a))  # fmt: skip
+    train(compose(over), run_dir=tmp_path / "run")
+    assert len(seen) == 2 and max(seen) == 0.0
+    assert modes == [True, True, True]

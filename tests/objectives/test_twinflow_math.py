@@ -382,6 +382,43 @@ def test_enhanced_target_cond_and_uncond_passes_draw_the_same_dropout_masks():
     assert not has_active_dropout(model)
 
 
+def test_rcgm_rollout_under_dropout_draws_the_student_pass_masks_row_for_row():
+    """With active dropout the rollout runs on the whole batch from the captured RNG state (the reference layout),
+    so each row's teacher passes draw the masks the student pass drew for it. Run on the subset of rows with
+    t − δ > tt instead, the rows after a skipped (near) row drew another row's masks: on this batch the unclamped
+    targets on the rollout rows differed from the whole-batch ones by 7.49 on average, 33.9 at most (targets ~28)."""
+    from fewstep.objectives.twinflow import has_active_dropout
+
+    model = tiny_model(dropout=0.1, seed=3)
+    model.train()
+    obj = TwinFlow(enhanced_ratio=0.0, adversarial=False, target_clamp=1e9, probs={"e2e": 1, "mul": 1, "any": 1})
+    batch = Batch(torch.randn(24, 6, generator=torch.Generator().manual_seed(1)), torch.arange(24) % 3,
+                  torch.full((24,), 3))  # fmt: skip
+    torch.manual_seed(5)
+    inp = obj.sample_inputs(model, batch, EvalCounter())
+    t, tt, v, d = inp["t"], inp["tt"], inp["v"], obj.delta_t
+    rows = t - d > tt
+    assert not rows.all() and rows[-1]  # a skipped row before a rollout row: the case under test
+    rng = RngState.capture()
+    with torch.no_grad():
+        F = model(inp["x_t"], t, tt, inp["cond"])
+    got = obj.rcgm_target(model, F, inp, v, rng, EvalCounter(), paired=has_active_dropout(model))
+    # whole-batch reference: N sub-steps from t_m = max(t − δ, tt) on every row, each from the captured state
+    x, t_m, S = inp["x_t"] - d * v, torch.maximum(t - d, tt), torch.zeros_like(v)
+    for i in range(obj.estimate_order):
+        s0 = t_m + (tt - t_m) * i / obj.estimate_order
+        s1 = t_m + (tt - t_m) * (i + 1) / obj.estimate_order
+        rng.restore()
+        with torch.no_grad():
+            Fi = model(x, s0, s1, inp["cond"])
+        x_hat, z_hat = x - s0[:, None] * Fi, x + (1 - s0[:, None]) * Fi
+        x = s1[:, None] * z_hat + (1 - s1[:, None]) * x_hat
+        S += Fi * (s0 - s1)[:, None]
+    gap = (t - tt)[:, None]
+    expected = F - ((gap * F - S) / d - v)
+    assert (got - expected)[rows].abs().max().item() < 1e-3
+
+
 def reference_loss(obj: TwinFlow, model, teacher_fn, batch: Batch) -> torch.Tensor:
     """The SPEC §2 loss the plain way: teacher passes on the whole batch, cond and uncond as separate
     passes, rectify fake and real as separate passes, the real-velocity term on its own pass. Same random

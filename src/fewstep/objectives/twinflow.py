@@ -172,8 +172,9 @@ class TwinFlow(Objective):
     ):
         """``v ← v + w·(f_T(c) − f_T(∅))`` at ``(x_t, t, t)`` on non-adv rows with t in the range:
         cond and uncond are one batched forward from the captured RNG state, or, with ``paired`` (the model
-        has active dropout, :func:`has_active_dropout`), two forwards each from that state, so both draw the
-        same dropout masks (one batched forward would draw different masks for its two halves). Image-free
+        has active dropout, :func:`has_active_dropout`), two forwards each from that state over the whole
+        batch, as the reference runs them, so both draw the student pass's dropout masks row for row (one
+        batched forward, or a subset of the rows, would draw other masks). Image-free
         (SPEC §10), the target on those rows is the teacher's guided velocity itself, ``f_T(∅) + w·(f_T(c) − f_T(∅))``
         (``v = z − x̂`` of a self-generated ``x̂`` carries no data)."""
         t = inp["t"]
@@ -182,7 +183,9 @@ class TwinFlow(Objective):
         run = call_rows(rows) if self.enhanced_ratio != 0 else None
         if run is None:
             return
-        n, kept = int(run.sum()), int(rows.sum())  # kept < n: a stand-in row under FSDP (call_rows)
+        if paired:
+            run = torch.ones_like(rows)
+        n, sel = int(run.sum()), rows[run]  # the rows of ``run`` kept (not a stand-in row under FSDP, call_rows)
         x_t, tr = inp["x_t"][run], t[run]
         if paired:
             outs = []
@@ -205,9 +208,9 @@ class TwinFlow(Objective):
                     cond_cat(cond_select(inp["cond"], run), cond_select(inp["uncond"], run)),
                 )
             )
-        guidance = (self.enhanced_ratio * (out[:n] - out[n:]))[:kept]
+        guidance = (self.enhanced_ratio * (out[:n] - out[n:]))[sel]
         if self.image_free:
-            target[rows] = (out[n:][:kept] + guidance).to(target.dtype)
+            target[rows] = (out[n:][sel] + guidance).to(target.dtype)
         else:
             target[rows] += guidance
 
@@ -227,21 +230,26 @@ class TwinFlow(Objective):
         return total
 
     @torch.no_grad()
-    def rcgm_target(self, teacher_model, F: torch.Tensor, inp: dict, v: torch.Tensor, rng, counter) -> torch.Tensor:
+    def rcgm_target(
+        self, teacher_model, F: torch.Tensor, inp: dict, v: torch.Tensor, rng, counter, paired=False
+    ) -> torch.Tensor:
         """RCGM target ``y = sg(F) − clamp(r, −κ, κ)`` (SPEC §2 steps 1–4) for every row.
 
         Rows with ``t − δ ≤ tt`` have a zero-length rollout (``t_m = tt``), so their integral is
-        exactly 0 and the teacher is not run on them."""
+        exactly 0 and the teacher is not run on them, unless ``paired`` (active dropout): the rollout then
+        runs on the whole batch, as the reference does, so each row draws the student pass's dropout masks."""
         t, tt, delta = inp["t"], inp["tt"], self.delta_t
         F = wide(F.detach())
         integral = torch.zeros_like(F)
         rows = (~inp["masks"]["adv"]) & (t - delta > tt)
         run = call_rows(rows)
         if run is not None:
+            if paired:
+                run = torch.ones_like(rows)
             x_m = inp["x_t"][run] - delta * v[run].to(inp["x_t"].dtype)  # step 1
             t_m = torch.maximum(t[run] - delta, tt[run])
             part = self.rollout_integral(teacher_model, x_m, t_m, tt[run], cond_select(inp["cond"], run), rng, counter)
-            integral[rows] = part[: int(rows.sum())]  # without a stand-in row under FSDP (call_rows)
+            integral[rows] = part[rows[run]]  # without a stand-in row under FSDP (call_rows)
         gap = (t - tt).reshape(-1, *([1] * (F.ndim - 1)))
         far = gap >= delta
         safe_gap = torch.where(gap == 0, torch.ones_like(gap), gap)
@@ -274,12 +282,13 @@ class TwinFlow(Objective):
 
         target = inp["v"].clone()
         teacher_model = teacher.model
-        self.enhance_target(teacher_model, inp, target, rng, counter, paired=has_active_dropout(student))
+        paired = has_active_dropout(student)
+        self.enhance_target(teacher_model, inp, target, rng, counter, paired=paired)
         if self.estimate_order >= 1 and self.consistency_ratio != 0:
             # Image-free runs have a frozen teacher (checked in fewstep.validate); like the reference, whose
             # EMA-1.0 runs roll out the live model, the RCGM rollout then uses the student's current weights.
             rollout_model = student if self.image_free else teacher_model
-            rcgm = self.rcgm_target(rollout_model, F, inp, target, rng, counter)
+            rcgm = self.rcgm_target(rollout_model, F, inp, target, rng, counter, paired=paired)
             non_adv = ~masks["adv"]
             target[non_adv] = rcgm[non_adv]
         after_student.restore()  # teacher passes are RNG-neutral for what follows

@@ -323,8 +323,16 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
             grad_norm = strategy.clip_grad_norm_([p for g in stepping for p in g.params], max_norm)
             finite = bool(torch.isfinite(loss_sum)) and bool(torch.isfinite(grad_norm))
             if finite:
+                if accelerator.scaler is not None and len(stepping) > 1:
+                    # fp16 with several optimizers: each AcceleratedOptimizer.step would run its own scaler.update(),
+                    # after which the next optimizer's (already unscaled) gradients are unscaled again. One update.
+                    for g in stepping:
+                        accelerator.scaler.step(g.optimizer.optimizer)
+                    accelerator.scaler.update()
+                else:
+                    for g in stepping:
+                        g.optimizer.step()
                 for g in stepping:
-                    g.optimizer.step()
                     g.scheduler.step()
                 consecutive_bad = 0
             else:

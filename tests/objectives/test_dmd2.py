@@ -273,3 +273,37 @@ def test_two_process_ddp_runs_the_jvp_and_the_owned_networks(tmp_path, flow_matc
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["steps"] == 4
+
+
+def test_fp16_loss_scaling_leaves_every_stepping_network_unchanged(tmp_path, flow_matching_run, monkeypatch):
+    """fp16 (a GradScaler; accelerate builds one only on a GPU, so one is put in on the CPU here) with a
+    power-of-two scale that does not overflow must train exactly as fp32: scaling and unscaling by 2^10 is exact.
+    DMD2 with the GAN head steps two optimizers at a critic step (fake score, head). Before the fix each
+    AcceleratedOptimizer.step ran its own scaler.update(), so the second optimizer's gradients were unscaled a
+    second time (divided by 2^10 again): after 3 steps the GAN head's weights differed from fp32 by up to 3.5e-3,
+    and through it the generator's by 2.8e-3."""
+    import accelerate
+    from accelerate.state import AcceleratorState
+
+    from fewstep.train import train
+
+    class ScaledAccelerator(accelerate.Accelerator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+
+        def unscale_gradients(self, optimizer=None):  # what accelerate does for native fp16
+            for opt in self._optimizers:
+                self.scaler.unscale_(opt.optimizer)
+
+    base = [*TOY, "objective=dmd2", f"trainer.init_from={flow_matching_run}", "objective.critic_steps=2",
+            "objective.gan=true", "trainer.max_steps=3", "trainer.max_grad_norm=0"]  # fmt: skip
+    train(compose(base), run_dir=tmp_path / "fp32")
+    AcceleratorState._reset_state(True)
+    monkeypatch.setattr(accelerate, "Accelerator", ScaledAccelerator)
+    train(compose(base), run_dir=tmp_path / "scaled")
+    AcceleratorState._reset_state(True)
+    for name in ("model", "network_fake_score", "network_gan_head"):
+        a = load_file(str(final(tmp_path / "fp32") / f"{name}.safetensors"))
+        b = load_file(str(final(tmp_path / "scaled") / f"{name}.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a), name

@@ -241,6 +241,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         start_step, data_position = state["step"], state["data_position"]
         nonfinite_total = state.get("nonfinite_total", 0)
         resumed_window = (state.get("log_window", {}), state.get("log_window_n", 0))
+        if accelerator.scaler is not None and state.get("grad_scaler"):  # fp16: the loss scale reached so far
+            accelerator.scaler.load_state_dict(state["grad_scaler"])
         if main:
             log.info("resumed from %s at step %d", resume_from, start_step)
     if main:
@@ -273,7 +275,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         ckpt_io.save_checkpoint(  # every rank (sharded state is gathered), rank 0 writes
             ckpt_root, step, student, teacher, optimizer, scheduler, data_position,
             extra={"nonfinite_total": nonfinite_total, "log_window": {k: to_float(v) for k, v in window.items()},
-                   "log_window_n": window_n},
+                   "log_window_n": window_n,
+                   **({"grad_scaler": accelerator.scaler.state_dict()} if accelerator.scaler is not None else {})},
             rng_states=rng_states, networks=networks, write=main,
         )  # fmt: skip
         if main:

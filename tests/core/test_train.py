@@ -289,6 +289,35 @@ def test_fp16_overflow_steps_lower_the_loss_scale_instead_of_aborting(tmp_path, 
     assert scalers[0].get_scale() == 2.0**87
 
 
+def test_fp16_resume_restores_the_loss_scale(tmp_path, monkeypatch, fresh_accelerator_state):
+    """The GradScaler's state is part of the resumable state: 3 steps then a resume to 6 equal 6 straight steps
+    (emulated CPU scaler as above: the overflow at step 2 backs the scale off from 2^127 to 2^87). Before the fix
+    the resumed run restarted at 2^127, overflowed again and skipped one more step (2 skipped against 1)."""
+    import accelerate
+    from accelerate.state import AcceleratorState
+
+    class ScaledAccelerator(accelerate.Accelerator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, backoff_factor=2.0**-40)
+
+        def unscale_gradients(self, optimizer=None):
+            for opt in self._optimizers:
+                self.scaler.unscale_(opt.optimizer)
+
+    monkeypatch.setattr(accelerate, "Accelerator", ScaledAccelerator)
+    base = [*TOY, "trainer.max_nonfinite=3", "trainer.checkpoint_every=3", "trainer.lr_schedule=constant"]
+    straight = train(compose([*base, "trainer.max_steps=6"]), run_dir=tmp_path / "straight")
+    AcceleratorState._reset_state(True)
+    train(compose([*base, "trainer.max_steps=3"]), run_dir=tmp_path / "split")
+    AcceleratorState._reset_state(True)
+    resumed = train(compose([*base, "trainer.max_steps=6", "trainer.resume=auto"]), run_dir=tmp_path / "split")
+    assert straight["nonfinite_skipped"] == resumed["nonfinite_skipped"] == 1
+    a = load_file(str(final_ckpt(tmp_path / "straight") / "model.safetensors"))
+    b = load_file(str(final_ckpt(tmp_path / "split") / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_validation_grids_sample_in_eval_mode(tmp_path, monkeypatch):
     """The grids drawn during training (trainer.sample_every) sample the model as final_outputs does, in eval mode:
     with model.dropout=0.5 two calls on the same input agree. Before the fix the student stayed in training mode

@@ -271,6 +271,17 @@ def validate(cfg: DictConfig) -> DictConfig:
             raise ConfigError(f"objective.enhanced_range={list(obj.enhanced_range)} must satisfy 0 <= lo < hi <= 1")
         if len(obj.time_dist) != 3:
             raise ConfigError(f"objective.time_dist={list(obj.time_dist)} must be [a, b, c] for t ~ Beta(a, b)*c")
+        a, b, c = obj.time_dist
+        if not (a > 0 and b > 0 and 0 < c <= 1):
+            raise ConfigError(
+                f"objective.time_dist={list(obj.time_dist)} must have a, b > 0 and 0 < c <= 1 "
+                "(t ~ Beta(a, b)*c must stay in [0, 1]; [1, 1, 1] is the default)"
+            )
+        if not 0.0 <= obj.consistency_ratio <= 1.0:
+            raise ConfigError(
+                f"objective.consistency_ratio={obj.consistency_ratio} must lie in [0, 1] "
+                "(tt = t - u*r*t must stay in [0, t]; 1.0 is the default)"
+            )
         if obj.get("image_free", False):
             check_image_free(cfg)
         active = sum(1 for k, v in probs.items() if v > 0 and (k != "adv" or obj.adversarial))

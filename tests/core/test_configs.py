@@ -70,6 +70,11 @@ RANGE_CHECKS = [
     (["objective.enhanced_range=[-0.1,0.5]"], "objective.enhanced_range=[-0.1, 0.5]", "0 <= lo < hi <= 1"),
     (["objective.enhanced_range=[0.2,1.5]"], "objective.enhanced_range=[0.2, 1.5]", "0 <= lo < hi <= 1"),
     (["objective.time_dist=[1.0,1.0]"], "objective.time_dist=[1.0, 1.0]", "must be [a, b, c]"),
+    # t > 1 (past pure noise) and tt < 0 (a negative, i.e. fake-trajectory, target time on real rows) before
+    (["objective.time_dist=[1.0,1.0,1.5]"], "objective.time_dist=[1.0, 1.0, 1.5]", "a, b > 0 and 0 < c <= 1"),
+    (["objective.time_dist=[0.0,1.0,1.0]"], "objective.time_dist=[0.0, 1.0, 1.0]", "a, b > 0 and 0 < c <= 1"),
+    (["objective.consistency_ratio=2.0"], "objective.consistency_ratio=2.0", "must lie in [0, 1]"),
+    (["objective.consistency_ratio=-0.5"], "objective.consistency_ratio=-0.5", "must lie in [0, 1]"),
     (["objective.cond_dropout=1.0"], "objective.cond_dropout=1.0", "must lie in [0, 1)"),
     (["objective=flow_matching", "objective.cond_dropout=-0.1"], "objective.cond_dropout=-0.1", "must lie in [0, 1)"),
     (["model.prediction_type=x0"], "model.prediction_type='x0'", "is unknown"),

@@ -189,6 +189,19 @@ def _swap_or_set(original):
     return swap
 
 
+def _deepcopy_fake(self, memo):
+    """``copy.deepcopy`` of a fake tensor as a clone in the running fake mode. (torch's own copies the storage
+    outside the mode, and the copy's views then get storages of their own: a reshaped deep-copied table would be
+    counted twice.)"""
+    if id(self) in memo:
+        return memo[id(self)]
+    with torch.no_grad():
+        new = self.clone()
+    new.requires_grad_(self.requires_grad)
+    memo[id(self)] = new
+    return new
+
+
 @contextlib.contextmanager
 def fake_execution(fake: bool = True):
     """The context an estimate runs in: FakeTensorMode with :class:`StepMemory` under it; distributions do
@@ -204,10 +217,16 @@ def fake_execution(fake: bool = True):
     swap = torch.utils.swap_tensors
     Distribution.set_default_validate_args(False)
     torch.utils.swap_tensors = _swap_or_set(swap)
+    own_deepcopy = FakeTensor.__dict__.get("__deepcopy__")
+    FakeTensor.__deepcopy__ = _deepcopy_fake
     try:
         with FakeTensorMode(allow_non_fake_inputs=True) as fake_mode, StepMemory(fake_mode) as memory:
             yield memory
     finally:
+        if own_deepcopy is None:
+            del FakeTensor.__deepcopy__
+        else:
+            FakeTensor.__deepcopy__ = own_deepcopy
         torch.utils.swap_tensors = swap
         Distribution.set_default_validate_args(validate)
 

@@ -4,10 +4,12 @@ error; the bench reports it as a table."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from fewstep.bench import collect, main
 from fewstep.errors import FewstepError
@@ -73,6 +75,20 @@ def test_the_count_follows_allocations_and_frees_in_blocks():
         del view
         assert memory.live - start == 512 and memory.peak - start == 4096 + 512
         del b
+
+
+def test_a_deep_copied_table_and_its_views_are_counted_once():
+    """DMD2 and the EMA teacher deep-copy modules: the copy's buffer is one storage, a reshape of it a view."""
+    with fake_execution() as memory:
+        module = torch.nn.Module()
+        module.register_buffer("table", torch.zeros(1, 4096, 64), persistent=False)  # 1 MiB
+        memory.rebase()
+        start = memory.live
+        clone = copy.deepcopy(module)
+        assert memory.live - start == 2**20
+        view = clone.table.reshape(1, 64, 64, 64)
+        assert memory.live - start == 2**20 and view._base is clone.table
+    assert "__deepcopy__" not in FakeTensor.__dict__  # restored once the estimate is done
 
 
 @pytest.mark.slow  # a subprocess per variant

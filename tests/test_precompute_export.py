@@ -183,7 +183,7 @@ def test_latent_data_buckets_resume_and_ranks(cache):
         assert torch.equal(got.x, expected.x) and torch.equal(got.cond["prompt_embeds"], expected.cond["prompt_embeds"])
     r0, r1 = next(data.batches(7, 0, rank=0, world=2)), next(data.batches(7, 0, rank=1, world=2))
     assert r0.x.shape[0] == r1.x.shape[0] == 2 and r0.x.shape == r1.x.shape and not torch.equal(r0.x, r1.x)
-    with pytest.raises(ValueError, match="lower data.batch_size"):
+    with pytest.raises(LatentCacheError, match="lower data.batch_size"):  # a FewstepError: `error:` line, exit 2
         next(LatentData(str(cache), batch_size=5).batches(0))
     grid = data.grid_conds(6)
     assert torch.equal(grid["prompt_embeds"][4], data.validation["prompt_embeds"][0])  # 4 prompts, cycled

@@ -224,7 +224,7 @@ class LatentData:
         per_epoch = sum(n // global_batch for n in sizes.values())
         if per_epoch == 0:
             biggest = max(sizes.values())
-            raise ValueError(
+            raise LatentCacheError(
                 f"data.batch_size={self.batch_size} x {world} processes exceeds the largest resolution bucket "
                 f"({biggest} of {len(self)} cached samples); lower data.batch_size or cache more images"
             )

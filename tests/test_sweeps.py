@@ -137,6 +137,7 @@ def digits_summary(fd: float, acc: float = 0.9) -> dict:
         "wall_time_s": 3.0,
         "steps_per_s": 10.0,
         "peak_memory_mb": 100.0,
+        "nfe/per_step": 3.0,
         "loss": 1.2,
         "eval": {"nfe_1": metrics, "nfe_2": {**metrics, "fd": fd / 2}, "euler_50": {**metrics, "fd": 1.0}},
     }
@@ -159,6 +160,9 @@ def test_report_on_a_grid_with_failed_runs(tmp_path):
     assert out["params"] == ["objective.delta_t", "objective.enhanced_ratio"]
     assert out["headline"] == "nfe_1/fd" and out["runs"] == 5 and out["failed"] == 2
     rows = csv_rows(tmp_path / "report.csv")
+    with open(tmp_path / "report.csv") as f:
+        header = next(csv.reader(f))
+    assert len(header) == len(set(header)) and header.count("nfe/per_step") == 1  # no column twice
     assert [r["status"] for r in rows] == ["ok", "ok", "ok", "failed", "failed"]
     assert [float(r["nfe_1/fd"]) for r in rows[:3]] == [30.0, 20.0, 25.0]
     assert float(rows[1]["nfe_2/fd"]) == 10.0 and float(rows[0]["euler_50/fd"]) == 1.0

@@ -211,7 +211,8 @@ def collect(root: Path) -> tuple[list[Run], list[str]]:
 
 
 def metric_columns(runs: list[Run]) -> list[str]:
-    cols = {c for run in runs for c in run.values if "/" in c}
+    # every "<method>/<metric>" value but the base columns (nfe/per_step has a "/" too)
+    cols = {c for run in runs for c in run.values if "/" in c and c not in BASE_COLUMNS}
     return sorted(cols, key=lambda c: (_method_order(c.split("/")[0]), _metric_order(c.split("/", 1)[1])))
 
 

@@ -339,8 +339,8 @@ class Diff2FlowConfig:
 
 @dataclass
 class LaunchConfig:
-    """How a run is meant to be launched (the paper rows, ``experiment=table6/...``). Read by the docs, the tests
-    and a start-up warning; the loop itself takes its process count from Accelerate."""
+    """How a run is meant to be launched (the paper rows, ``experiment=table6/...``). Read by the docs and the
+    tests only (no start-up check or warning); the loop itself takes its process count from Accelerate."""
 
     num_processes: int = 1  # processes / GPUs: accelerate launch --num_processes N
     distributed: str = "ddp"  # ddp | fsdp: documents the row; the run's strategy is trainer.distributed

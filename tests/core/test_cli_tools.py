@@ -66,6 +66,19 @@ def test_missing_run_dir_names_the_problem(tmp_path):
         main([f"run_dir={tmp_path}"])
 
 
+def test_eval_on_data_without_an_evaluator_is_one_error_line(tmp_path, monkeypatch):
+    """A latent-cache run has no evaluator: `error: ...` (run_cli: exit 2) naming fewstep.sample, no bare text."""
+    import types
+
+    import fewstep.eval.__main__ as eval_cli
+
+    monkeypatch.setattr(eval_cli, "load_run", lambda *a, **k: types.SimpleNamespace(data=object()))
+    with pytest.raises(SystemExit) as err:
+        eval_cli.main([f"run_dir={tmp_path}"])
+    text = str(err.value.code)
+    assert text.startswith("error: ") and "\n" not in text and "python -m fewstep.sample" in text
+
+
 @pytest.mark.slow
 def test_eval_with_sampler_overrides_scores_the_same_weights_under_another_sampler(digits_run, tmp_path):
     from fewstep.eval.__main__ import main

@@ -42,7 +42,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_kv([a for a in argv if not a.startswith("sampler.")], DEFAULTS, USAGE)
     run = load_run(args.run_dir, device=args.device, checkpoint=args.checkpoint, command="eval")
     if not hasattr(run.data, "evaluator"):
-        raise SystemExit(f"data {type(run.data).__name__} has no evaluator; see fewstep.eval.features for a hook")
+        raise SystemExit(
+            f"error: run_dir={args.run_dir} trains on {type(run.data).__name__}, which has no quality evaluator "
+            "(fewstep.eval scores digits and toy2d runs); for its grids use python -m fewstep.sample "
+            f"run_dir={args.run_dir}, or add an evaluator (see fewstep.eval.features)"
+        )
     sampler_cfg = OmegaConf.merge(run.cfg.sampler, OmegaConf.from_dotlist(sampler_overrides))
     sampler = run.sampler if not sampler_overrides else _sampler(sampler_cfg)
     path = Path(args.out) if args.out else run.run_dir / "eval.json"

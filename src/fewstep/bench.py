@@ -83,6 +83,13 @@ def compose(overrides: list[str]):
     return compose_config(overrides)
 
 
+def apply_threads(cfg) -> None:
+    """``trainer.torch_threads`` (given in ``overrides=[...]``) as the training loop applies it: 0 keeps torch's
+    default. Without this the bench timed at torch's default thread count whatever the overrides said."""
+    if cfg.trainer.torch_threads > 0:
+        torch.set_num_threads(cfg.trainer.torch_threads)
+
+
 class StepRunner:
     """One objective's full optimizer step on a fixed model/data configuration. ``evals`` records every
     step's network evaluations (forward rows / batch)."""
@@ -93,6 +100,7 @@ class StepRunner:
         from fewstep.train import build_components, make_optimizer
 
         cfg = compose(overrides)
+        apply_threads(cfg)
         torch.manual_seed(0)
         self.data, self.objective, self.model, self.teacher, self.sampler = build_components(cfg, device=device)
         self.objective.setup(self.model, self.data)  # networks an objective owns (DMD2's fake score), as the loop
@@ -654,6 +662,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    apply_threads(compose(base_overrides(args)))  # before "threads" is recorded; each runner applies it too
     result = {
         "command": " ".join(["python -m fewstep.bench", *(sys.argv[1:] if argv is None else argv)]),
         "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),

@@ -178,6 +178,20 @@ def test_evals_per_step_is_the_mean_over_the_timed_steps():
 
 
 @pytest.mark.slow
+def test_trainer_torch_threads_in_the_overrides_sets_the_thread_count():
+    """overrides=[trainer.torch_threads=1] times at one thread, as a training run with it does."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        StepRunner([*TOY, *VARIANTS["flow_matching"], "trainer.torch_threads=1"], CPU, "no")
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        StepRunner([*TOY, *VARIANTS["flow_matching"]], CPU, "no")  # 0 (default): left as it was
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_timing_leaves_no_runner_alive():
     """Nothing built for the timing survives it (the loop variable of the old code kept the last runner,
     its model, AdamW state and EMA resident during the CUDA memory measurement)."""

@@ -451,6 +451,18 @@ def test_export_arguments_fail_in_one_line(tmp_path):
     assert "no .hydra/config.yaml" in str(err.value)
 
 
+def test_export_of_a_non_diffusers_run_names_every_exportable_family(tmp_path):
+    from fewstep.export import main as export_main
+
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text("model:\n  _target_: fewstep.models.tiny.TinyMLP\n")
+    with pytest.raises(SystemExit) as err:
+        export_main([f"run_dir={tmp_path}", f"out={tmp_path / 'o'}"])
+    assert str(err.value).startswith("error: ") and "fewstep.sample" in str(err.value)
+    for family in ("sd35", "sana", "qwenimage", "openuni"):
+        assert family in str(err.value), family
+
+
 def save_tiny_sd15_pipeline(folder):
     """A tiny offline ``StableDiffusionPipeline`` (CLIP text encoder, epsilon UNet, one-level VAE), saved."""
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline

@@ -136,7 +136,8 @@ def load_run_model(run_dir: Path, checkpoint: str | None, weights: str):
     if not (isinstance(model_class, type) and issubclass(model_class, DiffusersFamilyModel)):
         raise ExportError(
             f"run_dir={run_dir} trained {cfg.model.get('_target_')}; fewstep.export writes diffusers pipelines of "
-            "the transformer families (model=sd35, sana, qwenimage and their _lora); use fewstep.sample for others"
+            "the transformer families (model=sd35, sana, qwenimage, openuni and their _lora); "
+            "use fewstep.sample for others"
         )
     if checkpoint:
         ckpt = Path(checkpoint)

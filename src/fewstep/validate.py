@@ -553,6 +553,11 @@ def check_overrides(argv: list[str]) -> str | None:
         return f"cannot parse the overrides: {str(err).splitlines()[0]} (Hydra syntax: key=value, lists as [a,b])"
     except ConfigCompositionException as err:
         cause, text = err.__cause__, str(err).splitlines()[0]
+        if text.startswith("Multiple values for "):  # `+experiment=X`: the group already has a defaults slot
+            group = text.removeprefix("Multiple values for ").split(".")[0].strip()
+            plus = next((o for o in overrides if o.startswith("+") and o.lstrip("+").partition("=")[0] == group), None)
+            if plus is not None:
+                return f"{plus}: {group} already has a slot in the defaults; drop the '+': {plus.lstrip('+')}"
         bad = next((o for o in overrides if f"'{o.partition('=')[0]}'" in text or text.endswith(f" {o}")), None)
         if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and bad is not None:
             try:  # the same override forced in with '+': check_known_keys then names the closest valid key

@@ -186,6 +186,8 @@ def test_cli_prints_user_errors_as_one_line(tmp_path):
         (["objective=flow_matching", "objective.delta_t=0.1"], "unknown config key objective.delta_t"),
         (["data.path=/cache"], "unknown config key data.path (data.path belongs to data=latents)"),
         (["objective.critic_steps=3"], "(objective.critic_steps belongs to objective=dmd2)"),
+        (["+experiment=sweep/toy2d_smoke"], "drop the '+': experiment=sweep/toy2d_smoke"),
+        (["+model=tiny_toy"], "+model=tiny_toy: model already has a slot in the defaults; drop the '+'"),
     ],
 )
 def test_cli_overrides_are_checked_before_hydra_runs(argv, message):

@@ -253,6 +253,8 @@ def test_sweep_preset_reports_itself_with_a_failed_point(tmp_path):
     assert float(rows[0]["nfe_1/swd"]) > 0 and rows[1]["nfe_1/swd"] == ""
     assert (sweep / "line_nfe_1_swd.png").exists() and not list(sweep.glob("heatmap_*"))
     assert "Failed or unfinished (no summary.json): 1" in (sweep / "report.md").read_text()
+    # the report says "See each run's `__main__.log`": the failed point's log holds the error
+    assert "objective.delta_t=0.9 must lie in (0, 0.5]" in (sweep / "1" / "__main__.log").read_text()
 
 
 @pytest.mark.slow

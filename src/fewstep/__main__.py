@@ -46,6 +46,10 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         from hydra.types import RunMode
 
         found = user_error(err)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:  # into the point's __main__.log, where the report points
+            import logging
+
+            logging.getLogger(__name__).error("run failed: %s", found or err, exc_info=found is None)
         if found is None or HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # a bug keeps its traceback; a sweep records the failed point (its report shows it) and goes on
         print(f"error: {found}", file=sys.stderr)

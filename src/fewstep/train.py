@@ -235,9 +235,15 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     start_step, data_position, nonfinite_total = 0, 0, 0
     resumed_window: tuple[dict, int] = ({}, 0)  # the metrics window open at the checkpoint (sums, steps)
     if resume_from is not None:
-        state = ckpt_io.load_checkpoint(
-            resume_from, student, teacher, optimizer, scheduler, rank=accelerator.process_index, networks=networks
-        )
+        try:
+            state = ckpt_io.load_checkpoint(
+                resume_from, student, teacher, optimizer, scheduler, rank=accelerator.process_index, networks=networks
+            )
+        except ckpt_io.CheckpointError as err:  # e.g. an old run dir reused with another model or objective
+            raise ckpt_io.CheckpointError(
+                f"{err} (trainer.resume={tr.resume} found it; to train this config from scratch give another "
+                "hydra.run.dir or trainer.resume=none; to start from that run's weights only, trainer.init_from=RUN)"
+            ) from None
         start_step, data_position = state["step"], state["data_position"]
         nonfinite_total = state.get("nonfinite_total", 0)
         resumed_window = (state.get("log_window", {}), state.get("log_window_n", 0))

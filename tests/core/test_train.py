@@ -49,6 +49,20 @@ def test_cli_toy2d_writes_the_output_contract(tmp_path):
     assert (run / "trajectory.png").exists()
 
 
+def test_resuming_a_run_dir_of_another_objective_names_the_ways_out(tmp_path):
+    """A run dir reused with another objective (trainer.resume=auto finds the old checkpoint): the one-line error
+    says how to start fresh or take only the weights, not only to resume with the old config."""
+    from fewstep.checkpoint import CheckpointError
+
+    run = tmp_path / "run"
+    train(compose([*TOY, "objective=flow_matching", "trainer.max_steps=2", "trainer.checkpoint_every=2"]), run_dir=run)
+    with pytest.raises(CheckpointError) as err:
+        train(compose([*TOY, "trainer.max_steps=4", "trainer.resume=auto"]), run_dir=run)
+    text = str(err.value)
+    assert "does not match the model" in text and "trainer.resume=none" in text and "trainer.init_from=" in text
+    assert "\n" not in text
+
+
 def test_resume_is_bit_identical(tmp_path):
     base = [*TOY, "trainer.checkpoint_every=8", "trainer.log_every=4", "objective.enhanced_ratio=0.5"]
     base.append("trainer.lr_schedule=constant")  # a cosine schedule depends on max_steps, which differs here

@@ -247,6 +247,13 @@ def validate(cfg: DictConfig) -> DictConfig:
     check_distributed(cfg, kind)  # config only: before the objective's and the model's own checks
     if kind in ("meanflow", "scm"):
         check_jvp_objective(obj, kind)
+    if kind == "scm" and cfg.model.get("time_scale", 1.0) != 1.0:  # the tiny nets' time features (default 1000)
+        warnings.warn(
+            f"objective=scm with model.time_scale={cfg.model.time_scale}: dF/dt scales with it and sCM's tangent "
+            "explodes once the warm-up ramps in (measured on digits: 1-NFE FD 171 vs 2.55 with 1); "
+            "pass model.time_scale=1 (docs/objectives.md)",
+            stacklevel=2,
+        )
     if kind == "dmd2":
         check_dmd2(cfg)
     if kind == "twinflow":

@@ -137,6 +137,17 @@ def test_small_batch_is_handled_with_a_warning():
         validate(compose(["data.batch_size=3"]))
 
 
+def test_scm_on_the_tiny_nets_warns_unless_time_scale_is_1():
+    import warnings
+
+    with pytest.warns(UserWarning, match="pass model.time_scale=1"):
+        validate(compose(["objective=scm"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        validate(compose(["objective=scm", "model.time_scale=1"]))
+        validate(compose(["objective=meanflow"]))  # MeanFlow is fine at 1000
+
+
 def test_flow_matching_leaves_the_model_vanilla():
     from fewstep.train import build_components
 

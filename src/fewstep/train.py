@@ -432,6 +432,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         summary["eval"] = results
     if main:
         last = _last_metrics(run_dir)
+        if window_n > 0:  # stopped between log steps (time limit, signal): the final terms are the open window's
+            last = {k: to_float(v) / window_n for k, v in window.items()}
         summary.update({k: last[k] for k in last if k.startswith(("loss", "nfe/"))})
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         writer.finish(summary)

@@ -63,6 +63,16 @@ def test_resuming_a_run_dir_of_another_objective_names_the_ways_out(tmp_path):
     assert "\n" not in text
 
 
+def test_a_time_limited_run_reports_its_final_loss_between_log_steps(tmp_path):
+    """Stopped by trainer.time_limit_s before any log step: summary.json still has the loss terms and nfe/*
+    (of the steps since the last row), so the sweep report's final-loss and evals/step cells are not blank."""
+    run = tmp_path / "run"
+    args = [*TOY, "trainer.log_every=100000", "trainer.max_steps=100000", "trainer.time_limit_s=0.5"]
+    summary = train(compose([*args, "trainer.final_nfe=[]"]), run_dir=run)
+    assert 0 < summary["steps"] < 100000 and not (run / "metrics.jsonl").exists()  # no metrics row was written
+    assert math.isfinite(summary["loss"]) and summary["loss/main"] > 0 and summary["nfe/per_step"] > 1
+
+
 def test_resume_is_bit_identical(tmp_path):
     base = [*TOY, "trainer.checkpoint_every=8", "trainer.log_every=4", "objective.enhanced_ratio=0.5"]
     base.append("trainer.lr_schedule=constant")  # a cosine schedule depends on max_steps, which differs here

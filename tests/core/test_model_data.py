@@ -97,6 +97,19 @@ def test_latent_data_on_a_pixel_model_names_a_diffusers_family(tmp_path):
     assert f"`{PRECOMPUTE}WEIGHTS images=DIR out=CACHE`" in message
 
 
+def test_a_relative_path_that_does_not_exist_is_named_as_neither_folder_nor_cached_hub_id(monkeypatch):
+    """`model.pretrained=tiny/nope` (a typo of a local folder, or a hub id): without network the message says it is
+    neither a local folder nor in the hub cache, not only that the hub is unreachable."""
+    from huggingface_hub import constants
+
+    import fewstep.models.pretrained_config as pc
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(pc, "_hub_reachable", lambda endpoint: False)
+    with pytest.raises(OSError, match="tiny-nobody/nope is neither a local folder nor cached"):
+        pc._read_hub_config("tiny-nobody/nope", "transformer", None)
+
+
 def test_missing_cache_and_missing_weights_are_named_together(tmp_path):
     with pytest.raises(ConfigError) as err:
         validate(compose(["model=sd35", f"model.pretrained={tmp_path}/nope", "data=latents"]))

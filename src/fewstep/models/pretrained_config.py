@@ -36,7 +36,10 @@ def _read_hub_config(repo: str, subfolder: str | None, revision: str | None) -> 
     if isinstance(cached, str):
         return json.loads(Path(cached).read_text())
     if not constants.HF_HUB_OFFLINE and not _hub_reachable(constants.ENDPOINT):
-        raise OSError(f"{constants.ENDPOINT} is unreachable from here (no network) and {repo} is not cached")
+        raise OSError(
+            f"{constants.ENDPOINT} is unreachable from here (no network) and {repo} "
+            "is neither a local folder nor cached"
+        )
 
     class ComponentConfig(ConfigMixin):  # reads any component's config.json
         config_name = "config.json"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,3 +112,26 @@ def test_bench_estimate_memory_writes_an_estimated_table_and_collect_keeps_it(tm
     merged = json.loads((tmp_path / "table.json").read_text())
     assert [r["objective"] for r in merged["rows"]] == ["flow_matching", "twinflow"]
     assert "| est | twinflow |" in (tmp_path / "table.md").read_text()
+
+
+def test_estimate_vs_measured_matches_rows_on_config_and_objective(tmp_path, capsys):
+    import runpy
+
+    script = runpy.run_path(str(Path(__file__).parents[2] / "scripts" / "estimate_vs_measured.py"))
+    config = "model=sd35_lora data=synthetic batch=4 precision=bf16"
+    measured = {"device": "GPU X", "rows": [
+        {"run": "a", "config": config, "objective": "flow_matching", "peak_memory_mb": 9000.0},
+        {"run": "a", "config": config, "objective": "dmd2", "oom": True},
+        {"run": "b", "config": "other", "objective": "flow_matching", "peak_memory_mb": 1.0},
+    ]}  # fmt: skip
+    (tmp_path / "m.json").write_text(json.dumps(measured))
+    est = tmp_path / "est"
+    est.mkdir()
+    (est / "bench.json").write_text(json.dumps({"config": config, "objectives": {
+        "flow_matching": {"peak_memory_mb": 8550.0}, "dmd2": {"peak_memory_mb": 9100.0},
+    }}))  # fmt: skip
+    rows = script["rows"](tmp_path / "m.json", [est])
+    assert rows == [{"config": config, "objective": "flow_matching", "measured_gib": 9000 / 1024,
+                     "estimated_gib": 8550 / 1024, "ratio": 0.95}]  # fmt: skip
+    script["main"]([str(tmp_path / "m.json"), str(est)])
+    assert "| flow_matching | 8.79 | 8.35 | 0.950 |" in capsys.readouterr().out

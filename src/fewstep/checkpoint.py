@@ -153,9 +153,10 @@ def save_checkpoint(
             optim.setdefault("networks", {})[name] = net_optim
             if average is not None:
                 avg = average.state_dict()
-                shadow = avg.pop("shadow")
-                if shadow is not None:
-                    folder.put(f"network_{name}_ema.safetensors", gathered(shadow, keep=write))
+                for key in [k for k, v in avg.items() if isinstance(v, dict) or v is None]:
+                    tensors = avg.pop(key)
+                    if tensors is not None:  # network_<name>_ema.safetensors, network_<name>_ema_<key>.safetensors
+                        folder.put(network_ema_file(name, key), gathered(tensors, keep=write))
                 net_states[name] = {k: v for k, v in avg.items() if not isinstance(v, dict)}
         folder.put("optim.pt", obj=optim)
         folder.put("rng.pt", obj={"ranks": rng_states or [rng_state()]})
@@ -273,6 +274,11 @@ def clean_stale(ckpt_root: Path) -> None:
                 except (CheckpointError, OSError):
                     pass
         shutil.rmtree(p, ignore_errors=True)
+
+
+def network_ema_file(name: str, key: str) -> str:
+    """The file of the entry ``key`` (a weight average or its low bits) of the objective network ``name``'s EMA."""
+    return f"network_{name}_ema.safetensors" if key == "shadow" else f"network_{name}_ema_{key}.safetensors"
 
 
 def teacher_file(key: str) -> str:
@@ -424,10 +430,12 @@ def load_checkpoint(
                 )
             _load_module(path, module, ckpt, what=f"the objective's network {name!r}")
             if average is not None:
-                ema_path = ckpt / f"network_{name}_ema.safetensors"
+                keys = [k for k, v in average.state_dict().items() if isinstance(v, dict) or v is None]
                 with contextlib.ExitStack() as files:
-                    shadow = files.enter_context(_tensors(ema_path, is_sharded(module))) if ema_path.exists() else None
-                    average.load_state_dict({**state["networks"][name], "shadow": shadow})
+                    paths = {key: ckpt / network_ema_file(name, key) for key in keys}
+                    tensors = {key: files.enter_context(_tensors(path, is_sharded(module))) if path.exists() else None
+                               for key, path in paths.items()}  # fmt: skip
+                    average.load_state_dict({**state["networks"][name], **tensors})
             if net_opt is not None:
                 opt = opt or _load_optim(ckpt, net_opt)
                 load_optimizer_state(net_opt, opt["networks"][name]["optimizer"])

@@ -3,7 +3,8 @@ Qwen-Image TwinFlow model from ``PRETRAINED`` under :class:`fewstep.distributed.
 pass and one AdamW step, and saves what the test compares to ``OUT/rank{r}.pt``. ``MODE``: ``rank0`` builds inside
 ``Sharded.building`` (only rank 0 reads the weights), ``every`` as before it (every rank reads them). Every call of
 ``safetensors.torch.load_file`` (diffusers' weight reader) is recorded. ``resume`` (:func:`resume`): checkpoint a
-sharded model, EMA teacher and AdamW after one step, load it into fresh ones and record what each rank read."""
+sharded model, EMA teacher and AdamW after one step, load it into fresh ones and record what each rank read;
+``resume_bf16`` the same with bfloat16 weights, an EMA of decay 0.9 and three steps (the EMA's low bits)."""
 
 from __future__ import annotations
 
@@ -59,11 +60,11 @@ class _Counted:
         return tensor
 
 
-def resume(pretrained: str, out: str) -> None:
+def resume(pretrained: str, out: str, dtype: str = "float32", steps: int = 1, decay: float = 0.5) -> None:
     """Rank ``r`` saves ``OUT/rank{r}.pt``: ``read`` (bytes read from each safetensors file by ``load_checkpoint``),
     ``whole_reads`` (files read whole), ``optim_mmap`` (how ``optim.pt`` was opened), ``local`` (the bytes of this
-    rank's shards of the trainable parameters), the gathered ``saved`` and ``restored`` weights, EMA and AdamW
-    moments."""
+    rank's shards of the trainable parameters), the gathered ``saved`` and ``restored`` weights, EMA (and its low
+    bits, bfloat16) and AdamW moments, and ``history``: the gathered trainable weights after each step."""
     import fewstep.checkpoint as ckpt_io
     from fewstep.distributed import Sharded, full_optimizer_state, gathered
     from fewstep.models.qwenimage import QwenImageModel
@@ -74,9 +75,9 @@ def resume(pretrained: str, out: str) -> None:
 
     def build():
         with strategy.building():
-            model = QwenImageModel(pretrained=pretrained, time_pair=True, data_shape=[4, 6, 4])
+            model = QwenImageModel(pretrained=pretrained, time_pair=True, data_shape=[4, 6, 4], dtype=dtype)
         strategy.place(model)
-        teacher = EMATeacher(decay=0.5)
+        teacher = EMATeacher(decay=decay)
         teacher.bind(model)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
         return model, teacher, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
@@ -84,14 +85,19 @@ def resume(pretrained: str, out: str) -> None:
     def snapshot(model, teacher, optimizer):
         moments = full_optimizer_state(optimizer)["state"]
         return {"model": gathered(model.state_dict()), "ema": gathered(teacher.shadow),
+                "ema_low": gathered(teacher.shadow_low),
                 "moments": {(i, k): v for i, e in moments.items() for k, v in e.items()}}  # fmt: skip
 
     model, teacher, optimizer, scheduler = build()
     x, t, tt, cond = inputs()
-    model(x, t, tt, cond).square().mean().backward()
-    optimizer.step()
-    teacher.update(model, 1)
-    folder = ckpt_io.save_checkpoint(Path(out) / "ckpt", 1, model, teacher, optimizer, scheduler, 0,
+    history = []
+    for step in range(1, steps + 1):
+        model(x, t, tt, cond).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        history.append(gathered({k: p for k, p in model.named_parameters() if p.requires_grad}))
+        teacher.update(model, step)
+    folder = ckpt_io.save_checkpoint(Path(out) / "ckpt", steps, model, teacher, optimizer, scheduler, 0,
                                      write=rank == 0)  # fmt: skip
     saved = snapshot(model, teacher, optimizer)
     dist.barrier()
@@ -113,15 +119,15 @@ def resume(pretrained: str, out: str) -> None:
     local = {k: p.to_local().numel() * p.element_size() for k, p in model.named_parameters() if p.requires_grad}
     torch.save(
         {"read": {k: sum(v) for k, v in read.items()}, "whole_reads": whole_reads, "optim_mmap": optim_mmap,
-         "local": local, "saved": saved, "restored": snapshot(model, teacher, optimizer)},
+         "local": local, "saved": saved, "restored": snapshot(model, teacher, optimizer), "history": history},
         Path(out) / f"rank{rank}.pt",
     )  # fmt: skip
 
 
 def main(pretrained: str, out: str, mode: str) -> None:
     dist.init_process_group("gloo")
-    if mode == "resume":
-        resume(pretrained, out)
+    if mode in ("resume", "resume_bf16"):
+        resume(pretrained, out, *(("bfloat16", 3, 0.9) if mode == "resume_bf16" else ()))
         dist.destroy_process_group()
         return
     rank = dist.get_rank()

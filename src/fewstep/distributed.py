@@ -46,8 +46,19 @@ def is_sharded(module: nn.Module) -> bool:
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor: a shard is all-gathered (a collective: every rank must call it, in the same order)."""
-    return t.full_tensor() if is_shard(t) else t
+    """The whole tensor: a shard is all-gathered (a collective: every rank must call it, in the same order). gloo and
+    NCCL gather no int16, so an int16 shard (the bf16 EMA's low bits, ``fewstep.teachers.base``) travels as the
+    same 16 bits typed bfloat16."""
+    if not is_shard(t):
+        return t
+    if t.dtype != torch.int16:
+        return t.full_tensor()
+    from torch.distributed.tensor import DTensor
+
+    bits = DTensor.from_local(
+        t.to_local().view(torch.bfloat16), t.device_mesh, t.placements, shape=t.shape, stride=t.stride()
+    )
+    return bits.full_tensor().view(torch.int16)
 
 
 def local_index(like: torch.Tensor) -> tuple[slice, ...]:

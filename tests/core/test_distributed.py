@@ -148,6 +148,16 @@ def test_meanflow_with_grad_accumulation_under_two_process_fsdp_equals_ddp(tmp_p
     assert max((start[i]["exp_avg_sq"] - other[i]["exp_avg_sq"]).abs().max().item() for i in start) < 1e-6
 
 
+def run_load_worker(pretrained, out, mode):
+    """Run tests/fsdp_load_worker.py ``mode`` in 2 gloo processes; what each rank saved (rank order)."""
+    worker = Path(__file__).resolve().parents[1] / "fsdp_load_worker.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
+           str(pretrained), str(out), mode]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=out, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
 @pytest.mark.slow
 def test_under_fsdp_only_rank_0_reads_the_pretrained_weights_and_every_rank_gets_them_exactly(tmp_path):
     """2 gloo processes (tests/fsdp_load_worker.py) build a tiny Qwen-Image TwinFlow model from a saved pipeline and
@@ -161,16 +171,10 @@ def test_under_fsdp_only_rank_0_reads_the_pretrained_weights_and_every_rank_gets
     from tiny_families import save_tiny_pipeline
 
     pretrained = save_tiny_pipeline("qwenimage", tmp_path / "pipe")
-    worker = Path(__file__).resolve().parents[1] / "fsdp_load_worker.py"
     runs = {}
     for mode in ("rank0", "every"):
-        out = tmp_path / mode
-        out.mkdir()
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
-               str(pretrained), str(out), mode]  # fmt: skip
-        proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        runs[mode] = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+        (tmp_path / mode).mkdir()
+        runs[mode] = run_load_worker(pretrained, tmp_path / mode, mode)
     single = QwenImageModel(pretrained=str(pretrained), time_pair=True, data_shape=[4, 6, 4])
     x, t, tt, cond = inputs()
     with torch.no_grad():
@@ -206,12 +210,7 @@ def test_resuming_under_fsdp_each_rank_reads_only_its_slices_and_restores_exactl
     from tiny_families import save_tiny_pipeline
 
     pretrained = save_tiny_pipeline("qwenimage", tmp_path / "pipe")
-    worker = Path(__file__).resolve().parents[1] / "fsdp_load_worker.py"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
-           str(pretrained), str(tmp_path), "resume"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    ranks = run_load_worker(pretrained, tmp_path, "resume")
     ckpt = tmp_path / "ckpt" / "step_0000001"
     size = {name: sum(v.numel() * v.element_size() for v in load_file(str(ckpt / name)).values())
             for name in ("model.safetensors", "teacher.safetensors")}  # fmt: skip
@@ -227,3 +226,32 @@ def test_resuming_under_fsdp_each_rank_reads_only_its_slices_and_restores_exactl
             saved, restored = got["saved"][part], got["restored"][part]
             assert saved.keys() == restored.keys() and saved
             assert all(torch.equal(saved[k], restored[k]) for k in saved), part
+
+
+@pytest.mark.slow
+def test_the_bf16_ema_low_bits_are_sharded_averaged_exactly_and_resumed_under_fsdp(tmp_path):
+    """``resume_bf16``: the tiny Qwen-Image model in bfloat16 under 2-process FSDP, three AdamW steps with an EMA of
+    decay 0.9. The sharded EMA (bf16 shards + int16 low-bit shards) is the float32 average of the gathered weights
+    bit for bit; each rank reads only its slices of ``teacher_shadow_low.safetensors``; the restored EMA and low
+    bits equal the saved ones bit for bit."""
+    from fewstep.teachers.base import joined
+    from tiny_families import save_tiny_pipeline
+
+    pretrained = save_tiny_pipeline("qwenimage", tmp_path / "pipe")
+    ranks = run_load_worker(pretrained, tmp_path, "resume_bf16")
+    saved = ranks[0]["saved"]
+    assert saved["ema_low"].keys() == saved["ema"].keys() and saved["ema"]
+    assert all(v.dtype == torch.bfloat16 for v in saved["ema"].values())
+    master, d = {k: v.float() for k, v in ranks[0]["history"][0].items()}, 0.0
+    for weights in ranks[0]["history"]:  # the EMATeacher warm-up from d = 0, in float32
+        for k, v in master.items():
+            v.lerp_(weights[k].float(), 1.0 - d)
+        d = d + (1.0 - d) * (0.9 - d) / 2
+    assert all(torch.equal(joined(saved["ema"][k], saved["ema_low"][k]), master[k]) for k in master)
+    assert any(v.any() for v in saved["ema_low"].values())
+    for got in ranks:
+        own = sum(got["local"].values())
+        assert got["read"]["teacher_shadow_low.safetensors"] == own  # int16 beside bf16: the same bytes
+        assert got["whole_reads"] == []
+        for part in ("ema", "ema_low"):
+            assert all(torch.equal(got["saved"][part][k], got["restored"][part][k]) for k in got["saved"][part])

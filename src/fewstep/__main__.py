@@ -36,7 +36,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     import sys
 
     from fewstep.errors import user_error
-    from fewstep.train import train
+    from fewstep.train import RunFinished, train
 
     _export_submitit_dist_env()
     try:
@@ -46,14 +46,24 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         from hydra.types import RunMode
 
         found = user_error(err)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:  # into the point's __main__.log, where the report points
+        multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+        if multirun and isinstance(found, RunFinished):
+            # A sweep launched again into its sweep dir: its finished points are skipped as they are, not failed.
+            import json
             import logging
+            from pathlib import Path
 
-            logging.getLogger(__name__).error("run failed: %s", found or err, exc_info=found is None)
-        if found is None or HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # a bug keeps its traceback; a sweep records the failed point (its report shows it) and goes on
-        print(f"error: {found}", file=sys.stderr)
-        sys.exit(2)
+            logging.getLogger(__name__).info("skipped: %s", found)
+            summary = json.loads((Path(HydraConfig.get().runtime.output_dir) / "summary.json").read_text())
+        else:
+            if multirun:  # into the point's __main__.log, where the report points
+                import logging
+
+                logging.getLogger(__name__).error("run failed: %s", found or err, exc_info=found is None)
+            if found is None or multirun:
+                raise  # a bug keeps its traceback; a sweep records the failed point (its report shows it) and goes on
+            print(f"error: {found}", file=sys.stderr)
+            sys.exit(2)
     if cfg.get("optimize_metric"):  # the value a Hydra sweeper (Optuna) optimises; rank 0 holds the evaluation
         from fewstep.report import lookup_metric
 

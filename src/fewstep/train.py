@@ -48,6 +48,27 @@ class ShardingUnsupported(FewstepError, RuntimeError):
     pass
 
 
+class RunFinished(FewstepError):
+    """The run dir's checkpoint is already at ``trainer.max_steps`` and its summary is written: nothing to train."""
+
+
+def finished_problem(resume_from: Path | None, run_dir: Path, max_steps: int) -> str | None:
+    """Why re-running this command would only redo a finished run (None: there is training left to do). A run
+    whose newest checkpoint is at ``max_steps`` (or past it) and which wrote ``summary.json`` is finished: resuming
+    it would train nothing and re-evaluate over its samples and summary."""
+    if resume_from is None or not (run_dir / "summary.json").exists():
+        return None
+    step = ckpt_io.verify(resume_from)["step"]
+    if step < max_steps:
+        return None
+    return (
+        f"{run_dir} is already finished at step {step} (trainer.max_steps={max_steps}); its checkpoints, samples and "
+        "summary are left as they are. "
+        f"To train on, raise trainer.max_steps; to evaluate or sample again, python -m fewstep.eval run_dir={run_dir} "
+        f"or python -m fewstep.sample run_dir={run_dir}; to train a new run, give another hydra.run.dir"
+    )
+
+
 def sharding_problem(fsdp_requested: bool) -> str | None:
     """Why this run cannot start under the Accelerate config it was launched with (None: no FSDP config).
     ``fsdp_requested``: ``accelerate launch`` got an FSDP config or ``--use_fsdp`` (``ACCELERATE_USE_FSDP``).
@@ -190,6 +211,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     run_dir = Path(run_dir[0])
     ckpt_root = run_dir / "checkpoints"
     resume_from = ckpt_io.resolve_resume(tr.resume, run_dir)
+    finished = finished_problem(resume_from, run_dir, tr.max_steps)
+    if finished is not None:  # before anything is built or written
+        raise RunFinished(finished)
 
     set_seed(tr.seed)
     with strategy.building():  # under FSDP only rank 0 reads weights; the others build on meta (filled in place)

@@ -63,6 +63,49 @@ def test_resuming_a_run_dir_of_another_objective_names_the_ways_out(tmp_path):
     assert "\n" not in text
 
 
+def test_running_a_finished_run_again_changes_nothing_and_names_the_ways_on(tmp_path):
+    """The same command again in a run dir that finished trainer.max_steps: not a 0-step "resume" that re-evaluates
+    and rewrites summary.json (it wrote wall_time_s 0.0002, steps_per_s 0.0 and dropped euler_50), but one line
+    naming how to go on, and every file left as it was. Raising trainer.max_steps trains on."""
+    from fewstep.train import RunFinished
+
+    run = tmp_path / "run"
+    args = [*TOY, "trainer.torch_threads=1", "trainer.max_steps=4", "trainer.checkpoint_every=2"]
+    first = train(compose(args), run_dir=run)
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(RunFinished) as err:
+        train(compose(args), run_dir=run)
+    text = str(err.value)
+    assert f"{run} is already finished at step 4 (trainer.max_steps=4); its checkpoints, samples and summary" in text
+    for way in ("raise trainer.max_steps", f"fewstep.eval run_dir={run}", f"fewstep.sample run_dir={run}"):
+        assert way in text
+    assert "another hydra.run.dir" in text and "\n" not in text
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file()} == before
+    assert json.loads((run / "summary.json").read_text())["steps_per_s"] == first["steps_per_s"] > 0
+    more = train(compose([*args[:-2], "trainer.max_steps=6", "trainer.checkpoint_every=2"]), run_dir=run)
+    assert (more["start_step"], more["steps"]) == (4, 6)
+
+
+@pytest.mark.slow
+def test_cli_finished_run_again_is_one_error_line_and_a_sweep_again_skips_its_points(tmp_path):
+    """CLI: a single run is refused in one ``error:`` line with exit status 2; a sweep launched again into its
+    sweep dir skips its finished points (exit 0, their summaries untouched) instead of recording them as failed."""
+    args = [*TOY, "trainer.torch_threads=1", "trainer.max_steps=3"]
+    run_cli([*args, f"hydra.run.dir={tmp_path}/run"], tmp_path)
+    summary = (tmp_path / "run" / "summary.json").read_bytes()
+    proc = run_cli([*args, f"hydra.run.dir={tmp_path}/run"], tmp_path, check=False)
+    assert proc.returncode == 2 and (tmp_path / "run" / "summary.json").read_bytes() == summary
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {tmp_path}/run is already finished at step 3") and "Traceback" not in proc.stderr
+    sweep = ["-m", *args, "objective.delta_t=0.01,0.02", f"hydra.sweep.dir={tmp_path}/sweep"]
+    run_cli(sweep, tmp_path)
+    summaries = [(tmp_path / "sweep" / p / "summary.json").read_bytes() for p in "01"]
+    again = run_cli(sweep, tmp_path, check=False)
+    assert again.returncode == 0, again.stderr
+    assert [(tmp_path / "sweep" / p / "summary.json").read_bytes() for p in "01"] == summaries
+    assert "skipped: " in (tmp_path / "sweep" / "1" / "__main__.log").read_text()
+
+
 def test_a_time_limited_run_reports_its_final_loss_between_log_steps(tmp_path):
     """Stopped by trainer.time_limit_s before any log step: summary.json still has the loss terms and nfe/*
     (of the steps since the last row), so the sweep report's final-loss and evals/step cells are not blank."""

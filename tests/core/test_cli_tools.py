@@ -40,6 +40,23 @@ def test_sample_writes_grids_and_raw_samples(digits_run):
     assert np.bincount(data["y"]).tolist() == [100] * 10
 
 
+def test_sample_of_the_student_weights_keeps_the_runs_own_samples(digits_run, caplog):
+    """weights=student wrote over samples/nfe_1.png and .npz, the run's final EMA samples: it now writes
+    student_samples/ and says so; the EMA samples stay byte for byte."""
+    from fewstep.sample import main
+
+    main([f"run_dir={digits_run}", "nfe=[1]"])
+    own = {p.name: p.read_bytes() for p in (digits_run / "samples").glob("nfe_1.*")}
+    assert sorted(own) == ["nfe_1.npz", "nfe_1.png"]
+    with caplog.at_level("INFO"):
+        main([f"run_dir={digits_run}", "nfe=[1]", "weights=student"])
+    assert {p.name: p.read_bytes() for p in (digits_run / "samples").glob("nfe_1.*")} == own
+    student = digits_run / "student_samples"
+    assert sorted(p.name for p in student.iterdir()) == ["nfe_1.npz", "nfe_1.png"]
+    assert not np.array_equal(np.load(student / "nfe_1.npz")["x"], np.load(digits_run / "samples" / "nfe_1.npz")["x"])
+    assert f"samples in {student}" in caplog.text
+
+
 def test_eval_writes_eval_json_with_reference_points(digits_run):
     from fewstep.eval.__main__ import main
 

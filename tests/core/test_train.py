@@ -112,8 +112,20 @@ def test_a_time_limited_run_reports_its_final_loss_between_log_steps(tmp_path):
     run = tmp_path / "run"
     args = [*TOY, "trainer.log_every=100000", "trainer.max_steps=100000", "trainer.time_limit_s=0.5"]
     summary = train(compose([*args, "trainer.final_nfe=[]"]), run_dir=run)
-    assert 0 < summary["steps"] < 100000 and not (run / "metrics.jsonl").exists()  # no metrics row was written
+    assert 0 < summary["steps"] < 100000 and (run / "metrics.jsonl").read_text() == ""  # no metrics row yet
     assert math.isfinite(summary["loss"]) and summary["loss/main"] > 0 and summary["nfe/per_step"] > 1
+
+
+def test_metrics_jsonl_exists_even_when_no_log_step_was_reached(tmp_path):
+    """README lists metrics.jsonl as always there: a run stopped by trainer.time_limit_s before its first log step
+    has it, empty (it had none); max_steps below log_every logs its last step, one row."""
+    limited = tmp_path / "limited"
+    args = [*TOY, "trainer.torch_threads=1", "trainer.final_nfe=[]", "trainer.log_every=100000"]
+    summary = train(compose([*args, "trainer.max_steps=100000", "trainer.time_limit_s=0.2"]), run_dir=limited)
+    assert 0 < summary["steps"] < 100000 and (limited / "metrics.jsonl").read_text() == ""
+    short = tmp_path / "short"
+    train(compose([*args, "trainer.max_steps=3"]), run_dir=short)
+    assert [r["step"] for r in rows(short)] == [3]
 
 
 def test_resume_is_bit_identical(tmp_path):

@@ -41,6 +41,9 @@ class MetricsWriter:
                         except (ValueError, KeyError):
                             break
                 p.write_text("".join(k + "\n" for k in keep))
+        # Created at the start: a run stopped before its first log step (trainer.time_limit_s, a signal) still has
+        # the file, with no rows (its final loss terms are in summary.json).
+        self.path.touch()
         if cfg.logger.kind == "wandb":
             import wandb
             from omegaconf import OmegaConf

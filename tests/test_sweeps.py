@@ -195,6 +195,26 @@ def test_report_one_axis_gives_a_line_plot_and_three_axes_none(tmp_path):
     assert "No heatmap: 3 parameters vary" in (three / "report.md").read_text()
 
 
+def test_report_footer_names_only_the_metrics_the_runs_have(tmp_path):
+    """The footer said "precision and recall included" for every sweep; a toy2d sweep has swd only, a sweep without
+    evaluation no metric at all. It names the metrics that only report.csv has, or says there are none."""
+    digits, toy, plain = tmp_path / "digits", tmp_path / "toy", tmp_path / "plain"
+    for i in range(2):
+        fake_run(digits, i, [f"trainer.lr={i}"], digits_summary(10.0 + i))
+        fake_run(toy, i, [f"trainer.lr={i}"], {"steps": 5, "eval": {"nfe_1": {"swd": 0.1 + i}}})
+        fake_run(plain, i, [f"trainer.lr={i}"], {"steps": 5, "loss": 1.0 + i, "eval": {}})
+    footers = {}
+    for root in (digits, toy, plain):
+        write_report(root)
+        footers[root.name] = (root / "report.md").read_text().strip().splitlines()[-1]
+    assert footers == {
+        "digits": "baseline; report.csv has every column, precision and recall included.",
+        "toy": "baseline; report.csv has every column.",
+        "plain": "No quality metrics: the runs were not evaluated (trainer.evaluate=false, or data without an "
+        "evaluator); report.csv has every column.",
+    }
+
+
 def test_report_reads_declared_sweep_keys_for_a_single_run_and_eval_json(tmp_path):
     run = fake_run(tmp_path, 0, ["objective.delta_t=0.01", "data=toy2d"], {"steps": 5, "eval": {}})
     (run / "eval.json").write_text(json.dumps({"metrics": {"nfe_1": {"swd": 0.25}}}))

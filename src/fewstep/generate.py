@@ -88,7 +88,8 @@ def final_outputs(
                 sample_in_chunks(smp, model_fn, eval_noise, eval_cond, steps, autocast=autocast)
             continue
         image = to_images(data, grid, device)
-        png = save_samples(image, samples_dir / f"{name}.png", title=f"{name} ({steps} steps)", nrow=10)
+        title = f"{name} ({steps} step{'' if steps == 1 else 's'})"
+        png = save_samples(image, samples_dir / f"{name}.png", title=title, nrow=10)
         if not protocol:
             log(f"wrote {png}")
             continue

@@ -334,9 +334,22 @@ def write_markdown(
         out += [f"No heatmap: {len(params)} parameters vary (a heatmap needs exactly two, a line plot one).", ""]
     for plot in plots:
         out += [f"![{plot}]({plot})", ""]
-    out.append("Columns: `nfe_N/<metric>` = the few-step sampler at N steps, `euler_K/<metric>` = the K-step Euler")
-    out.append("baseline; report.csv has every column, precision and recall included.")
+    out += footer(metrics, shown)
     _write_atomic(path, "\n".join(out) + "\n")
+
+
+def footer(metrics: list[str], shown: list[str]) -> list[str]:
+    """What the report holds: the metric column naming where there are metrics, and which metrics only report.csv
+    has (a toy2d sweep has swd only; a sweep without evaluation has no metric at all)."""
+    if not metrics:
+        return ["No quality metrics: the runs were not evaluated (trainer.evaluate=false, or data without an "
+                "evaluator); report.csv has every column."]  # fmt: skip
+    only_csv = sorted({m.split("/", 1)[1] for m in metrics if m not in shown})  # e.g. digits' precision, recall
+    names = " and ".join([", ".join(only_csv[:-1]), only_csv[-1]] if len(only_csv) > 1 else only_csv)
+    return [
+        "Columns: `nfe_N/<metric>` = the few-step sampler at N steps, `euler_K/<metric>` = the K-step Euler",
+        "baseline; report.csv has every column" + (f", {names} included." if names else "."),
+    ]
 
 
 # --------------------------------------------------------------------------- plots

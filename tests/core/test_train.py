@@ -128,6 +128,20 @@ def test_metrics_jsonl_exists_even_when_no_log_step_was_reached(tmp_path):
     assert [r["step"] for r in rows(short)] == [3]
 
 
+def test_final_grid_titles_are_grammatical(tmp_path, monkeypatch):
+    """The toy2d scatter's title read "nfe_1 (1 steps)"; one step is "1 step"."""
+    import fewstep.generate as generate
+
+    titles = []
+    monkeypatch.setattr(generate, "save_samples", lambda image, path, title, nrow: titles.append(title) or path)
+    cfg = compose([*TOY, "trainer.torch_threads=1"])
+    from fewstep.train import build_components
+
+    data, _, model, teacher, sampler = build_components(cfg)
+    generate.final_outputs(tmp_path, teacher.sampling_model, sampler, data, [1, 2], 3, "cpu", evaluate=False)
+    assert titles == ["nfe_1 (1 step)", "nfe_2 (2 steps)", "euler_3 (3 steps)"]
+
+
 def test_resume_is_bit_identical(tmp_path):
     base = [*TOY, "trainer.checkpoint_every=8", "trainer.log_every=4", "objective.enhanced_ratio=0.5"]
     base.append("trainer.lr_schedule=constant")  # a cosine schedule depends on max_steps, which differs here

@@ -232,6 +232,22 @@ def test_report_cli_without_runs_fails_with_one_line(tmp_path, capsys):
     assert "no run directories" in capsys.readouterr().err
 
 
+def test_report_cli_errors_are_one_error_line_like_every_tool(tmp_path):
+    """They were argparse's two lines, ``usage: ...`` then ``python -m fewstep.report: error: ...``; now the one
+    ``error: ...; usage: ...`` line and exit status 2 of every fewstep tool. The positional dir still works."""
+    usage = "usage: python -m fewstep.report [-h] [multirun_dir]"
+    for args, problem in (
+        ([str(tmp_path / "nope")], f"{tmp_path / 'nope'}: not a directory"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        ([], "no MULTIRUN_DIR given and no multirun/<date>/<time> with runs under the current directory"),
+    ):
+        proc = run_cli(args, tmp_path, module="fewstep.report", check=False)
+        assert (proc.returncode, proc.stderr) == (2, f"error: {problem}; {usage}\n")
+    fake_run(tmp_path / "sweep", 0, ["trainer.lr=1"], {"steps": 5, "loss": 1.0, "eval": {}})
+    proc = run_cli([str(tmp_path / "sweep")], tmp_path, module="fewstep.report")
+    assert "| 0 | ok | 5 |" in proc.stdout and (tmp_path / "sweep" / "report.csv").exists()
+
+
 def test_lookup_metric_walks_the_summary_and_names_what_exists():
     summary = digits_summary(12.5)
     assert lookup_metric(summary, "eval.nfe_1.fd") == 12.5

@@ -552,8 +552,16 @@ class SweepReportCallback(Callback):
         self._refresh(config)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the one-line errors of every fewstep tool: ``error: ...; usage: ...`` (exit status 2 under
+    :func:`fewstep.errors.run_cli`), not argparse's usage line then ``python -m fewstep.report: error: ...``."""
+
+    def error(self, message: str):
+        raise SystemExit(f"error: {message}; {' '.join(self.format_usage().split())}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m fewstep.report",
         description="Sweep table (report.csv, report.md) and plots (heatmap/line of the 1-NFE metric, loss curves) "
         "for a Hydra multirun directory.",
@@ -581,4 +589,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from fewstep.errors import run_cli
+
+    raise SystemExit(run_cli(main))

@@ -69,6 +69,24 @@ def test_eval_writes_eval_json_with_reference_points(digits_run):
     assert out["step"] == 20
 
 
+def test_eval_of_the_student_weights_keeps_the_runs_own_samples_and_eval_json(digits_run):
+    """weights=student wrote over samples/ (the run's final EMA samples) and eval.json: it now writes
+    eval_student.json and eval_student_samples/."""
+    from fewstep.eval.__main__ import main
+
+    main([f"run_dir={digits_run}", "nfe=[1]", "baseline_steps=0"])
+    own = {p.name: p.read_bytes() for p in (digits_run / "samples").glob("nfe_1.*")}
+    ema_json = (digits_run / "eval.json").read_bytes()
+    out = main([f"run_dir={digits_run}", "nfe=[1]", "baseline_steps=0", "weights=student"])
+    assert {p.name: p.read_bytes() for p in (digits_run / "samples").glob("nfe_1.*")} == own
+    assert (digits_run / "eval.json").read_bytes() == ema_json
+    saved = json.loads((digits_run / "eval_student.json").read_text())
+    assert saved["weights"] == "student" and saved["samples_dir"] == str(digits_run / "eval_student_samples")
+    assert sorted(p.name for p in (digits_run / "eval_student_samples").iterdir()) == ["nfe_1.npz", "nfe_1.png"]
+    assert out["metrics"] == saved["metrics"]
+    assert saved["metrics"]["nfe_1"]["fd"] != json.loads(ema_json)["metrics"]["nfe_1"]["fd"]  # other weights
+
+
 def test_unknown_argument_is_a_clear_error(digits_run):
     from fewstep.sample import main
 

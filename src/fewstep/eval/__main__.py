@@ -49,10 +49,12 @@ def main(argv: list[str] | None = None) -> dict:
         )
     sampler_cfg = OmegaConf.merge(run.cfg.sampler, OmegaConf.from_dotlist(sampler_overrides))
     sampler = run.sampler if not sampler_overrides else _sampler(sampler_cfg)
-    path = Path(args.out) if args.out else run.run_dir / "eval.json"
-    # The run's own samples/ holds what its sampler and final weights produced: an evaluation under another
-    # sampler or checkpoint, or written elsewhere, keeps its grids and .npz beside its own JSON instead.
-    own = not sampler_overrides and args.out is None and args.checkpoint is None
+    default_name = "eval.json" if args.weights == "ema" else f"eval_{args.weights}.json"
+    path = Path(args.out) if args.out else run.run_dir / default_name
+    # The run's own samples/ holds what its sampler and final (EMA) weights produced: an evaluation of other
+    # weights, under another sampler or checkpoint, or written elsewhere, keeps its grids and .npz beside its own
+    # JSON instead (weights=student: eval_student.json and eval_student_samples/).
+    own = not sampler_overrides and args.out is None and args.checkpoint is None and args.weights == "ema"
     samples_dir = run.run_dir / "samples" if own else path.parent / f"{path.stem}_samples"
     results = final_outputs(
         run.run_dir, run.model_fn(args.weights), sampler, run.data, list(args.nfe), args.baseline_steps,

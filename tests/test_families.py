@@ -574,3 +574,43 @@ def test_a_resumed_lora_run_equals_an_uninterrupted_one(family, pretrained, cach
     oa = torch.load(a / "optim.pt", weights_only=True)["optimizer"]["state"]
     ob = torch.load(b / "optim.pt", weights_only=True)["optimizer"]["state"]
     assert oa.keys() == ob.keys() and all(torch.equal(oa[k]["exp_avg_sq"], ob[k]["exp_avg_sq"]) for k in oa)
+
+
+def test_sana_null_prompt_is_the_pipelines_negative_prompt_without_the_instruction(tmp_path):
+    """SanaPipeline encodes its negative prompt ("") without complex_human_instruction (the prompts get it): the
+    cached null condition must be that embedding, or the CFG teacher's unconditional branch is another input."""
+    import diffusers
+
+    from fewstep.precompute import main
+    from tiny_families import save_tiny_pipeline
+
+    pretrained = save_tiny_pipeline("sana", tmp_path / "pipe")
+    instruction = tmp_path / "chi.txt"
+    instruction.write_text("Describe it:\n")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\n")
+    out = tmp_path / "cache"
+    main(
+        [
+            f"pretrained={pretrained}",
+            f"prompts={prompts}",
+            f"out={out}",
+            "resolution=32",
+            "max_sequence_length=8",
+            "embeds_dtype=float32",
+            f"complex_human_instruction={instruction}",
+            "progress=false",
+        ]
+    )
+    null = load_file(str(out / "null.safetensors"))
+    pipe = diffusers.SanaPipeline.from_pretrained(pretrained)
+    with torch.no_grad():
+        _, _, negative, negative_mask = pipe.encode_prompt(
+            "a red cat",
+            do_classifier_free_guidance=True,
+            negative_prompt="",
+            max_sequence_length=8,
+            complex_human_instruction=["Describe it:"],
+        )
+    assert torch.equal(null["prompt_attention_mask"], negative_mask.float())
+    assert torch.allclose(null["prompt_embeds"], negative, atol=1e-6), (null["prompt_embeds"] - negative).abs().max()

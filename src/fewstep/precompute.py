@@ -323,6 +323,10 @@ class Encoders:
     def encode_text(self, prompts: list[str], max_sequence_length: int) -> dict[str, torch.Tensor]:
         return self.family.encode_text(self.pipe, prompts, self.device, max_sequence_length, self.options)
 
+    @torch.no_grad()
+    def encode_null(self, prompt: str, max_sequence_length: int) -> dict[str, torch.Tensor]:
+        return self.family.encode_null(self.pipe, prompt, self.device, max_sequence_length, self.options)
+
 
 # --------------------------------------------------------------------------- the run
 
@@ -489,7 +493,7 @@ def precompute(args) -> dict:
     progress.close()
 
     null_prompt = encoders.family.null_prompt(args.null_prompt)
-    null = _cast(encoders.encode_text([null_prompt], args.max_sequence_length), embeds_dtype)
+    null = _cast(encoders.encode_null(null_prompt, args.max_sequence_length), embeds_dtype)
     _save_atomic(null, out / "null.safetensors")
     validation = _cast(encoders.encode_text(validation_prompts, args.max_sequence_length), embeds_dtype)
     _save_atomic(validation, out / "validation.safetensors")

@@ -618,6 +618,11 @@ class Family:
         out = pipe.encode_prompt(prompts, device, 1, False)
         return {"prompt_embeds": out[0].float().cpu()}
 
+    def encode_null(self, pipe, prompt: str, device, max_sequence_length: int, options: dict) -> dict:
+        """The cached condition of the unconditional prompt (``null.safetensors``): as the pipeline encodes its
+        negative prompt for classifier-free guidance (here the same as :meth:`encode_text`)."""
+        return self.encode_text(pipe, [prompt], device, max_sequence_length, options)
+
     def null_prompt(self, option: str | None) -> str:
         return self.default_null_prompt if option is None else str(option)
 

@@ -213,6 +213,11 @@ class SanaFamily(Family):
         )
         return {"prompt_embeds": embeds.float().cpu(), "prompt_attention_mask": mask.float().cpu()}
 
+    def encode_null(self, pipe, prompt, device, max_sequence_length, options):
+        """``SanaPipeline`` encodes its negative prompt without ``complex_human_instruction`` (the prompts get it)."""
+        no_instruction = {**options, "complex_human_instruction": "none"}
+        return self.encode_text(pipe, [prompt], device, max_sequence_length, no_instruction)
+
 
 def instruction_lines(pipe, option) -> list[str] | None:
     """The ``complex_human_instruction`` argument for ``option`` (see :class:`SanaFamily`)."""

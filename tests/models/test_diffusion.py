@@ -185,3 +185,37 @@ def test_sd15_config_is_refused_without_the_bridge_flags(tmp_path):
     given = [f"model.pretrained={tmp_path}", "data=latents", f"data.path={tmp_path}"]
     cfg = validate(compose(["model=sd15", "diff2flow.enabled=true", "objective.allow_diff2flow=true", *given]))
     assert cfg.model.prediction_type == "epsilon"
+
+
+def test_wrapper_reads_a_zero_terminal_snr_schedule(unet_dirs, tmp_path):
+    """A scheduler config with rescale_betas_zero_snr (zero terminal SNR v-prediction models) has another ᾱ table:
+    the bridge must use the scheduler's own, not the un-rescaled betas."""
+    import shutil
+
+    from diffusers import DDPMScheduler
+
+    from fewstep.models.diffusion import DiffusionUNetModel
+
+    folder = tmp_path / "zsnr"
+    shutil.copytree(unet_dirs["v_prediction"] / "unet", folder / "unet")
+    scheduler = DDPMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type="v_prediction",
+        rescale_betas_zero_snr=True,
+    )
+    scheduler.save_pretrained(folder / "scheduler")
+    model = DiffusionUNetModel(pretrained=str(folder), prediction_type="v_prediction")
+    theirs = scheduler.alphas_cumprod.double()
+    assert (model.alphas_cumprod - theirs).abs().max().item() < 1e-6
+    t = torch.tensor(TIMES + [0.999])
+    x, z = data(len(t))
+    x_flow = expand(t, x) * z + (1 - expand(t, x)) * x
+    model.unet = OracleUNet(x, z, t, "v_prediction")
+    v = model(x_flow, t, torch.zeros_like(t), cond(len(t)))
+    assert (v - (z - x)).abs().max().item() < 1e-4  # the schedule reaches t = 1: no clamping below it
+    scheduler.register_to_config(prediction_type="epsilon")
+    scheduler.save_pretrained(folder / "scheduler")
+    with pytest.raises(ValueError, match="zero terminal SNR"):
+        DiffusionUNetModel(pretrained=str(folder), prediction_type="epsilon")

@@ -33,8 +33,10 @@ def make_alphas_cumprod(
     beta_start: float = 0.00085,
     beta_end: float = 0.012,
     trained_betas: list[float] | None = None,
+    rescale_betas_zero_snr: bool = False,
 ) -> torch.Tensor:
-    """ᾱ_k (float64, k = 0..T−1) for the diffusers beta schedules: linear, scaled_linear, squaredcos_cap_v2."""
+    """ᾱ_k (float64, k = 0..T−1) for the diffusers beta schedules: linear, scaled_linear, squaredcos_cap_v2;
+    ``rescale_betas_zero_snr``: √ᾱ shifted and scaled so that ᾱ_0 is kept and ᾱ_{T−1} = 0 (zero terminal SNR)."""
     if trained_betas is not None:
         betas = torch.as_tensor(trained_betas, dtype=torch.float64)
     elif beta_schedule == "linear":
@@ -57,7 +59,12 @@ def make_alphas_cumprod(
         raise ValueError(
             f"Unknown beta_schedule {beta_schedule!r}: use linear, scaled_linear, squaredcos_cap_v2 or trained_betas."
         )
-    return torch.cumprod(1.0 - betas, dim=0)
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+    if rescale_betas_zero_snr:
+        root = alphas_cumprod.sqrt()
+        first, last = root[0].clone(), root[-1].clone()
+        alphas_cumprod = ((root - last) * first / (first - last)) ** 2
+    return alphas_cumprod
 
 
 def flow_time_from_alpha_bar(alpha_bar: torch.Tensor) -> torch.Tensor:
@@ -135,13 +142,14 @@ def flow_time_range(alphas_cumprod: torch.Tensor) -> tuple[float, float]:
 
 def alphas_cumprod_from_scheduler_config(config: dict) -> torch.Tensor:
     """ᾱ from a diffusers scheduler config (``num_train_timesteps``, ``beta_schedule``, ``beta_start``,
-    ``beta_end``, ``trained_betas``), with the diffusers defaults for missing keys."""
+    ``beta_end``, ``trained_betas``, ``rescale_betas_zero_snr``), with the diffusers defaults for missing keys."""
     return make_alphas_cumprod(
         int(config.get("num_train_timesteps", 1000)),
         str(config.get("beta_schedule", "scaled_linear")),
         float(config.get("beta_start", 0.00085)),
         float(config.get("beta_end", 0.012)),
         config.get("trained_betas"),
+        bool(config.get("rescale_betas_zero_snr", False)),
     )
 
 

@@ -104,7 +104,8 @@ class DiffusionUNetModel(nn.Module):
         }
         found = _scheduler_config(source, sub, revision) if schedule_from_pretrained else None
         if found is not None:
-            schedule.update({k: found[k] for k in (*schedule, "trained_betas") if found.get(k) is not None})
+            keys = (*schedule, "trained_betas", "rescale_betas_zero_snr")
+            schedule.update({k: found[k] for k in keys if found.get(k) is not None})
             theirs = found.get("prediction_type")
             if theirs in DIFFUSION_PREDICTIONS and theirs != prediction_type:
                 raise ValueError(
@@ -113,6 +114,11 @@ class DiffusionUNetModel(nn.Module):
                 )
         self.alphas_cumprod = alphas_cumprod_from_scheduler_config(schedule)  # float64, not a buffer
         self.max_time = flow_time_range(self.alphas_cumprod)[1]
+        if prediction_type == "epsilon" and self.max_time >= 1.0:
+            raise ValueError(
+                f"model.pretrained={pretrained}: a zero terminal SNR schedule (rescale_betas_zero_snr) has no x0 from "
+                "epsilon at the last step; such models predict v (model.prediction_type=v_prediction)"
+            )
         try:
             unet = UNet2DConditionModel.from_pretrained(
                 source, subfolder=sub, revision=revision, **dtype_kwargs(self.weight_dtype)

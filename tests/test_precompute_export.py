@@ -562,3 +562,22 @@ def test_bench_runs_on_latent_data_with_prompt_conditions(pretrained, cache, tmp
     assert result["objectives"]["twinflow"]["evals_per_step"] > 1.0
     assert result["sampling"]["nfe_1"]["images_per_s"] > 0
     assert "precision=bf16" in (out / "bench.md").read_text()
+
+
+def test_precompute_with_bf16_text_encoders_encodes_latents_with_the_float32_vae(pretrained, images, tmp_path):
+    """dtype=bfloat16 is for the text encoders: the VAE encodes in float32 with its stored (float32) weights, not
+    weights rounded to bf16 on load and cast back."""
+    from diffusers import AutoencoderKL
+
+    from fewstep.precompute import load_image
+
+    out = tmp_path / "cache"
+    run_precompute(pretrained, images, out, "dtype=bfloat16", "device=cpu")
+    manifest = json.loads((out / "manifest.json").read_text())
+    entry = next(e for e in manifest["shards"] if e["latent_shape"][1] == e["latent_shape"][2])
+    latents = load_file(str(out / entry["file"]))["latents"]
+    vae = AutoencoderKL.from_pretrained(pretrained, subfolder="vae").eval()
+    pixels = torch.stack([load_image(images / name, SQUARE) for name in entry["files"]])
+    with torch.no_grad():
+        expected = (vae.encode(pixels).latent_dist.mode() - vae.config.shift_factor) * vae.config.scaling_factor
+    assert (latents - expected).abs().max().item() < 1e-5

@@ -276,6 +276,8 @@ class Encoders:
                 if k in index
             }
             pipe = DiffusionPipeline.from_pretrained(source, **dtype_kwargs(text_dtype), **skip)
+            if text_dtype != torch.float32:  # the VAE encodes in float32 from its stored weights, not bf16-rounded ones
+                pipe.vae = type(pipe.vae).from_pretrained(source, subfolder="vae")
         except (OSError, ValueError) as err:
             raise load_error("pretrained", pretrained, err) from err
         self.source = source

@@ -581,3 +581,19 @@ def test_precompute_with_bf16_text_encoders_encodes_latents_with_the_float32_vae
     with torch.no_grad():
         expected = (vae.encode(pixels).latent_dist.mode() - vae.config.shift_factor) * vae.config.scaling_factor
     assert (latents - expected).abs().max().item() < 1e-5
+
+
+def test_the_exported_scheduler_keeps_the_run_samplers_shift():
+    """sampler.shift (the SD3 resolution shift of the UCGM grid) is part of how the run samples: the exported
+    TwinFlowScheduler must visit the same times as the native sampler."""
+    from omegaconf import OmegaConf
+
+    from fewstep.export import scheduler_for_run
+    from fewstep.samplers.ucgm import UCGMSampler
+
+    cfg = OmegaConf.create(
+        {"sampler": {"_target_": "fewstep.samplers.ucgm.UCGMSampler", "shift": 3.0}, "objective": {}}
+    )
+    scheduler = scheduler_for_run(cfg)
+    native = UCGMSampler(shift=3.0).time_grid(2)
+    assert (scheduler.sigmas - native).abs().max().item() < 1e-9, (scheduler.sigmas.tolist(), native.tolist())

@@ -97,6 +97,7 @@ def scheduler_for_run(cfg, sampler=None):
     kwargs = {}
     if isinstance(sampler, UCGMSampler):
         kwargs = dict(
+            shift=sampler.shift,
             sampling_style=sampler.style,
             stochast_ratio=sampler.stochast_ratio,
             extrapol_ratio=sampler.extrapol_ratio,
@@ -107,9 +108,8 @@ def scheduler_for_run(cfg, sampler=None):
     return TwinFlowScheduler(
         num_train_timesteps=1000,
         prediction_type="flow_matching",
-        shift=1.0,
         default_num_inference_steps=min(max(steps, 1), 8),
-        **kwargs,
+        **{"shift": 1.0, **kwargs},
     )
 
 

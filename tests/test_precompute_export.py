@@ -597,3 +597,16 @@ def test_the_exported_scheduler_keeps_the_run_samplers_shift():
     scheduler = scheduler_for_run(cfg)
     native = UCGMSampler(shift=3.0).time_grid(2)
     assert (scheduler.sigmas - native).abs().max().item() < 1e-9, (scheduler.sigmas.tolist(), native.tolist())
+
+
+def test_exporting_a_heun_run_warns_that_the_scheduler_is_first_order(caplog):
+    from omegaconf import OmegaConf
+
+    from fewstep.export import scheduler_for_run
+
+    cfg = OmegaConf.create(
+        {"sampler": {"_target_": "fewstep.samplers.ucgm.UCGMSampler", "sampling_order": 2}, "objective": {}}
+    )
+    with caplog.at_level("WARNING", logger="fewstep.export"):
+        scheduler_for_run(cfg)
+    assert "sampling_order=2" in caplog.text and "first-order" in caplog.text

@@ -104,6 +104,12 @@ def scheduler_for_run(cfg, sampler=None):
             time_dist_ctrl=list(sampler.time_dist_ctrl),
             rfba_gap_steps=None if sampler.rfba_gap_steps is None else list(sampler.rfba_gap_steps),
         )
+        if sampler.sampling_order != 1:
+            log.warning(
+                "the run samples with sampling_order=%d (Heun); the exported TwinFlowScheduler steps first-order "
+                "(one transformer call per step), so the pipeline's samples differ from fewstep.sample's",
+                sampler.sampling_order,
+            )
     steps = int(cfg.objective.get("target_step_count", 2))
     return TwinFlowScheduler(
         num_train_timesteps=1000,

@@ -28,12 +28,13 @@ BATCH=${BATCH:-16}
 STAGES=${STAGES:-smoke digits sd3 realsize compile}
 REAL_LAYERS=${REAL_LAYERS:-}   # empty: the published depth
 REAL_RES=${REAL_RES:-1024}
-REAL_REPEATS=${REAL_REPEATS:-3}
+REAL_REPEATS=${REAL_REPEATS:-5}   # + 1 warm-up = 6 steps: one whole DMD2 cycle (5 critic steps, 1 generator step)
 REAL_STAGE_S=${REAL_STAGE_S:-300}   # limit of each real-size stage
 FSDP_LAYERS=${FSDP_LAYERS:-4}   # stage fsdp: Qwen-Image blocks (of 60; 4 ≈ 1.4B params)
 FSDP_STEPS=${FSDP_STEPS:-5}
 FSDP_STAGE_S=${FSDP_STAGE_S:-420}
-REAL_BATCH=${REAL_BATCH:-4}   # 4: one row in each TwinFlow group (e2e/mul/any/adv); at 1 the row is a 'mul' row
+REAL_BATCH=${REAL_BATCH:-1}   # 1: the real-size issue's goal rows (the H100 table of docs/realsize.md has batch 4:
+                              # one row in each TwinFlow group e2e/mul/any/adv; at 1 the row is a 'mul' row)
 want() { case " $STAGES " in *" $1 "*) return 0 ;; esac; return 1; }
 mkdir -p "$OUT" "$WORK"
 export PYTHONPATH="$PWD/src:$PWD/tests:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=offline
@@ -99,6 +100,9 @@ if want realsize; then
     real qwenimage_lora qwenimage_lora qwen_image "[flow_matching,twinflow,dmd2]"
     "$PY" -c "import sys; from fewstep.bench import collect; collect(sys.argv[1], sys.argv[2:])" "$OUT/realsize" \
         "$WORK"/real_* || status=1
+    # the shipped estimates (docs/raw/estimate_realsize, fewstep.estimate) against these measurements, row by row
+    "$PY" scripts/estimate_vs_measured.py "$OUT/realsize.json" docs/raw/estimate_realsize/*/ \
+        | tee "$OUT/estimate_vs_measured.md" || status=1
 fi
 
 # 5. trainer.compile: eager vs torch.compile'd model, digits (fp32), same process, interleaved.

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import warnings
 import weakref
 
 import torch
@@ -74,18 +73,10 @@ class StepMemory(TorchDispatchMode):
         self.live -= self.sizes.pop(key, 0)
 
     def rebase(self) -> None:
-        """Count afresh from what is alive now (the built runner: weights, optimizer state, EMA, data), so
-        what building left behind on the host only (construction-time tables) no longer counts."""
+        """Let the peak restart from what is alive now (the built runner: weights, optimizer state, EMA, data):
+        transients of building (construction-time tables computed on the host) no longer count. Only storages
+        made under this mode are counted, never another test's or fake mode's leftovers."""
         gc.collect()
-        self.sizes.clear()
-        self.live = 0
-        kind = FakeTensor if self.fake_mode is not None else torch.Tensor
-        with warnings.catch_warnings():  # isinstance on deprecated module attributes warns
-            warnings.simplefilter("ignore")
-            tensors = [obj for obj in gc.get_objects() if isinstance(obj, kind)]
-        for obj in tensors:
-            if not obj.is_meta:
-                self._track(obj)
         self.peak = self.live
 
     # -- values of small tensors ------------------------------------------------------------------

@@ -365,8 +365,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                 else:
                     for g in stepping:
                         g.optimizer.step()
-                for g in stepping:
-                    g.scheduler.step()
+                for g in groups.values():  # every network's LR follows the run's schedule on the training step
+                    g.scheduler.step()  # (DMD2's generator, stepped every 6th step, still decays by max_steps)
                 consecutive_bad = 0
             else:
                 if accelerator.scaler is not None:  # fp16: the skipped step still backs the loss scale off (what

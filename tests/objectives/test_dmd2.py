@@ -186,6 +186,25 @@ def test_dmd2_resumed_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path, fl
 
 
 @pytest.mark.slow
+def test_every_network_follows_the_runs_lr_schedule_on_the_training_step(tmp_path, flow_matching_run):
+    """The generator steps every 3rd step here: its cosine stopped at 2 of 6 steps (LR factor 0.78 where the run
+    ends at 0.1) when its schedule advanced with its own updates. Now every schedule reads the training step."""
+    from fewstep.train import lr_factor, train
+
+    over = [*TOY, "objective=dmd2", f"trainer.init_from={flow_matching_run}", "objective.critic_steps=2",
+            "trainer.max_steps=6", "trainer.checkpoint_every=6", "trainer.lr_schedule=cosine", "trainer.warmup_steps=0",
+            "trainer.min_lr_ratio=0.1", "trainer.lr=0.001", "objective.fake_lr=0.002"]  # fmt: skip
+    cfg = compose(over)
+    train(cfg, run_dir=tmp_path / "run")
+    optim = torch.load(final(tmp_path / "run") / "optim.pt", weights_only=True)
+    end = lr_factor(6, cfg.trainer)
+    assert end == pytest.approx(0.1)
+    assert optim["scheduler"]["last_epoch"] == 6 == optim["networks"]["fake_score"]["scheduler"]["last_epoch"]
+    assert optim["scheduler"]["_last_lr"] == [pytest.approx(0.001 * end)]
+    assert optim["networks"]["fake_score"]["scheduler"]["_last_lr"] == [pytest.approx(0.002 * end)]
+
+
+@pytest.mark.slow
 def test_init_from_loads_the_runs_ema_weights(tmp_path, flow_matching_run):
     from fewstep.checkpoint import CheckpointError, load_initial_weights
     from fewstep.train import build_components

@@ -19,6 +19,7 @@ import os
 import resource
 import signal
 import time
+import warnings
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -365,8 +366,10 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                 else:
                     for g in stepping:
                         g.optimizer.step()
-                for g in groups.values():  # every network's LR follows the run's schedule on the training step
-                    g.scheduler.step()  # (DMD2's generator, stepped every 6th step, still decays by max_steps)
+                with warnings.catch_warnings():  # a network not stepped yet (DMD2's generator) follows too
+                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+                    for g in groups.values():  # every network's LR follows the run's schedule on the training step
+                        g.scheduler.step()  # (DMD2's generator, stepped every 6th step, still decays by max_steps)
                 consecutive_bad = 0
             else:
                 if accelerator.scaler is not None:  # fp16: the skipped step still backs the loss scale off (what

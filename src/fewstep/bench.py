@@ -268,7 +268,8 @@ def collect(out: str | Path, dirs: list[str | Path]) -> dict:
             continue
         result = json.loads(path.read_text())
         for name, r in result["objectives"].items():
-            rows.append({"run": Path(folder).name, "config": result["config"], "objective": name, **r})
+            rows.append({"run": Path(folder).name, "config": result["config"], "overrides": result.get("overrides", []),
+                         "objective": name, **r})  # fmt: skip
         devices.append(result["device"])
     merged = {"device": ", ".join(sorted(set(devices))) or "?", "rows": rows}
     out = Path(out)

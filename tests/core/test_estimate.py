@@ -133,5 +133,13 @@ def test_estimate_vs_measured_matches_rows_on_config_and_objective(tmp_path, cap
     rows = script["rows"](tmp_path / "m.json", [est])
     assert rows == [{"config": config, "objective": "flow_matching", "measured_gib": 9000 / 1024,
                      "estimated_gib": 8550 / 1024, "ratio": 0.95}]  # fmt: skip
+    # rows that record their overrides match only the estimate made with the same ones (a reduced-depth dry run
+    # is not compared with the full-size estimate)
+    measured["rows"][0]["overrides"] = ["model.num_layers=1", "data.resolution=64"]
+    (tmp_path / "m2.json").write_text(json.dumps(measured))
+    assert script["rows"](tmp_path / "m2.json", [est]) == []
+    bench = json.loads((est / "bench.json").read_text())
+    (est / "bench.json").write_text(json.dumps({**bench, "overrides": ["data.resolution=64", "model.num_layers=1"]}))
+    assert [r["ratio"] for r in script["rows"](tmp_path / "m2.json", [est])] == [0.95]
     script["main"]([str(tmp_path / "m.json"), str(est)])
     assert "| flow_matching | 8.79 | 8.35 | 0.950 |" in capsys.readouterr().out

@@ -4,7 +4,9 @@ pass and one AdamW step, and saves what the test compares to ``OUT/rank{r}.pt``.
 ``Sharded.building`` (only rank 0 reads the weights), ``every`` as before it (every rank reads them). Every call of
 ``safetensors.torch.load_file`` (diffusers' weight reader) is recorded. ``resume`` (:func:`resume`): checkpoint a
 sharded model, EMA teacher and AdamW after one step, load it into fresh ones and record what each rank read;
-``resume_bf16`` the same with bfloat16 weights, an EMA of decay 0.9 and three steps (the EMA's low bits)."""
+``resume_bf16`` the same with bfloat16 weights, an EMA of decay 0.9 and three steps (the EMA's low bits).
+``MODE`` may list several modes (``rank0,every,resume``): they run in turn in the one process group (one launch),
+each writing to ``OUT/<mode>/``."""
 
 from __future__ import annotations
 
@@ -116,6 +118,7 @@ def resume(pretrained: str, out: str, dtype: str = "float32", steps: int = 1, de
     torch.load = recorded_load
     ckpt_io.load_checkpoint(folder, model, teacher, optimizer, scheduler, restore_rng=False, rank=rank)
     torch.load = torch_load
+    ckpt_io.safe_open, ckpt_io.load_file = safe_open, load_file
     local = {k: p.to_local().numel() * p.element_size() for k, p in model.named_parameters() if p.requires_grad}
     torch.save(
         {"read": {k: sum(v) for k, v in read.items()}, "whole_reads": whole_reads, "optim_mmap": optim_mmap,
@@ -124,21 +127,33 @@ def resume(pretrained: str, out: str, dtype: str = "float32", steps: int = 1, de
     )  # fmt: skip
 
 
-def main(pretrained: str, out: str, mode: str) -> None:
+READS: list[str] = []  # the weight files read by safetensors.torch.load_file in the current mode
+_load_file = safetensors.torch.load_file
+
+
+def _recorded(path, *args, **kwargs):
+    READS.append(str(path))
+    return _load_file(path, *args, **kwargs)
+
+
+def main(pretrained: str, out: str, modes: str) -> None:
     dist.init_process_group("gloo")
-    if mode in ("resume", "resume_bf16"):
-        resume(pretrained, out, *(("bfloat16", 3, 0.9) if mode == "resume_bf16" else ()))
-        dist.destroy_process_group()
-        return
+    safetensors.torch.load_file = _recorded  # before diffusers is imported
+    for mode in modes.split(","):
+        folder = Path(out) / mode
+        folder.mkdir(parents=True, exist_ok=True)
+        if mode in ("resume", "resume_bf16"):
+            resume(pretrained, str(folder), *(("bfloat16", 3, 0.9) if mode == "resume_bf16" else ()))
+        else:
+            load(pretrained, folder, mode)
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def load(pretrained: str, out: Path, mode: str) -> None:
     rank = dist.get_rank()
-    reads = []
-    load_file = safetensors.torch.load_file
-
-    def recorded(path, *args, **kwargs):
-        reads.append(str(path))
-        return load_file(path, *args, **kwargs)
-
-    safetensors.torch.load_file = recorded
+    READS.clear()
+    reads = READS
     from fewstep.distributed import Sharded, gathered
     from fewstep.models.qwenimage import QwenImageModel
 
@@ -165,7 +180,6 @@ def main(pretrained: str, out: str, mode: str) -> None:
          "after": after, "stepped": stepped},
         Path(out) / f"rank{rank}.pt",
     )  # fmt: skip
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -148,18 +148,28 @@ def test_meanflow_with_grad_accumulation_under_two_process_fsdp_equals_ddp(tmp_p
     assert max((start[i]["exp_avg_sq"] - other[i]["exp_avg_sq"]).abs().max().item() for i in start) < 1e-6
 
 
-def run_load_worker(pretrained, out, mode):
-    """Run tests/fsdp_load_worker.py ``mode`` in 2 gloo processes; what each rank saved (rank order)."""
+WORKER_MODES = ("rank0", "every", "resume", "resume_bf16")
+
+
+@pytest.fixture(scope="module")
+def load_worker(tmp_path_factory):
+    """tests/fsdp_load_worker.py in 2 gloo processes, every mode of WORKER_MODES in turn in the one launch (each
+    in its own folder): the tiny Qwen-Image pipeline, the folder of each mode and what each rank saved there."""
+    from tiny_families import save_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("fsdp_load")
+    pretrained = save_tiny_pipeline("qwenimage", root / "pipe")
     worker = Path(__file__).resolve().parents[1] / "fsdp_load_worker.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
-           str(pretrained), str(out), mode]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=out, capture_output=True, text=True, timeout=240)
+           str(pretrained), str(root), ",".join(WORKER_MODES)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    ranks = {m: [torch.load(root / m / f"rank{r}.pt", weights_only=False) for r in (0, 1)] for m in WORKER_MODES}
+    return pretrained, {m: root / m for m in WORKER_MODES}, ranks
 
 
 @pytest.mark.slow
-def test_under_fsdp_only_rank_0_reads_the_pretrained_weights_and_every_rank_gets_them_exactly(tmp_path):
+def test_under_fsdp_only_rank_0_reads_the_pretrained_weights_and_every_rank_gets_them_exactly(load_worker):
     """2 gloo processes (tests/fsdp_load_worker.py) build a tiny Qwen-Image TwinFlow model from a saved pipeline and
     shard it. Inside ``Sharded.building`` rank 1 reads no weight file (diffusers' ``safetensors.torch.load_file`` is
     never called there; rank 0 calls it once) and its 82 parameters are on ``meta`` until sharding; after it, on
@@ -168,13 +178,8 @@ def test_under_fsdp_only_rank_0_reads_the_pretrained_weights_and_every_rank_gets
     output equal those of the run where every rank reads the weights (the former FSDP load), bit for bit."""
     from fewstep.models.qwenimage import QwenImageModel
     from fsdp_load_worker import inputs
-    from tiny_families import save_tiny_pipeline
 
-    pretrained = save_tiny_pipeline("qwenimage", tmp_path / "pipe")
-    runs = {}
-    for mode in ("rank0", "every"):
-        (tmp_path / mode).mkdir()
-        runs[mode] = run_load_worker(pretrained, tmp_path / mode, mode)
+    pretrained, _, runs = load_worker
     single = QwenImageModel(pretrained=str(pretrained), time_pair=True, data_shape=[4, 6, 4])
     x, t, tt, cond = inputs()
     with torch.no_grad():
@@ -201,17 +206,15 @@ def test_under_fsdp_only_rank_0_reads_the_pretrained_weights_and_every_rank_gets
 
 
 @pytest.mark.slow
-def test_resuming_under_fsdp_each_rank_reads_only_its_slices_and_restores_exactly(tmp_path):
+def test_resuming_under_fsdp_each_rank_reads_only_its_slices_and_restores_exactly(load_worker):
     """2 gloo processes (tests/fsdp_load_worker.py ``resume``) checkpoint a sharded tiny Qwen-Image TwinFlow model, its
     EMA teacher and AdamW after one step, then load the checkpoint into freshly built sharded ones. Each rank reads
     from ``model.safetensors`` exactly the bytes of its own shards plus the (unsharded) buffers, and from
     ``teacher.safetensors`` exactly its shards (no file is read whole); ``optim.pt`` is memory-mapped; the gathered
     weights, EMA and AdamW moments after the load equal those saved, bit for bit."""
-    from tiny_families import save_tiny_pipeline
-
-    pretrained = save_tiny_pipeline("qwenimage", tmp_path / "pipe")
-    ranks = run_load_worker(pretrained, tmp_path, "resume")
-    ckpt = tmp_path / "ckpt" / "step_0000001"
+    _, folders, runs = load_worker
+    ranks = runs["resume"]
+    ckpt = folders["resume"] / "ckpt" / "step_0000001"
     size = {name: sum(v.numel() * v.element_size() for v in load_file(str(ckpt / name)).values())
             for name in ("model.safetensors", "teacher.safetensors")}  # fmt: skip
     params = sum(sum(r["local"].values()) for r in ranks)
@@ -229,16 +232,14 @@ def test_resuming_under_fsdp_each_rank_reads_only_its_slices_and_restores_exactl
 
 
 @pytest.mark.slow
-def test_the_bf16_ema_low_bits_are_sharded_averaged_exactly_and_resumed_under_fsdp(tmp_path):
+def test_the_bf16_ema_low_bits_are_sharded_averaged_exactly_and_resumed_under_fsdp(load_worker):
     """``resume_bf16``: the tiny Qwen-Image model in bfloat16 under 2-process FSDP, three AdamW steps with an EMA of
     decay 0.9. The sharded EMA (bf16 shards + int16 low-bit shards) is the float32 average of the gathered weights
     bit for bit; each rank reads only its slices of ``teacher_shadow_low.safetensors``; the restored EMA and low
     bits equal the saved ones bit for bit."""
     from fewstep.teachers.base import joined
-    from tiny_families import save_tiny_pipeline
 
-    pretrained = save_tiny_pipeline("qwenimage", tmp_path / "pipe")
-    ranks = run_load_worker(pretrained, tmp_path, "resume_bf16")
+    ranks = load_worker[2]["resume_bf16"]
     saved = ranks[0]["saved"]
     assert saved["ema_low"].keys() == saved["ema"].keys() and saved["ema"]
     assert all(v.dtype == torch.bfloat16 for v in saved["ema"].values())

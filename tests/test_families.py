@@ -417,36 +417,45 @@ def test_an_fsdp_launch_on_cpu_stops_with_one_error_line_per_process(family, pre
     assert not (run / "checkpoints").exists()
 
 
+def launch_qwen(pretrained, cache, run, *extra):
+    """`accelerate launch --multi_gpu --num_processes 2` (gloo on CPU) of a full Qwen-Image TwinFlow run into ``run``
+    (lr 1e-2 constant, a checkpoint every 2 steps, a loss row every step)."""
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "fewstep",
+        "objective=twinflow", "sampler=ucgm", "model=qwenimage", f"model.pretrained={pretrained}", "data=latents",
+        f"data.path={cache}", "data.batch_size=2", "trainer.lr=1e-2", "trainer.lr_schedule=constant",
+        "trainer.log_every=1", "trainer.checkpoint_every=2", "trainer.final_nfe=[1]", "trainer.grid_size=4",
+        "trainer.sample_every=1000", "trainer.evaluate=false", "trainer.baseline_steps=0", "logger=none",
+        f"hydra.run.dir={run}", *extra,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=run.parent, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run
+
+
+@pytest.fixture(scope="module")
+def qwen_ddp_run(family, pretrained, cache, tmp_path_factory):
+    """3 steps of the full Qwen-Image TwinFlow run under 2-process DDP: the DDP test's uninterrupted run and the
+    FSDP test's reference."""
+    return launch_qwen(pretrained, cache, tmp_path_factory.mktemp("qwen_ddp") / "straight", "trainer.max_steps=3")
+
+
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:data.batch_size=2 is smaller")
-def test_full_qwenimage_under_two_process_ddp_resumes_to_the_same_weights(family, pretrained, cache, tmp_path):
+def test_full_qwenimage_under_two_process_ddp_resumes_to_the_same_weights(family, pretrained, cache, tmp_path, request):
     """`accelerate launch --multi_gpu --num_processes 2` (gloo on CPU) of a full Qwen-Image TwinFlow run: the last
     block's text stream gets no gradient, which stopped DDP at step 2 ("Expected to have finished reduction") until
     the model asked for DDP's unused-parameter search. 3 steps straight equal 2 steps + resume to 3, bit for bit;
     the EMA holds every trainable tensor at its full shape."""
-    import subprocess
-    import sys
-
     if family != "qwenimage":
         pytest.skip("the unused text stream is Qwen-Image's")
-
-    def launch(run, *extra):
-        cmd = [
-            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "fewstep",
-            "objective=twinflow", "sampler=ucgm", "model=qwenimage", f"model.pretrained={pretrained}", "data=latents",
-            f"data.path={cache}", "data.batch_size=2", "trainer.lr=1e-2", "trainer.lr_schedule=constant",
-            "trainer.log_every=1", "trainer.checkpoint_every=2", "trainer.final_nfe=[1]", "trainer.grid_size=4",
-            "trainer.sample_every=1000", "trainer.evaluate=false", "trainer.baseline_steps=0", "logger=none",
-            f"hydra.run.dir={run}", *extra,
-        ]  # fmt: skip
-        proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return run
-
-    straight = launch(tmp_path / "straight", "trainer.max_steps=3")
-    split = launch(tmp_path / "split", "trainer.max_steps=2")
-    launch(split, "trainer.max_steps=3", "trainer.resume=auto")
+    straight = request.getfixturevalue("qwen_ddp_run")
+    split = launch_qwen(pretrained, cache, tmp_path / "split", "trainer.max_steps=2")
+    launch_qwen(pretrained, cache, split, "trainer.max_steps=3", "trainer.resume=auto")
     losses = [json.loads(line)["loss"] for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert (
         len(losses) == 3
@@ -469,22 +478,19 @@ def test_full_qwenimage_under_two_process_ddp_resumes_to_the_same_weights(family
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:data.batch_size=2 is smaller")
 def test_full_qwenimage_under_two_process_fsdp_is_sharded_matches_ddp_resumes_and_loads_unsharded(
-    family, pretrained, cache, tmp_path
+    family, pretrained, cache, tmp_path, request
 ):
     """`accelerate launch --multi_gpu --num_processes 2 ... trainer.distributed=fsdp` (gloo on CPU; torch FSDP2, one
     shard unit per QwenImageTransformerBlock, gradient checkpointing, EMA 0.99) of a full Qwen-Image TwinFlow run:
     (a) each process holds half of the 205,504 parameter elements; (b) losses and weights match the same run under
-    2-process DDP (measured: losses 2.4e-7, weights 5.3e-6, AdamW moments 2.2e-8 apart after 3 steps at lr 1e-2;
-    the math is the same, only the reduction order differs); (c) 2 steps + resume to 3 under FSDP equals 3 steps
-    straight bit for bit; (d) the checkpoint has the unsharded format: fewstep.export's loader reads it, and a
-    single process (grad_accum 2, the same global batch) resumes it to step 3 within 1.5e-8 of the FSDP run (EMA
-    equal);
-    (e) the sharded EMA equals DDP's (measured 2.0e-6). Also: with trainer.mixed_precision=bf16 (bf16 gathered
-    weights, fp32 reduction) the run stays finite, keeps fp32 weights, and every rank takes part in the validation
-    grid's sampling while rank 0 writes it."""
-    import subprocess
-    import sys
-
+    2-process DDP (the DDP test's run, shared; it has no gradient checkpointing, which recomputes the same forward;
+    measured: losses 2.4e-7, weights 5.3e-6, AdamW moments 2.2e-8 apart after 3 steps at lr 1e-2, as against the
+    checkpointed DDP run; the math is the same, only the reduction order differs); (c) 2 steps + resume to 3 under
+    FSDP equals 3 steps straight bit for bit; (d) the checkpoint has the unsharded format: fewstep.export's loader
+    reads it, and a single process (grad_accum 2, the same global batch) resumes it to step 3 within 1.5e-8 of the
+    FSDP run (EMA equal); (e) the sharded EMA equals DDP's (measured 2.0e-6). Also: with
+    trainer.mixed_precision=bf16 (bf16 gathered weights, fp32 reduction) the run stays finite, keeps fp32 weights,
+    and every rank takes part in the validation grid's sampling while rank 0 writes it."""
     from fewstep.export import load_run_model
     from test_precompute_export import train_run
 
@@ -493,21 +499,11 @@ def test_full_qwenimage_under_two_process_fsdp_is_sharded_matches_ddp_resumes_an
     common = ["trainer.lr=1e-2", "trainer.lr_schedule=constant", "trainer.checkpoint_every=2"]
 
     def launch(run, *extra):
-        cmd = [
-            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "fewstep",
-            "objective=twinflow", "sampler=ucgm", "model=qwenimage", f"model.pretrained={pretrained}", "data=latents",
-            f"data.path={cache}", "data.batch_size=2", "model.gradient_checkpointing=true", *common,
-            "trainer.log_every=1", "trainer.final_nfe=[1]", "trainer.grid_size=4", "trainer.sample_every=1000",
-            "trainer.evaluate=false", "trainer.baseline_steps=0", "logger=none", f"hydra.run.dir={run}", *extra,
-        ]  # fmt: skip
-        proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return run
+        return launch_qwen(pretrained, cache, run, "model.gradient_checkpointing=true", *extra)
 
     fsdp = ["trainer.distributed=fsdp"]
     sharded = launch(tmp_path / "fsdp", "trainer.max_steps=3", *fsdp)
-    replicated = launch(tmp_path / "ddp", "trainer.max_steps=3")
+    replicated = request.getfixturevalue("qwen_ddp_run")  # the DDP test's run (checkpointing recomputes alike)
     split = launch(tmp_path / "split", "trainer.max_steps=2", *fsdp)
     launch(split, "trainer.max_steps=3", "trainer.resume=auto", *fsdp)
 

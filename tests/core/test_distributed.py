@@ -137,6 +137,8 @@ def test_meanflow_with_grad_accumulation_under_two_process_fsdp_equals_ddp(tmp_p
     rows = [[json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
             for run in (sharded, replicated)]  # fmt: skip
     assert len(rows[0]) == 4 and max(abs(a - b) for a, b in zip(*rows)) < 1e-6
+    ddp = json.loads((replicated / "summary.json").read_text())  # MeanFlow's JVP under 2-process DDP
+    assert ddp["num_processes"] == 2 and ddp["steps"] == 4 and len(rows[1]) == 4
     ckpts = [run / "checkpoints" / "step_0000004" for run in (sharded, replicated)]
     for name in ("model.safetensors", "teacher.safetensors"):
         a, b = (load_file(str(c / name)) for c in ckpts)

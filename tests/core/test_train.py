@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from fewstep.train import TrainingAborted, lr_factor, train
 
-from helpers import FAST, compose, run_cli
+from helpers import FAST, compose, run_cli, torch_threads
 
 TOY = ["data=toy2d", "model=tiny_toy", "data.batch_size=32", *FAST]
 
@@ -91,7 +91,8 @@ def test_cli_finished_run_again_is_one_error_line_and_a_sweep_again_skips_its_po
     """CLI: a single run is refused in one ``error:`` line with exit status 2; a sweep launched again into its
     sweep dir skips its finished points (exit 0, their summaries untouched) instead of recording them as failed."""
     args = [*TOY, "trainer.torch_threads=1", "trainer.max_steps=3"]
-    run_cli([*args, f"hydra.run.dir={tmp_path}/run"], tmp_path)
+    with torch_threads(1):  # the finished run made in-process (trainer.torch_threads sets them process-wide)
+        train(compose(args), run_dir=tmp_path / "run")
     summary = (tmp_path / "run" / "summary.json").read_bytes()
     proc = run_cli([*args, f"hydra.run.dir={tmp_path}/run"], tmp_path, check=False)
     assert proc.returncode == 2 and (tmp_path / "run" / "summary.json").read_bytes() == summary

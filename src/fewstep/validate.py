@@ -141,6 +141,27 @@ def check_distributed(cfg: DictConfig, kind: str) -> None:
         )
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def check_weight_dtype(cfg: DictConfig) -> None:
+    """float16 *trainable* weights (a full fine-tune with ``model.dtype=float16``) are refused: AdamW's second moment
+    and epsilon (1e-8) underflow in float16, an EMA in float16 loses most of its updates to rounding, and the fp16
+    loss scaler refuses float16 gradients ("Attempting to unscale FP16 gradients") at the first step, after the
+    model has loaded. LoRA keeps its trainable weights in float32, so a float16 frozen base is fine."""
+    dtype = str(cfg.model.get("dtype", "float32"))
+    lora = cfg.model.get("lora") or {}
+    if dtype in ("float16", "fp16") and not lora.get("enabled", False):
+        raise ConfigError(
+            f"model.dtype={dtype} with full fine-tuning trains float16 weights (AdamW and the EMA underflow, the fp16 "
+            "loss scaler refuses them); use model.dtype=bfloat16, or model.dtype=float32 with "
+            "trainer.mixed_precision=fp16, or a LoRA model (its trainable weights stay float32)"
+        )
+
+
 def _unknown_key(node: DictConfig, schema) -> str | None:
     """The first key of ``node`` (recursively, dotted) that the dataclass ``schema`` does not declare."""
     import dataclasses
@@ -245,6 +266,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     kind = _objective_kind(cfg)
     few_step = kind != "flow_matching"
     check_distributed(cfg, kind)  # config only: before the objective's and the model's own checks
+    check_weight_dtype(cfg)
     if kind in ("meanflow", "scm"):
         check_jvp_objective(obj, kind)
     if kind == "scm" and cfg.model.get("time_scale", 1.0) != 1.0:  # the tiny nets' time features (default 1000)
@@ -325,6 +347,12 @@ def validate(cfg: DictConfig) -> DictConfig:
 
     if tr.mixed_precision not in ("no", "bf16", "fp16"):
         raise ConfigError(f"trainer.mixed_precision={tr.mixed_precision!r} must be no, bf16 or fp16")
+    if tr.mixed_precision == "fp16" and not _cuda_available():
+        warnings.warn(
+            "trainer.mixed_precision=fp16 does nothing on the CPU (accelerate keeps float32 there, with no loss "
+            "scaling); use trainer.mixed_precision=bf16 for reduced precision on the CPU",
+            stacklevel=2,
+        )
     for key in ("grad_accum", "log_every", "checkpoint_every", "sample_every", "keep_last", "max_nonfinite"):
         if tr[key] < 1:
             raise ConfigError(f"trainer.{key}={tr[key]} must be >= 1")

@@ -90,6 +90,8 @@ RANGE_CHECKS = [
     (["objective.image_free=true", "teacher=frozen", "objective.enhanced_ratio=0"], "objective.enhanced_ratio != 0",
      "guided velocity"),
     (["trainer.mixed_precision=fp8"], "trainer.mixed_precision='fp8'", "must be no, bf16 or fp16"),
+    (["model=sana", "model.dtype=float16"], "model.dtype=float16", "full fine-tuning trains float16 weights"),
+    (["model=sd35", "model.dtype=fp16"], "model.dtype=fp16", "use model.dtype=bfloat16"),
     *[([f"trainer.{key}=0"], f"trainer.{key}=0", "must be >= 1")
       for key in ("grad_accum", "log_every", "checkpoint_every", "sample_every", "keep_last", "max_nonfinite")],
     (["trainer.max_steps=-1"], "trainer.max_steps=-1", "must be >= 0"),
@@ -118,6 +120,19 @@ def test_image_free_allows_exactly_the_frozen_teachers(teacher, objective):
     overrides = [f"objective={objective}", "objective.image_free=true", "objective.enhanced_ratio=4.0", *teacher]
     cfg = validate(compose(overrides))
     assert instantiate(cfg.objective).image_free
+
+
+def test_float16_frozen_base_under_lora_passes_the_weight_dtype_check():
+    from fewstep.validate import check_weight_dtype
+
+    for overrides in (["model=sana_lora", "model.dtype=float16"], ["model=sd35", "model.dtype=bfloat16"]):
+        check_weight_dtype(compose(overrides))  # LoRA's trainables stay float32; bf16 full weights are allowed
+
+
+def test_fp16_on_the_cpu_warns_that_it_does_nothing():
+    """accelerate builds no autocast and no loss scaler for fp16 on the CPU: the run would silently be float32."""
+    with pytest.warns(UserWarning, match="mixed_precision=fp16 does nothing on the CPU"):
+        validate(compose(["trainer.mixed_precision=fp16"]))
 
 
 def test_student_teacher_allowed_with_opt_in():

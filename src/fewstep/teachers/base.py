@@ -164,8 +164,9 @@ class EMATeacher(Teacher):
     all, as much as a float32 copy, but with no third copy for the forward); the update works on one tensor at
     a time in float32. Chosen over a bf16 Kahan compensation buffer (also 2 bytes, measured worse: 12.6 %
     against the 11.8 % floor at d = 0.9999 on a slowly moving weight), an 8-bit remainder (1 byte, 23 % there)
-    and stochastic rounding (0 bytes, 6–10 % where the floor is ~1 %). float32/float64 (and float16) weights
-    keep the plain average, bit-identical to before.
+    and stochastic rounding (0 bytes, 6–10 % where the floor is ~1 %). float32/float64 weights keep the plain
+    average, bit-identical to before; float16 trainable weights are refused at launch
+    (:func:`fewstep.validate.check_weight_dtype`), so a float16 average never arises.
     """
 
     def __init__(self, decay: float = 0.99, sampling_decay: float | None = None):

@@ -283,3 +283,43 @@ def test_meanflow_trains_two_steps_on_digits(tmp_path):
     assert summary["steps"] == 2 and summary["objective"] == "MeanFlow"
     assert summary["nfe/rows_grad"] == 16 and summary["nfe/calls_nograd"] == 2  # guidance + jvp
     assert torch.isfinite(torch.tensor(summary["loss/main"]))
+
+
+def test_guided_target_under_dropout_is_one_function_with_the_grad_and_jvp_passes():
+    """CFG-in-training with active dropout: ṽ = ω·v + κ·f(c) + (1 − ω − κ)·f(∅) assumes one function, so the
+    cond and null passes, the grad pass and the JVP all draw one set of dropout masks (each from the state
+    captured before the grad pass, on the whole batch, row for row). Independent computation here: every pass
+    from one RNG state, the JVP by torch.func.jvp, the loss by hand (p = 0). One batched cond/null forward on
+    the guided rows drew other masks (and the grad pass and JVP others again): loss 6.723e5 against 1.045e6."""
+    from fewstep.teachers.rng import RngState
+
+    model = tiny(dropout=0.3, seed=3)
+    model.train()
+    obj = MeanFlow(equal_time_ratio=0.5, guidance_scale=2.0, guidance_mix=0.3, cond_dropout=0.25, adaptive_p=0.0)
+    batch = digits_batch()
+    batch = Batch(batch.x.double(), batch.cond, batch.null_cond)
+    torch.manual_seed(5)
+    got, logs = obj.loss(model, None, batch, 0)
+    after = torch.get_rng_state()
+
+    torch.manual_seed(5)
+    inp = obj.sample_inputs(batch)
+    x_t, t, tt, cond, v = inp["x_t"], inp["t"], inp["tt"], inp["cond"], inp["v"]
+    rows = ~inp["dropped"]
+    assert rows.any() and not rows.all()
+    rng = RngState.capture()
+
+    def masked(x, a, b, c):  # the network under the one set of masks
+        rng.restore()
+        return model(x, a, b, c)
+
+    with torch.no_grad():
+        f_c, f_n = masked(x_t, t, t, cond), masked(x_t, t, t, inp["null"])
+        w, k = obj.guidance_scale, obj.guidance_mix
+        guided = torch.where(rows[:, None, None, None], w * v + k * f_c + (1 - w - k) * f_n, v)
+        _, dudt = torch.func.jvp(lambda x, a: masked(x, a, tt, cond), (x_t, t), (guided, torch.ones_like(t)))
+    F = masked(x_t, t, tt, cond)
+    expected = (F - (guided - (t - tt)[:, None, None, None] * dudt)).pow(2).flatten(1).sum(1).mean()
+    assert abs(got.item() - expected.item()) < 1e-9 * expected.item()
+    assert torch.equal(torch.get_rng_state(), after)  # the teacher-side passes leave the generator as one pass
+    assert logs["nfe/rows_nograd"] == 2 * 8 + 8  # whole-batch cond and null passes, then the JVP

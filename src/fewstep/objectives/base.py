@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fewstep.data.base import Batch
+from fewstep.data.base import Batch, cond_cat, cond_select
+from fewstep.objectives.jvp import unwrap
 
 
 def wide_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -95,6 +96,46 @@ def call_rows(rows: torch.Tensor) -> torch.Tensor | None:
     stand_in = torch.zeros_like(rows)
     stand_in[0] = True
     return stand_in
+
+
+def has_active_dropout(model) -> bool:
+    """Whether ``model`` (the student; a teacher calls the same module) has a dropout layer that draws masks now
+    (training mode, ``p > 0``)."""
+    return any(
+        isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training and m.p > 0 for m in unwrap(model).modules()
+    )
+
+
+@torch.no_grad()
+def guidance_passes(model, counter: EvalCounter, name: str, x_t, t, tt, cond, uncond, rows, rng, paired: bool):
+    """No-grad outputs ``(f(x_t, t, tt, cond), f(x_t, t, tt, uncond))`` on the rows ``rows`` (bool mask), for a
+    guided target (TwinFlow's enhanced target, MeanFlow's CFG-in-training), or None when no process has a row
+    (:func:`call_rows`). Both passes start from the captured ``rng`` state. Unpaired: one batched forward of the
+    rows under both conditions. ``paired`` (the model has active dropout, :func:`has_active_dropout`): two
+    forwards over the whole batch, each from ``rng``, so both see the dropout masks the pass drawn from ``rng``
+    on the whole batch draws, row for row (one batched forward, or a subset of the rows, draws other masks) and
+    the guided target is the difference of one function."""
+    run = call_rows(rows)
+    if run is None:
+        return None
+    if paired:
+        run = torch.ones_like(rows)
+    n, kept = int(run.sum()), rows[run]  # ``kept`` drops a stand-in row under FSDP (call_rows)
+    x, tr, ttr = x_t[run], t[run], tt[run]
+    if paired:
+        outs = []
+        for c in (cond, uncond):
+            rng.restore()
+            counter.add(name, n, grad=False)
+            outs.append(model(x, tr, ttr, cond_select(c, run)))
+        out = torch.cat(outs)
+    else:
+        if rng is not None:
+            rng.restore()
+        counter.add(name, 2 * n, grad=False)
+        both = cond_cat(cond_select(cond, run), cond_select(uncond, run))
+        out = model(torch.cat([x, x]), torch.cat([tr, tr]), torch.cat([ttr, ttr]), both)
+    return out[:n][kept], out[n:][kept]
 
 
 @dataclass

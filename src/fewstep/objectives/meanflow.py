@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from fewstep.data.base import Batch, cond_cat, cond_select, cond_where
-from fewstep.objectives.base import EvalCounter, Objective, call_rows, wide, wide_dtype
+from fewstep.data.base import Batch, cond_where
+from fewstep.objectives.base import EvalCounter, Objective, guidance_passes, has_active_dropout, wide, wide_dtype
 from fewstep.objectives.jvp import time_derivative, unwrap
 from fewstep.path import expand_like, interpolate
 from fewstep.teachers.rng import RngState
@@ -99,24 +99,22 @@ class MeanFlow(Objective):
         return dict(x_t=interpolate(x, z, t), t=t, tt=tt, v=(z - x), cond=cond, null=batch.null_cond, dropped=dropped)
 
     @torch.no_grad()
-    def guided_velocity(self, model, inp: dict, counter: EvalCounter) -> torch.Tensor:
-        """``ṽ`` (class docstring) on guided rows, ``v`` elsewhere."""
+    def guided_velocity(
+        self, model, inp: dict, counter: EvalCounter, rng: RngState | None = None, paired: bool = False
+    ) -> torch.Tensor:
+        """``ṽ`` (class docstring) on guided rows, ``v`` elsewhere. The cond and null passes start from ``rng``
+        (the state the grad pass and the JVP replay), on the whole batch when ``paired`` (active dropout), so
+        ``ṽ`` and ``df/dt`` are of one function: :func:`guidance_passes`."""
         v, t = inp["v"], inp["t"]
         lo, hi = self.guidance_interval
         rows = (~inp["dropped"]) & (t >= lo) & (t <= hi)
-        run = call_rows(rows) if self.guided else None
-        if run is None:
+        if not self.guided:
             return v
-        n, kept = int(run.sum()), int(rows.sum())  # kept < n: a stand-in row under FSDP (call_rows)
-        x_t, tr = inp["x_t"][run], t[run]
-        counter.add("guidance", 2 * n, grad=False)
-        out = unwrap(model)(
-            torch.cat([x_t, x_t]),
-            torch.cat([tr, tr]),
-            torch.cat([tr, tr]),
-            cond_cat(cond_select(inp["cond"], run), cond_select(inp["null"], run)),
-        )
-        f_cond, f_null = out[:n][:kept].to(v.dtype), out[n:][:kept].to(v.dtype)
+        outs = guidance_passes(unwrap(model), counter, "guidance", inp["x_t"], t, t, inp["cond"], inp["null"], rows,
+                               rng, paired)  # fmt: skip
+        if outs is None:
+            return v
+        f_cond, f_null = outs[0].to(v.dtype), outs[1].to(v.dtype)
         w, k = self.guidance_scale, self.guidance_mix
         v = v.clone()
         v[rows] = w * v[rows] + k * f_cond + (1 - w - k) * f_null
@@ -139,9 +137,11 @@ class MeanFlow(Objective):
         counter = EvalCounter(batch=len(batch))
         with torch.no_grad():
             inp = self.sample_inputs(batch)
-            v = self.guided_velocity(student, inp, counter)
+        # The guidance passes, the grad pass and the JVP all draw their dropout masks from this one state.
+        rng = RngState.capture()
+        v = self.guided_velocity(student, inp, counter, rng, paired=has_active_dropout(student))
+        rng.restore()
         x_t, t, tt, cond = inp["x_t"], inp["t"], inp["tt"], inp["cond"]
-        rng = RngState.capture()  # the JVP pass replays the grad pass's dropout masks
         counter.add("student", x_t.shape[0], grad=True)
         F = student(x_t, t, tt, cond)
         counter.add("jvp", x_t.shape[0], grad=False)

@@ -18,12 +18,13 @@ from fewstep.objectives.base import (
     EvalCounter,
     Objective,
     call_rows,
+    guidance_passes,
+    has_active_dropout,
     make_distance,
     sample_time,
     time_weight,
     wide,
 )
-from fewstep.objectives.jvp import unwrap
 from fewstep.path import interpolate, reconstruct
 from fewstep.teachers.rng import RngState
 
@@ -48,14 +49,6 @@ def partition_sizes(batch_size: int, probs: Mapping[str, float]) -> dict[str, in
         bounds.append(int(math.floor(batch_size * acc / total + 0.5)))
     bounds[-1] = batch_size
     return {k: bounds[i + 1] - bounds[i] for i, k in enumerate(GROUPS)}
-
-
-def has_active_dropout(model) -> bool:
-    """Whether ``model`` (the student; the teacher calls the same module) has a dropout layer that draws masks now
-    (training mode, ``p > 0``)."""
-    return any(
-        isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training and m.p > 0 for m in unwrap(model).modules()
-    )
 
 
 class TwinFlow(Objective):
@@ -170,47 +163,24 @@ class TwinFlow(Objective):
     def enhance_target(
         self, teacher_model, inp: dict, target: torch.Tensor, rng: RngState, counter: EvalCounter, paired=False
     ):
-        """``v ← v + w·(f_T(c) − f_T(∅))`` at ``(x_t, t, t)`` on non-adv rows with t in the range:
-        cond and uncond are one batched forward from the captured RNG state, or, with ``paired`` (the model
-        has active dropout, :func:`has_active_dropout`), two forwards each from that state over the whole
-        batch, as the reference runs them, so both draw the student pass's dropout masks row for row (one
-        batched forward, or a subset of the rows, would draw other masks). Image-free
-        (SPEC §10), the target on those rows is the teacher's guided velocity itself, ``f_T(∅) + w·(f_T(c) − f_T(∅))``
-        (``v = z − x̂`` of a self-generated ``x̂`` carries no data)."""
+        """``v ← v + w·(f_T(c) − f_T(∅))`` at ``(x_t, t, t)`` on non-adv rows with t in the range, both teacher
+        passes from the captured RNG state (:func:`guidance_passes`: one batched forward of those rows, or with
+        ``paired``, active dropout, two whole-batch forwards that draw the student pass's masks row for row, as the
+        reference runs them). Image-free (SPEC §10), the target on those rows is the teacher's guided velocity
+        itself, ``f_T(∅) + w·(f_T(c) − f_T(∅))`` (``v = z − x̂`` of a self-generated ``x̂`` carries no data)."""
         t = inp["t"]
         lo, hi = self.enhanced_range
         rows = (~inp["masks"]["adv"]) & (t > lo) & (t < hi)
-        run = call_rows(rows) if self.enhanced_ratio != 0 else None
-        if run is None:
+        if self.enhanced_ratio == 0:
             return
-        if paired:
-            run = torch.ones_like(rows)
-        n, sel = int(run.sum()), rows[run]  # the rows of ``run`` kept (not a stand-in row under FSDP, call_rows)
-        x_t, tr = inp["x_t"][run], t[run]
-        if paired:
-            outs = []
-            for key in ("cond", "uncond"):
-                rng.restore()
-                outs.append(
-                    self._call(counter, "teacher_enhance", teacher_model, x_t, tr, tr, cond_select(inp[key], run))
-                )
-            out = wide(torch.cat(outs))
-        else:
-            rng.restore()
-            out = wide(
-                self._call(
-                    counter,
-                    "teacher_enhance",
-                    teacher_model,
-                    torch.cat([x_t, x_t]),
-                    torch.cat([tr, tr]),
-                    torch.cat([tr, tr]),
-                    cond_cat(cond_select(inp["cond"], run), cond_select(inp["uncond"], run)),
-                )
-            )
-        guidance = (self.enhanced_ratio * (out[:n] - out[n:]))[sel]
+        x_t, cond, uncond = inp["x_t"], inp["cond"], inp["uncond"]
+        outs = guidance_passes(teacher_model, counter, "teacher_enhance", x_t, t, t, cond, uncond, rows, rng, paired)
+        if outs is None:
+            return
+        f_cond, f_uncond = wide(outs[0]), wide(outs[1])
+        guidance = self.enhanced_ratio * (f_cond - f_uncond)
         if self.image_free:
-            target[rows] = (out[n:][sel] + guidance).to(target.dtype)
+            target[rows] = (f_uncond + guidance).to(target.dtype)
         else:
             target[rows] += guidance
 

@@ -463,6 +463,7 @@ def test_openuni_precompute_caches_the_conditioner_output_and_dc_ae_latents(pipe
     assert manifest["family"] == "openuni" and manifest["pipeline_class"] == "OpenUniPipeline"
     assert manifest["summary"]["encoded"] == 4 and manifest["summary"]["latent_buckets"] == {"4x16x16": 4}
     assert manifest["vae"] == {"scaling_factor": 0.41407, "shift_factor": 0.0} and manifest["null_prompt"] == ""
+    assert manifest["max_sequence_length"] is None  # does not apply: always num_queries long
     entry = manifest["shards"][0]
     tensors = load_file(str(cache / entry["file"]))
     assert set(tensors) == {"latents", "prompt_embeds", "prompt_attention_mask"}

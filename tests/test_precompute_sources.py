@@ -167,3 +167,28 @@ def test_dataset_errors_name_the_fix(tmp_path):
         DatasetImages(str(tmp_path / "nope"))
     with pytest.raises(SystemExit, match="give one of images=DIR, dataset=HUB_ID_OR_DIR or prompts=FILE"):
         precompute_main(["pretrained=x", f"out={tmp_path / 'o'}"])
+
+
+def test_the_default_prompt_length_is_each_family_pipelines_own_and_a_resumed_cache_keeps_it(tmp_path):
+    """Without ``max_sequence_length=`` a cache is encoded at the family pipeline's ``__call__`` default (SD3 256
+    T5 tokens, SANA 300, Qwen-Image 512; it was 256 for all, truncating prompts the pipelines keep); an explicit
+    value wins; a shard encoded at another length is encoded again on resume, not mixed into the cache."""
+    import inspect
+
+    from diffusers import QwenImagePipeline, SanaPipeline, StableDiffusion3Pipeline
+
+    from fewstep.models.family import families
+    from fewstep.precompute import Item, Shard, _shard_done, sequence_length
+
+    found = families()
+    for name, pipeline, length in [("sd3", StableDiffusion3Pipeline, 256), ("sana", SanaPipeline, 300),
+                                   ("qwenimage", QwenImagePipeline, 512)]:  # fmt: skip
+        assert inspect.signature(pipeline.__call__).parameters["max_sequence_length"].default == length
+        assert (sequence_length(None, found[name]), sequence_length(77, found[name])) == (length, 77)
+    assert sequence_length(None, found["openuni"]) is None  # always num_queries long
+    shard = Shard("shard_00000", (8, 8), [Item("a.png", "a", (8, 8))])
+    info = {"planned": ["a.png"], "size": [8, 8], "count": 0, "files": [], "skipped": [], "max_sequence_length": 256}
+    (tmp_path / "shard_00000.json").write_text(json.dumps(info))
+    assert _shard_done(shard, tmp_path, 256) == info and _shard_done(shard, tmp_path, 512) is None
+    with pytest.raises(SystemExit, match="max_sequence_length=0 must be a positive number of tokens"):
+        precompute_main(["pretrained=x", f"out={tmp_path / 'o'}", f"images={tmp_path}", "max_sequence_length=0"])

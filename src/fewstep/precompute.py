@@ -50,7 +50,8 @@ log = logging.getLogger("fewstep.precompute")
 USAGE = (
     "usage: python -m fewstep.precompute pretrained=DIR_OR_HUB_ID (images=DIR | dataset=HUB_ID_OR_DIR "
     "[image_column=image] [caption_column=text] [split=train] | prompts=FILE) out=DIR [resolution=512] "
-    "[batch_size=4] [device=cuda|cpu] [shard_size=256] [max_sequence_length=256] [buckets=true] "
+    "[batch_size=4] [device=cuda|cpu] [shard_size=256] [max_sequence_length=N (default: the pipeline's own: SD3 256, "
+    "SANA 300, Qwen-Image 512)] [buckets=true] "
     "[dtype=auto|float32|bfloat16] [embeds_dtype=bfloat16|float16|float32] [missing_caption=skip|empty] "
     "[validation_prompts=FILE] [progress=true] [null_prompt=TEXT] [complex_human_instruction=default|none|FILE]"
 )
@@ -67,7 +68,7 @@ DEFAULTS = {
     "batch_size": 4,
     "device": None,
     "shard_size": 256,
-    "max_sequence_length": 256,
+    "max_sequence_length": None,  # None: the family's pipeline default (Family.max_sequence_length)
     "buckets": True,
     "dtype": "auto",
     "embeds_dtype": "bfloat16",
@@ -347,8 +348,8 @@ def _write_json_atomic(data: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _shard_done(shard: Shard, shards_dir: Path) -> dict | None:
-    """The sidecar of a finished shard with the planned files, else None."""
+def _shard_done(shard: Shard, shards_dir: Path, text_length: int | None) -> dict | None:
+    """The sidecar of a finished shard with the planned files and prompt length, else None."""
     sidecar = shards_dir / f"{shard.name}.json"
     if not sidecar.exists():
         return None
@@ -358,6 +359,8 @@ def _shard_done(shard: Shard, shards_dir: Path) -> dict | None:
         return None
     planned = [i.file for i in shard.items]
     if info.get("planned") != planned or tuple(info.get("size", ())) != shard.size:
+        return None
+    if info.get("max_sequence_length", "unrecorded") != text_length:  # embeddings of another width: encode again
         return None
     if info.get("count", 0) > 0 and not (shards_dir / f"{shard.name}.safetensors").exists():
         return None
@@ -383,6 +386,9 @@ def precompute(args) -> dict:
         raise PrecomputeError(f"images={args.images}: no such folder; give the folder holding the images")
     if args.resolution < 8 or args.batch_size < 1 or args.shard_size < 1:
         raise PrecomputeError("resolution must be >= 8, batch_size and shard_size >= 1")
+    length = args.max_sequence_length
+    if length is not None and (not isinstance(length, int) or isinstance(length, bool) or length < 1):
+        raise PrecomputeError(f"max_sequence_length={args.max_sequence_length} must be a positive number of tokens")
     if args.missing_caption not in ("skip", "empty"):
         raise PrecomputeError(f"missing_caption={args.missing_caption!r} must be skip or empty")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -415,6 +421,7 @@ def precompute(args) -> dict:
         )
     options = {"complex_human_instruction": chi}
     encoders = Encoders(args.pretrained, device, text_dtype, options)
+    text_length = sequence_length(args.max_sequence_length, encoders.family)
     out = Path(os.path.expanduser(args.out))
     shards_dir = out / "shards"
     shards_dir.mkdir(parents=True, exist_ok=True)
@@ -448,7 +455,7 @@ def precompute(args) -> dict:
     from tqdm import tqdm
 
     total = sum(len(s.items) for s in shards)
-    done_infos = {s.name: _shard_done(s, shards_dir) for s in shards}
+    done_infos = {s.name: _shard_done(s, shards_dir, text_length) for s in shards}
     initial = sum(len(s.items) for s in shards if done_infos[s.name] is not None)
     unit = "prompt" if prompts is not None else "img"
     progress = tqdm(total=total, initial=initial, desc="precompute", unit=unit, disable=not args.progress)
@@ -460,7 +467,7 @@ def precompute(args) -> dict:
         for start in range(0, len(shard.items), args.batch_size):
             chunk = shard.items[start : start + args.batch_size]
             if prompts is not None:  # text only: no image to read or encode
-                embeds.append(encoders.encode_text([i.caption for i in chunk], args.max_sequence_length))
+                embeds.append(encoders.encode_text([i.caption for i in chunk], text_length))
                 written.extend(i.file for i in chunk)
                 progress.update(len(chunk))
                 continue
@@ -475,7 +482,7 @@ def precompute(args) -> dict:
                     )
             if ok:
                 latents.append(encoders.encode_images(torch.stack(pixels)))
-                embeds.append(encoders.encode_text([i.caption for i in ok], args.max_sequence_length))
+                embeds.append(encoders.encode_text([i.caption for i in ok], text_length))
                 written.extend(i.file for i in ok)
             progress.update(len(chunk))
         info = {
@@ -484,6 +491,7 @@ def precompute(args) -> dict:
             "files": written,
             "count": len(written),
             "skipped": shard_skipped,
+            "max_sequence_length": text_length,
         }
         if written:
             tensors = {"latents": torch.cat(latents)} if latents else {}
@@ -495,9 +503,9 @@ def precompute(args) -> dict:
     progress.close()
 
     null_prompt = encoders.family.null_prompt(args.null_prompt)
-    null = _cast(encoders.encode_null(null_prompt, args.max_sequence_length), embeds_dtype)
+    null = _cast(encoders.encode_null(null_prompt, text_length), embeds_dtype)
     _save_atomic(null, out / "null.safetensors")
-    validation = _cast(encoders.encode_text(validation_prompts, args.max_sequence_length), embeds_dtype)
+    validation = _cast(encoders.encode_text(validation_prompts, text_length), embeds_dtype)
     _save_atomic(validation, out / "validation.safetensors")
 
     for s in shards:
@@ -546,7 +554,7 @@ def precompute(args) -> dict:
         "null_prompt": null_prompt,
         "resolution": args.resolution,
         "buckets": args.buckets,
-        "max_sequence_length": args.max_sequence_length,
+        "max_sequence_length": text_length,
         "embeds_dtype": str(embeds_dtype).replace("torch.", ""),
         "vae": encoders.vae_info,
         "shards": entries,
@@ -571,6 +579,12 @@ def precompute(args) -> dict:
             "add readable, captioned images"
         )
     return manifest
+
+
+def sequence_length(option: int | None, family) -> int | None:
+    """The prompt length the cache is encoded at: ``max_sequence_length=N`` when given, else the family's pipeline
+    default (SD3 256 T5 tokens, SANA 300, Qwen-Image 512; None where the length is fixed, e.g. OpenUni)."""
+    return family.max_sequence_length if option is None else int(option)
 
 
 def read_prompts(path: str) -> list[str]:

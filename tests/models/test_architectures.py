@@ -8,6 +8,7 @@ import torch
 from fewstep.data.synthetic import SyntheticData
 from fewstep.models import architectures
 from fewstep.models.architectures import ArchitectureError, load, materialize, random_transformer
+from fewstep.models.family import families
 
 PUBLISHED = {
     "sd35_medium": 2.24e9,
@@ -76,7 +77,7 @@ def test_materialize_refuses_a_meta_buffer():
     [
         ("sd35_medium", (16, 128, 128), {"prompt_embeds": (333, 4096), "pooled_prompt_embeds": (2048,)}),
         ("sana_1600m_1024px", (32, 32, 32), {"prompt_embeds": (300, 2304), "prompt_attention_mask": (300,)}),
-        ("qwen_image", (16, 128, 128), {"prompt_embeds": (256, 3584), "prompt_embeds_mask": (256,)}),
+        ("qwen_image", (16, 128, 128), {"prompt_embeds": (512, 3584), "prompt_embeds_mask": (512,)}),
         ("openuni_l_512", (32, 32, 32), {"prompt_embeds": (256, 2304), "prompt_attention_mask": (256,)}),
     ],
 )
@@ -86,6 +87,11 @@ def test_synthetic_data_has_the_architectures_real_shapes_at_1024(name, latent, 
     batch = next(data.batches(0))
     assert tuple(batch.x.shape) == (2, *latent)
     assert {k: tuple(v.shape[1:]) for k, v in batch.cond.items()} == cond
+    # the text length is what precompute writes by default: the family's pipeline default (after SD3's 77 CLIP
+    # tokens); OpenUni's is its fixed 256 queries
+    family = families()[data.architecture.family]
+    clip = 77 if family.name == "sd3" else 0
+    assert cond["prompt_embeds"][0] == clip + (family.max_sequence_length or 256)
     for k, v in batch.cond.items():
         if k.endswith("mask"):
             assert torch.equal(v, torch.ones_like(v)) and torch.equal(batch.null_cond[k], v)

@@ -585,6 +585,9 @@ class Family:
     pipeline_class = ""  # the diffusers pipeline class name (model_index.json ``_class_name``)
     model_class: type | None = None  # its DiffusersFamilyModel (None: no fewstep export)
     default_null_prompt = ""  # the unconditional prompt cached as null.safetensors
+    # precompute's default ``max_sequence_length``: the pipeline's own ``__call__`` default, so a cache truncates long
+    # prompts where the reference pipeline does (None: the text condition has a fixed length, the option is unused)
+    max_sequence_length: int | None = None
     text_modules = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
     # -- latents ------------------------------------------------------------------------------
@@ -613,12 +616,12 @@ class Family:
 
     # -- text -----------------------------------------------------------------------------------
 
-    def encode_text(self, pipe, prompts: list[str], device, max_sequence_length: int, options: dict) -> dict:
+    def encode_text(self, pipe, prompts: list[str], device, max_sequence_length: int | None, options: dict) -> dict:
         """The cached condition tensors of ``prompts`` (float32, CPU)."""
         out = pipe.encode_prompt(prompts, device, 1, False)
         return {"prompt_embeds": out[0].float().cpu()}
 
-    def encode_null(self, pipe, prompt: str, device, max_sequence_length: int, options: dict) -> dict:
+    def encode_null(self, pipe, prompt: str, device, max_sequence_length: int | None, options: dict) -> dict:
         """The cached condition of the unconditional prompt (``null.safetensors``): as the pipeline encodes its
         negative prompt for classifier-free guidance (here the same as :meth:`encode_text`)."""
         return self.encode_text(pipe, [prompt], device, max_sequence_length, options)

@@ -281,6 +281,7 @@ class OpenUniFamily(SanaFamily):
     pipeline_class = "OpenUniPipeline"
     model_class = OpenUniModel
     text_modules = ("text_encoder", "conditioner")
+    max_sequence_length = None  # always num_queries long
 
     def encode_text(self, pipe, prompts, device, max_sequence_length, options):
         embeds, mask = pipe.encode_prompt(list(prompts), device=device)

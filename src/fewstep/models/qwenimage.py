@@ -201,6 +201,7 @@ class QwenImageFamily(Family):
     pipeline_class = "QwenImagePipeline"
     model_class = QwenImageModel
     default_null_prompt = "Generate an image."
+    max_sequence_length = 512  # QwenImagePipeline.__call__ (its encode_prompt alone defaults to 1024)
 
     def vae_info(self, vae) -> dict:
         return {"latents_mean": list(vae.config.latents_mean), "latents_std": list(vae.config.latents_std)}

@@ -190,6 +190,7 @@ class SanaFamily(Family):
     name = "sana"
     pipeline_class = "SanaPipeline"
     model_class = SanaModel
+    max_sequence_length = 300  # SanaPipeline.__call__
 
     def vae_info(self, vae) -> dict:
         return {"scaling_factor": float(vae.config.scaling_factor), "shift_factor": 0.0}

@@ -165,6 +165,7 @@ class SD3Family(Family):
     name = "sd3"
     pipeline_class = "StableDiffusion3Pipeline"
     model_class = SD3Model
+    max_sequence_length = 256  # StableDiffusion3Pipeline.__call__: T5 tokens (after CLIP's 77)
 
     def encode_text(self, pipe, prompts, device, max_sequence_length, options):
         embeds, _, pooled, _ = pipe.encode_prompt(

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -68,6 +69,27 @@ def finished_problem(resume_from: Path | None, run_dir: Path, max_steps: int) ->
         f"To train on, raise trainer.max_steps; to evaluate or sample again, python -m fewstep.eval run_dir={run_dir} "
         f"or python -m fewstep.sample run_dir={run_dir}; to train a new run, give another hydra.run.dir"
     )
+
+
+class FinishedRunCheck(Callback):
+    """Hydra callback (``hydra.callbacks`` in ``conf/config.yaml``): a single run launched into a finished run dir
+    is refused (one ``error:`` line, exit status 2) at ``on_run_start``, before Hydra's ``run_job`` writes the
+    launch's ``.hydra/{config,hydra,overrides}.yaml`` and job log into that dir, so the finished run's record of
+    what it was stays byte-identical. :func:`train` refuses it as well (in-process callers, sweep points); anything
+    this check cannot read (a bad ``trainer.resume``, a broken checkpoint) is left to :func:`train` to report."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        import sys
+
+        try:
+            run_dir = Path(str(config.hydra.run.dir)).resolve()
+            resume_from = ckpt_io.resolve_resume(config.trainer.resume, run_dir)
+            problem = finished_problem(resume_from, run_dir, int(config.trainer.max_steps))
+        except Exception:  # noqa: BLE001 - train() reports whatever is wrong, with its own message
+            return
+        if problem is not None:
+            print(f"error: {problem}", file=sys.stderr)
+            sys.exit(2)
 
 
 def sharding_problem(fsdp_requested: bool) -> str | None:

@@ -88,14 +88,20 @@ def test_running_a_finished_run_again_changes_nothing_and_names_the_ways_on(tmp_
 
 @pytest.mark.slow
 def test_cli_finished_run_again_is_one_error_line_and_a_sweep_again_skips_its_points(tmp_path):
-    """CLI: a single run is refused in one ``error:`` line with exit status 2; a sweep launched again into its
-    sweep dir skips its finished points (exit 0, their summaries untouched) instead of recording them as failed."""
+    """CLI: a single run is refused in one ``error:`` line with exit status 2, every file of the finished run left
+    byte-identical (Hydra used to rewrite its ``.hydra/*.yaml`` with the refused launch's config and append to its
+    log); a sweep launched again into its sweep dir skips its finished points (exit 0, their summaries untouched)
+    instead of recording them as failed."""
     args = [*TOY, "trainer.torch_threads=1", "trainer.max_steps=3"]
+    run = tmp_path / "run"
     with torch_threads(1):  # the finished run made in-process (trainer.torch_threads sets them process-wide)
-        train(compose(args), run_dir=tmp_path / "run")
-    summary = (tmp_path / "run" / "summary.json").read_bytes()
-    proc = run_cli([*args, f"hydra.run.dir={tmp_path}/run"], tmp_path, check=False)
-    assert proc.returncode == 2 and (tmp_path / "run" / "summary.json").read_bytes() == summary
+        train(compose(args), run_dir=run)
+    (run / ".hydra").mkdir()  # the record a CLI launch leaves (in-process training writes none)
+    for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+        (run / ".hydra" / name).write_text(f"# the finished run's own {name}\n")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    proc = run_cli([*args, "trainer.log_every=7", f"hydra.run.dir={run}"], tmp_path, check=False)
+    assert proc.returncode == 2 and {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {tmp_path}/run is already finished at step 3") and "Traceback" not in proc.stderr
     sweep = ["-m", *args, "objective.delta_t=0.01,0.02", f"hydra.sweep.dir={tmp_path}/sweep"]

@@ -31,6 +31,14 @@ def sample_in_chunks(
     return torch.cat(outs)
 
 
+def guidance_null(sampler, data, n: int, device):
+    """The unconditional condition of ``n`` samples when ``sampler`` guides (``guidance_scale > 0``: classifier-free
+    guidance needs it), else None."""
+    if getattr(sampler, "guidance_scale", 0.0) <= 0 or not hasattr(data, "null_cond"):
+        return None
+    return cond_to(data.null_cond(n), device)
+
+
 def to_images(data, x: torch.Tensor, device) -> torch.Tensor:
     """Grid images from samples: latent data decodes them with its VAE (``data.decode``)."""
     decode = getattr(data, "decode", None)
@@ -82,10 +90,12 @@ def final_outputs(
         eval_noise, eval_cond = eval_noise.to(device), cond_to(eval_labels, device)
     results = {}
     for name, smp, steps in sample_methods(sampler, nfes, baseline_steps):
-        grid = sample_in_chunks(smp, model_fn, grid_noise, grid_cond, steps, autocast=autocast)
+        grid_null = guidance_null(smp, data, grid_size, device)
+        grid = sample_in_chunks(smp, model_fn, grid_noise, grid_cond, steps, null_cond=grid_null, autocast=autocast)
+        eval_null = guidance_null(smp, data, eval_noise.shape[0], device) if protocol else None
         if not write:
             if protocol:
-                sample_in_chunks(smp, model_fn, eval_noise, eval_cond, steps, autocast=autocast)
+                sample_in_chunks(smp, model_fn, eval_noise, eval_cond, steps, null_cond=eval_null, autocast=autocast)
             continue
         image = to_images(data, grid, device)
         title = f"{name} ({steps} step{'' if steps == 1 else 's'})"
@@ -93,7 +103,8 @@ def final_outputs(
         if not protocol:
             log(f"wrote {png}")
             continue
-        x = to_images(data, sample_in_chunks(smp, model_fn, eval_noise, eval_cond, steps, autocast=autocast), device)
+        x = sample_in_chunks(smp, model_fn, eval_noise, eval_cond, steps, null_cond=eval_null, autocast=autocast)
+        x = to_images(data, x, device)
         value_range = getattr(data, "value_range", (-1.0, 1.0))  # images: [-1, 1]; 2-D points: unbounded
         if value_range is not None:
             x = x.clamp(*value_range)

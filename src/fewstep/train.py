@@ -33,10 +33,11 @@ from fewstep import checkpoint as ckpt_io
 from fewstep.data.base import cond_to
 from fewstep.distributed import local_numel, strategy_for
 from fewstep.errors import FewstepError
-from fewstep.generate import final_outputs, sample_in_chunks, to_images
+from fewstep.generate import final_outputs, guidance_null, sample_in_chunks, to_images
 from fewstep.logging.grids import save_samples
 from fewstep.logging.writers import MetricsWriter, to_float
 from fewstep.models import build_model
+from fewstep.models.family import bind_guidance
 from fewstep.validate import validate
 
 log = logging.getLogger("fewstep")
@@ -137,6 +138,7 @@ def build_components(cfg: DictConfig, device=None, bind_teacher: bool = True):
     if bind_teacher:
         teacher.bind(model)
     sampler = instantiate(cfg.sampler, _convert_="all")
+    bind_guidance(sampler, model)
     return data, objective, model, teacher, sampler
 
 
@@ -495,12 +497,13 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
 
 
 def _validation_grid(run_dir, step, objective, sampler, model_fn, data, device, accelerator, writer, write=True):
-    """Samples at the objective's ``target_step_count`` steps (guidance 0), saved as a grid (when ``write``: the
-    other ranks of a sharded run take part in the forward passes only)."""
+    """Samples at the objective's ``target_step_count`` steps with the run's sampler, saved as a grid (when
+    ``write``: the other ranks of a sharded run take part in the forward passes only)."""
     n = 50
     noise = torch.randn(n, *data.shape, generator=torch.Generator().manual_seed(0)).to(device)
     cond = cond_to(data.grid_conds(n), device)
-    x = sample_in_chunks(sampler, model_fn, noise, cond, objective.target_step_count, autocast=accelerator.autocast)
+    steps, null = objective.target_step_count, guidance_null(sampler, data, n, device)
+    x = sample_in_chunks(sampler, model_fn, noise, cond, steps, null_cond=null, autocast=accelerator.autocast)
     if not write:
         return
     image = to_images(data, x, device)

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from fewstep.cli import parse_kv
 from fewstep.errors import FewstepError
 from fewstep.generate import final_outputs
+from fewstep.models.family import bind_guidance
 from fewstep.runs import load_run
 
 USAGE = (
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     sampler_cfg = OmegaConf.merge(run.cfg.sampler, OmegaConf.from_dotlist(sampler_overrides))
     sampler = run.sampler if not sampler_overrides else _sampler(sampler_cfg)
+    bind_guidance(sampler, run.student)  # an overridden guided sampler combines as the model's family does
     default_name = "eval.json" if args.weights == "ema" else f"eval_{args.weights}.json"
     path = Path(args.out) if args.out else run.run_dir / default_name
     # The run's own samples/ holds what its sampler and final (EMA) weights produced: an evaluation of other

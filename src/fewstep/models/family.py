@@ -629,6 +629,15 @@ class Family:
     def null_prompt(self, option: str | None) -> str:
         return self.default_null_prompt if option is None else str(option)
 
+    # -- sampling -------------------------------------------------------------------------------
+
+    def guided_velocity(self, v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torch.Tensor:
+        """Classifier-free guidance at sampling time (``sampler=euler sampler.guidance_scale=g``), as the family's
+        pipeline combines its conditional and unconditional predictions: here plain ``v_u + g·(v_c − v_u)``.
+        Training targets (TwinFlow's enhanced target, image-free and MeanFlow guidance, DMD2's real score) stay
+        plain linear guidance for every family, as the reference trains (docs/families.md)."""
+        return v_uncond + scale * (v_cond - v_uncond)
+
 
 DEFAULT_FAMILY = Family()
 
@@ -657,6 +666,14 @@ def family_for_pipeline(pipeline_class: str) -> Family:
 def family_named(name: str) -> Family:
     found = families()
     return found.get(name, DEFAULT_FAMILY)
+
+
+def bind_guidance(sampler, model) -> None:
+    """Give a guided sampler (``guidance_scale > 0`` and a ``guidance`` rule) the model family's
+    :meth:`Family.guided_velocity` (models without a family, e.g. ``tiny``: plain CFG)."""
+    if getattr(sampler, "guidance_scale", 0.0) > 0 and hasattr(sampler, "guidance"):
+        name = family_of_model_class(type(model))
+        sampler.guidance = (DEFAULT_FAMILY if name is None else family_named(name)).guided_velocity
 
 
 def family_of_model_class(cls) -> str | None:

@@ -225,6 +225,15 @@ class QwenImageFamily(Family):
         mean, std = self._stats(vae, latents)
         return vae.decode((latents * std + mean)[:, :, None], return_dict=False)[0][:, :, 0]
 
+    def guided_velocity(self, v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torch.Tensor:
+        """``QwenImagePipeline``'s true CFG: ``comb = v_u + g·(v_c − v_u)`` rescaled to the conditional prediction's
+        norm, ``comb·‖v_c‖/‖comb‖``, the norms taken per packed 2×2 token over its 4·C channels (the pipeline's
+        ``dim=-1`` of ``(B, tokens, 4C)``). Sampling only: training targets use plain linear guidance."""
+        h, w = v_cond.shape[-2:]
+        comb = pack_latents(super().guided_velocity(v_cond, v_uncond, scale))
+        cond_norm = torch.linalg.vector_norm(pack_latents(v_cond), dim=-1, keepdim=True)
+        return unpack_latents(comb * (cond_norm / torch.linalg.vector_norm(comb, dim=-1, keepdim=True)), h, w)
+
     def encode_text(self, pipe, prompts, device, max_sequence_length, options):
         embeds, mask = pipe.encode_prompt(
             prompts, device=device, num_images_per_prompt=1, max_sequence_length=max_sequence_length

@@ -4,8 +4,10 @@ Uniform grid ``t_i = 1 − i/n`` (optionally SD3-shifted, ``t' = s·t / (1 + (s 
 the model called at ``(x, t, t, cond)`` (target time = current time: an
 instantaneous velocity), ``x ← x + (t_next − t)·F``. With ``guidance_scale = g > 0``
 the conditional and unconditional passes are one batched forward
-(``torch.cat``) and ``F = F_u + g·(F_c − F_u)``. The state is float64 (cast to the
-noise dtype for each model call), as in the UCGM sampler.
+(``torch.cat``) and ``F = F_u + g·(F_c − F_u)``, or the model family's own combination
+(``guidance``, set by :func:`fewstep.models.family.bind_guidance`: Qwen-Image rescales it as its
+pipeline does). The state is float64 (cast to the noise dtype for each model call), as in the
+UCGM sampler.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import torch
 
 from fewstep.data.base import cond_cat
+from fewstep.models.family import DEFAULT_FAMILY
 from fewstep.path import full_time
 from fewstep.samplers.ucgm import VelocityModel, shift_time, state_dtype
 
@@ -36,6 +39,7 @@ class EulerSampler:
             raise ValueError(f"shift must be > 0, got {shift}.")
         self.guidance_scale = float(guidance_scale)
         self.shift = float(shift)
+        self.guidance = DEFAULT_FAMILY.guided_velocity  # (v_cond, v_uncond, g) -> F; the model family's once bound
 
     def time_grid(self, steps: int) -> torch.Tensor:
         return euler_time_grid(steps, self.shift)
@@ -73,6 +77,6 @@ class EulerSampler:
             velocity = model(x_in, t, t, model_cond).to(x)
             if guided:
                 v_cond, v_uncond = velocity[:batch], velocity[batch:]
-                velocity = v_uncond + self.guidance_scale * (v_cond - v_uncond)
+                velocity = self.guidance(v_cond, v_uncond, self.guidance_scale)
             x = x + (t_next - t_cur) * velocity
         return x.to(in_dtype)

@@ -185,7 +185,7 @@ def test_the_default_prompt_length_is_each_family_pipelines_own_and_a_resumed_ca
                                    ("qwenimage", QwenImagePipeline, 512)]:  # fmt: skip
         assert inspect.signature(pipeline.__call__).parameters["max_sequence_length"].default == length
         assert (sequence_length(None, found[name]), sequence_length(77, found[name])) == (length, 77)
-    assert sequence_length(None, found["openuni"]) is None  # always num_queries long
+    assert sequence_length(None, found["openuni"]) is sequence_length(77, found["openuni"]) is None  # fixed length
     shard = Shard("shard_00000", (8, 8), [Item("a.png", "a", (8, 8))])
     info = {"planned": ["a.png"], "size": [8, 8], "count": 0, "files": [], "skipped": [], "max_sequence_length": 256}
     (tmp_path / "shard_00000.json").write_text(json.dumps(info))

@@ -583,7 +583,10 @@ def precompute(args) -> dict:
 
 def sequence_length(option: int | None, family) -> int | None:
     """The prompt length the cache is encoded at: ``max_sequence_length=N`` when given, else the family's pipeline
-    default (SD3 256 T5 tokens, SANA 300, Qwen-Image 512; None where the length is fixed, e.g. OpenUni)."""
+    default (SD3 256 T5 tokens, SANA 300, Qwen-Image 512); None where the family's text length is fixed and the
+    option does not apply (OpenUni, pipelines without a fewstep family)."""
+    if family.max_sequence_length is None:
+        return None
     return family.max_sequence_length if option is None else int(option)
 
 

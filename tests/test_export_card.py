@@ -279,3 +279,48 @@ def test_export_is_self_contained_and_loads_with_a_bare_import(tiny_lora_run, tm
     remote = torch.load(tmp_path / "remote.pt")
     assert torch.isfinite(local).all() and (local - latents).abs().max() > 1e-3
     assert (remote - local).abs().max().item() < 1e-6
+
+
+def test_the_cards_loading_code_samples_an_any_style_export_as_the_native_sampler(tmp_path):
+    """The default sampler (``sampler=ucgm_any``) exports a ``sampling_style="any"`` scheduler: each step jumps to
+    the next grid time, so the transformer's target time must come from the scheduler. The card's snippet (run
+    here on the CPU in float32) must give the native UCGM sampler's latents, the target time fed explicitly."""
+    import torch
+
+    import fewstep  # noqa: F401 - diffusers resolves the exported classes
+    from fewstep.models.sana import SanaTwinFlowTransformer2DModel
+    from fewstep.samplers.scheduler import TwinFlowScheduler
+    from fewstep.samplers.ucgm import UCGMSampler
+    from tiny_families import build_tiny_sana_pipeline
+
+    pipe = build_tiny_sana_pipeline()
+    transformer = SanaTwinFlowTransformer2DModel.from_config({**pipe.transformer.config, "time_pair": True})
+    transformer.load_state_dict(pipe.transformer.state_dict(), strict=False)
+    torch.manual_seed(0)
+    with torch.no_grad():  # a trained target-time embedding (at init it is zero and tt would not matter)
+        for p in transformer.time_embed.target_embedder.parameters():
+            p.normal_(0, 0.3)
+    pipe.transformer = transformer.eval()
+    pipe.scheduler = TwinFlowScheduler(sampling_style="any", stochast_ratio=0.0)
+    pipe.save_pretrained(tmp_path / "export")
+
+    code = load_code("SanaPipeline", str(tmp_path / "export"), 2, lora=False, style="any")
+    code = code[: next(i for i, line in enumerate(code) if line.startswith("image = "))]
+    namespace = {}
+    exec("\n".join(code).replace('"cuda"', '"cpu"').replace("torch.bfloat16", "torch.float32"), namespace)
+    loaded = namespace["pipe"]
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        embeds, mask, _, _ = loaded.encode_prompt("a red cat", do_classifier_free_guidance=False,
+                                                  max_sequence_length=8, complex_human_instruction=None)  # fmt: skip
+        out = loaded("a red cat", height=32, width=32, num_inference_steps=2, guidance_scale=0.0,
+                     latents=latents.clone(), max_sequence_length=8, complex_human_instruction=None,
+                     use_resolution_binning=False, output_type="latent").images  # fmt: skip
+
+        def model(x, t, tt, cond):
+            return transformer(x, embeds, t * 1000, encoder_attention_mask=mask, target_timestep=tt * 1000,
+                               return_dict=False)[0]  # fmt: skip
+
+        native = UCGMSampler(style="any", stochast_ratio=0.0).sample(model, latents.clone(), None, 2)
+    assert (native - latents).abs().max().item() > 1.0
+    assert (out - native).abs().max().item() < 1e-5

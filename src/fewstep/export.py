@@ -237,6 +237,12 @@ def export(args) -> dict:
             else f" (without fewstep: DiffusionPipeline.from_pretrained({str(out)!r}, trust_remote_code=True))"
         ),
     }
+    if scheduler.config.sampling_style != "few" and family.pipeline_class not in fewstep_pipeline_classes():
+        # 'any' / 'mul' steps land on tt != 0: the transformer must read it from the scheduler (load_pipeline does)
+        info["load"] = (
+            f"from fewstep.export import load_pipeline; load_pipeline({str(out)!r}) (or after from_pretrained: "
+            "pipe.transformer.use_scheduler_target_time(pipe.scheduler))"
+        )
     if model.lora_enabled:
         from peft.utils import get_peft_model_state_dict
 
@@ -261,7 +267,8 @@ def export(args) -> dict:
     from fewstep.export_card import load_code, write_model_card
 
     nfe = scheduler.config.default_num_inference_steps
-    code = load_code(family.pipeline_class, args.hub_repo or str(out), nfe, bool(model.lora_enabled))
+    style = str(scheduler.config.sampling_style)
+    code = load_code(family.pipeline_class, args.hub_repo or str(out), nfe, bool(model.lora_enabled), style)
     write_model_card(out, cfg, {**info, "default_steps": nfe, "load_code": code}, run_dir, pipeline_source)
     (out / "fewstep_export.json").write_text(json.dumps(info, indent=2))
     log.info("exported step %d (%s weights) of %s to %s", step, used, run_dir, out)

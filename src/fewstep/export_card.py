@@ -161,14 +161,20 @@ def model_card(cfg, info: dict, base: str, license_info: dict, grid: str | None,
     return "\n".join(lines)
 
 
-def load_code(pipeline_class: str, where: str, nfe: int, lora: bool) -> list[str]:
+def load_code(pipeline_class: str, where: str, nfe: int, lora: bool, style: str = "few") -> list[str]:
     """The card's loading snippet: the folder (or hub repo) as a diffusers pipeline, ``nfe`` steps at guidance 0,
     with fewstep installed or (its code travels in the folder) without; a pipeline class of fewstep's own
     (OpenUni) needs fewstep installed. A LoRA run also shows :func:`fewstep.export.load_lora_pipeline` on the
-    base pipeline."""
+    base pipeline. ``style``: the exported scheduler's sampling style; for ``any`` / ``mul`` the transformer reads
+    its target time from the scheduler (a pipeline passes only the timestep; without that it would use ``tt = 0``,
+    the few-step jump), which the snippet switches on after each ``from_pretrained`` (OpenUni's pipeline and
+    ``load_lora_pipeline`` do it themselves)."""
     from fewstep.export_code import fewstep_pipeline_classes
 
     own = pipeline_class in fewstep_pipeline_classes()
+    attach = []
+    if style != "few" and not own:
+        attach = [f"pipe.transformer.use_scheduler_target_time(pipe.scheduler)  # '{style}' steps: tt from it"]
     lines = [
         "import torch",
         f"import fewstep  # lets diffusers find fewstep's {'pipeline, ' if own else ''}transformer and "
@@ -176,6 +182,7 @@ def load_code(pipeline_class: str, where: str, nfe: int, lora: bool) -> list[str
         f"from diffusers import {pipeline_class}",
         "",
         f'pipe = {pipeline_class}.from_pretrained("{where}", torch_dtype=torch.bfloat16).to("cuda")',
+        *attach,
         f'image = pipe("a photo of a red fox in snow", num_inference_steps={nfe}, guidance_scale=0.0).images[0]',
     ]
     if not own:
@@ -184,6 +191,7 @@ def load_code(pipeline_class: str, where: str, nfe: int, lora: bool) -> list[str
             "# without fewstep installed: the classes' code ships in the component folders",
             "from diffusers import DiffusionPipeline",
             f'pipe = DiffusionPipeline.from_pretrained("{where}", trust_remote_code=True, torch_dtype=torch.bfloat16)',
+            *attach,
         ]
     if lora:
         lines += [

@@ -131,6 +131,48 @@ def test_lora_trains_adapters_and_embeddings_and_the_ema_holds_only_them(family,
     assert any(".sign_embedding." in n for n in grads) and any(".target_embedder." in n for n in grads)
 
 
+def test_the_pipeline_on_the_exported_transformer_equals_the_native_sampler_for_a_ragged_non_square_batch(
+    family, pretrained, pipe
+):
+    """Two prompts of different lengths (a mask with padding), a non-square latent (Qwen-Image: 4 × 8, packed 2 × 4;
+    SANA: 16 × 32) and the ``any`` style (tt = t_next, read from the scheduler) with non-zero time-pair embeddings:
+    the family's pipeline on the exported transformer gives the native UCGM sampler's latents on the fewstep model
+    (cond from the cache encoder, padded to ``max_sequence_length``) for the same noise."""
+    from fewstep.models.qwenimage import pack_latents, unpack_latents
+    from fewstep.samplers.scheduler import TwinFlowScheduler
+    from fewstep.samplers.ucgm import UCGMSampler
+
+    model = model_class(family)(pretrained=str(pretrained), time_pair=True)
+    emb = model.transformer.get_submodule(model.time_embed_attr)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in [*emb.target_embedder.parameters(), emb.sign_embedding.weight]:
+            p.normal_(0, 0.3)
+    scheduler = TwinFlowScheduler(sampling_style="any", stochast_ratio=0.0)
+    exported = type(pipe)(**{**pipe.components, "transformer": model.export_transformer(), "scheduler": scheduler})
+    exported.set_progress_bar_config(disable=True)
+    exported.transformer.use_scheduler_target_time(scheduler)
+    prompts = ["cat", "a blue bird on a branch by the sea"]
+    cond = encode(family, exported, prompts)
+    mask = cond["prompt_attention_mask" if family == "sana" else "prompt_embeds_mask"]
+    assert len(set(mask.sum(1).tolist())) == 2 and mask.shape[1] == MAX_SEQ[family]  # ragged, padded
+    scale = 2 if family == "sana" else 4
+    h, w = SIDE[family] // scale, 2 * SIDE[family] // scale
+    latents = torch.randn(2, CHANNELS, h, w, generator=torch.Generator().manual_seed(3))
+    size = {"height": SIDE[family], "width": 2 * SIDE[family], "num_inference_steps": 2, "output_type": "latent"}
+    with torch.no_grad():
+        if family == "sana":
+            out = exported(prompts, latents=latents.clone(), guidance_scale=0.0, max_sequence_length=MAX_SEQ[family],
+                           complex_human_instruction=None, use_resolution_binning=False, **size).images  # fmt: skip
+            native = UCGMSampler(style="any", stochast_ratio=0.0).sample(model, latents.clone(), cond, 2)
+        else:
+            packed = exported(prompts, latents=pack_latents(latents), max_sequence_length=MAX_SEQ[family], **size)
+            out = unpack_latents(packed.images, h, w)
+            native = UCGMSampler(style="any", stochast_ratio=0.0).sample(model, latents.clone(), cond, 2)
+    assert (native - latents).abs().max().item() > 1.0
+    assert (out - native).abs().max().item() < 1e-5
+
+
 def test_qwenimage_default_lora_targets_are_the_reference_list(tmp_path):
     from fewstep.models.qwenimage import QwenImageModel
     from fewstep.schema import QWENIMAGE_LORA_TARGETS

@@ -420,6 +420,41 @@ def test_openuni_lora_wraps_the_reference_targets_not_the_time_pair_copy(pretrai
     assert set(teacher.shadow) == trainable and len(trainable) == 7 + 2 * 11
 
 
+def test_openuni_pipeline_reads_the_target_time_of_its_current_scheduler():
+    """OpenUniPipeline points its TwinFlow transformer at its scheduler on every call: after a TwinFlowScheduler
+    ("mul": tt = t) is swapped for another scheduler (no target time), the transformer uses the default tt = 0,
+    as an Euler loop on the scheduler's sigmas with the target time fed explicitly, not the old scheduler's tt."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from fewstep.models.sana import SanaTwinFlowTransformer2DModel
+    from fewstep.samplers.scheduler import TwinFlowScheduler
+    from tiny_families import build_tiny_openuni_pipeline
+
+    pipe = build_tiny_openuni_pipeline()
+    transformer = SanaTwinFlowTransformer2DModel.from_config({**pipe.transformer.config, "time_pair": True})
+    transformer.load_state_dict(pipe.transformer.state_dict(), strict=False)
+    torch.manual_seed(0)
+    with torch.no_grad():  # a trained target-time embedding (at init it is zero and tt would not matter)
+        for p in transformer.time_embed.target_embedder.parameters():
+            p.normal_(0, 0.3)
+    pipe.transformer = transformer.eval()
+    pipe.scheduler = TwinFlowScheduler(sampling_style="mul", stochast_ratio=0.0)
+    embeds, _ = pipe.encode_prompt(["a red cat"])
+    latents = torch.randn(1, CHANNELS, 16, 16, generator=torch.Generator().manual_seed(3))
+    call = {"prompt_embeds": embeds, "height": SIDE, "width": SIDE, "num_inference_steps": 2, "output_type": "latent"}
+    pipe(latents=latents.clone(), **call)  # attaches the TwinFlowScheduler
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler()
+    out = pipe(latents=latents.clone(), **call).images
+    euler = FlowMatchEulerDiscreteScheduler()
+    euler.set_timesteps(2)
+    x, ones = latents.clone(), torch.ones(1, QUERIES)
+    with torch.no_grad():
+        for sigma, sigma_next in zip(euler.sigmas[:-1], euler.sigmas[1:]):
+            v = transformer(x, embeds, sigma[None] * 1000, encoder_attention_mask=ones, target_timestep=0.0)[0]
+            x = x + (sigma_next - sigma) * v
+    assert (out - x).abs().max().item() < 1e-5
+
+
 # --------------------------------------------------------------------------- precompute
 
 

@@ -195,7 +195,9 @@ class TwinFlowTransformerMixin:
     target_time_source = None
 
     def use_scheduler_target_time(self, scheduler) -> None:
-        """Read ``tt`` from ``scheduler.current_target_time()`` at every call (any/mul sampling styles)."""
+        """Read ``tt`` from ``scheduler.current_target_time()`` at every call (any/mul sampling styles); None: back to
+        ``config.default_target_time``. It is that scheduler object: after swapping a pipeline's scheduler, call
+        this again with the new one."""
         self.target_time_source = scheduler
 
     def init_time_pair(self, embedding_cls, time_pair: bool, default_target_time: float, **from_base) -> None:

@@ -219,8 +219,9 @@ class OpenUniPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             negative_prompt_embeds, _ = self.encode_prompt(negatives)
         if num_inference_steps is None:
             num_inference_steps = int(getattr(self.scheduler.config, "default_num_inference_steps", None) or 20)
-        if isinstance(self.transformer, TwinFlowTransformerMixin) and hasattr(self.scheduler, "current_target_time"):
-            self.transformer.use_scheduler_target_time(self.scheduler)
+        if isinstance(self.transformer, TwinFlowTransformerMixin):  # the scheduler of this call, not a swapped-out one
+            timed = hasattr(self.scheduler, "current_target_time")
+            self.transformer.use_scheduler_target_time(self.scheduler if timed else None)
         sana = SanaPipeline(
             tokenizer=None, text_encoder=None, vae=self.vae, transformer=self.transformer, scheduler=self.scheduler
         )

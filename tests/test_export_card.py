@@ -288,19 +288,12 @@ def test_the_cards_loading_code_samples_an_any_style_export_as_the_native_sample
     import torch
 
     import fewstep  # noqa: F401 - diffusers resolves the exported classes
-    from fewstep.models.sana import SanaTwinFlowTransformer2DModel
     from fewstep.samplers.scheduler import TwinFlowScheduler
     from fewstep.samplers.ucgm import UCGMSampler
-    from tiny_families import build_tiny_sana_pipeline
+    from tiny_families import build_tiny_sana_pipeline, trained_twinflow_sana
 
     pipe = build_tiny_sana_pipeline()
-    transformer = SanaTwinFlowTransformer2DModel.from_config({**pipe.transformer.config, "time_pair": True})
-    transformer.load_state_dict(pipe.transformer.state_dict(), strict=False)
-    torch.manual_seed(0)
-    with torch.no_grad():  # a trained target-time embedding (at init it is zero and tt would not matter)
-        for p in transformer.time_embed.target_embedder.parameters():
-            p.normal_(0, 0.3)
-    pipe.transformer = transformer.eval()
+    pipe.transformer = transformer = trained_twinflow_sana(pipe.transformer)
     pipe.scheduler = TwinFlowScheduler(sampling_style="any", stochast_ratio=0.0)
     pipe.save_pretrained(tmp_path / "export")
 

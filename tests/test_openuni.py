@@ -426,18 +426,11 @@ def test_openuni_pipeline_reads_the_target_time_of_its_current_scheduler():
     as an Euler loop on the scheduler's sigmas with the target time fed explicitly, not the old scheduler's tt."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from fewstep.models.sana import SanaTwinFlowTransformer2DModel
     from fewstep.samplers.scheduler import TwinFlowScheduler
-    from tiny_families import build_tiny_openuni_pipeline
+    from tiny_families import build_tiny_openuni_pipeline, trained_twinflow_sana
 
     pipe = build_tiny_openuni_pipeline()
-    transformer = SanaTwinFlowTransformer2DModel.from_config({**pipe.transformer.config, "time_pair": True})
-    transformer.load_state_dict(pipe.transformer.state_dict(), strict=False)
-    torch.manual_seed(0)
-    with torch.no_grad():  # a trained target-time embedding (at init it is zero and tt would not matter)
-        for p in transformer.time_embed.target_embedder.parameters():
-            p.normal_(0, 0.3)
-    pipe.transformer = transformer.eval()
+    pipe.transformer = transformer = trained_twinflow_sana(pipe.transformer)
     pipe.scheduler = TwinFlowScheduler(sampling_style="mul", stochast_ratio=0.0)
     embeds, _ = pipe.encode_prompt(["a red cat"])
     latents = torch.randn(1, CHANNELS, 16, 16, generator=torch.Generator().manual_seed(3))

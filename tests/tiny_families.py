@@ -356,3 +356,18 @@ def save_openuni_sources(root: str | os.PathLike, seed: int = 0, transformer=Tru
         "llm": lm,
         "tokenizer": tokenizer,
     }
+
+
+def trained_twinflow_sana(transformer, seed: int = 0):
+    """``transformer`` (a ``SanaTransformer2DModel``) as fewstep's exportable ``SanaTwinFlowTransformer2DModel`` whose
+    target-time embedding looks trained (normal weights, std 0.3; at init it is zero and the target time would not
+    matter), in eval mode."""
+    from fewstep.models.sana import SanaTwinFlowTransformer2DModel
+
+    twin = SanaTwinFlowTransformer2DModel.from_config({**transformer.config, "time_pair": True})
+    twin.load_state_dict(transformer.state_dict(), strict=False)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in twin.time_embed.target_embedder.parameters():
+            p.normal_(0, 0.3)
+    return twin.eval()

@@ -600,6 +600,37 @@ def test_the_exported_scheduler_keeps_the_run_samplers_shift():
     assert (scheduler.sigmas - native).abs().max().item() < 1e-9, (scheduler.sigmas.tolist(), native.tolist())
 
 
+def test_the_exported_scheduler_of_an_euler_run_samples_as_its_euler_sampler(caplog):
+    """A flow-matching baseline samples with sampler=euler: target_step_count Euler steps on its shifted uniform grid,
+    the model at tt = t. Its exported TwinFlowScheduler (the "mul" style without noise on that grid) must give the
+    Euler sampler's samples in a diffusers-style loop, not a stochastic few-step jump of at most 8 steps."""
+    from omegaconf import OmegaConf
+
+    from fewstep.export import scheduler_for_run
+    from fewstep.samplers.euler import EulerSampler
+
+    sampler = {"_target_": "fewstep.samplers.euler.EulerSampler", "shift": 3.0, "guidance_scale": 4.5}
+    cfg = OmegaConf.create({"sampler": sampler, "objective": {"target_step_count": 12}})
+    with caplog.at_level("WARNING", logger="fewstep.export"):
+        scheduler = scheduler_for_run(cfg)
+    assert "guidance_scale=4.5" in caplog.text  # the pipeline's own guidance_scale argument does the CFG
+    steps = scheduler.config.default_num_inference_steps
+
+    def model(x, t, tt, cond):  # a velocity that also depends on the target time
+        t, tt = t.view(-1, 1, 1, 1), tt.view(-1, 1, 1, 1)
+        return torch.sin(3 * x) * (1 + t) - 0.5 * x + 2 * (t - tt)
+
+    noise = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    scheduler.set_timesteps(steps)
+    x = noise
+    for timestep in scheduler.timesteps:
+        t = torch.full((2,), float(timestep) / 1000, dtype=noise.dtype)
+        tt = torch.full((2,), scheduler.current_target_time(), dtype=noise.dtype)
+        x = scheduler.step(model(x, t, tt, None), timestep, x).prev_sample
+    native = EulerSampler(shift=3.0).sample(model, noise, None, 12)
+    assert steps == 12 and (x - native).abs().max().item() < 1e-5, (x - native).abs().max().item()
+
+
 def test_exporting_a_heun_run_warns_that_the_scheduler_is_first_order(caplog):
     from omegaconf import OmegaConf
 

@@ -87,14 +87,37 @@ def _family_of_folder(path) -> object:
 
 
 def scheduler_for_run(cfg, sampler=None):
-    """A ``TwinFlowScheduler`` with the run's UCGM sampler settings and its target step count."""
+    """A ``TwinFlowScheduler`` that samples as the run's sampler, for its target step count: the UCGM sampler's
+    settings (at most 8 steps by default), or for ``sampler=euler`` the noiseless "mul" style on the uniform
+    (shifted) grid, which is the Euler step with ``tt = t`` (``target_step_count`` steps)."""
     from hydra.utils import instantiate
 
+    from fewstep.samplers.euler import EulerSampler
     from fewstep.samplers.scheduler import TwinFlowScheduler
     from fewstep.samplers.ucgm import UCGMSampler
 
     sampler = sampler if sampler is not None else instantiate(cfg.sampler, _convert_="all")
     kwargs = {}
+    steps = int(cfg.objective.get("target_step_count", 2))
+    max_steps = 8
+    if isinstance(sampler, EulerSampler):
+        # UCGM "mul" with s = 0: x ← (1 − t')(x − t·F) + t'(x + (1 − t)·F) = x + (t' − t)·F at tt = t, and gaps
+        # (0, 0) give the grid 1, 1 − 1/n, ..., 1/n, 0 (then shifted): Euler's
+        kwargs = dict(
+            shift=sampler.shift,
+            sampling_style="mul",
+            stochast_ratio=0.0,
+            time_dist_ctrl=[1.0, 1.0, 1.0],
+            rfba_gap_steps=[0.0, 0.0],
+        )
+        max_steps = max(steps, 1)
+        if sampler.guidance_scale > 0:
+            log.warning(
+                "the run samples with guidance_scale=%s (CFG); the exported scheduler does not guide: pass "
+                "guidance_scale=%s to the pipeline (diffusers pipelines guide above 1)",
+                sampler.guidance_scale,
+                sampler.guidance_scale,
+            )
     if isinstance(sampler, UCGMSampler):
         kwargs = dict(
             shift=sampler.shift,
@@ -110,11 +133,10 @@ def scheduler_for_run(cfg, sampler=None):
                 "(one transformer call per step), so the pipeline's samples differ from fewstep.sample's",
                 sampler.sampling_order,
             )
-    steps = int(cfg.objective.get("target_step_count", 2))
     return TwinFlowScheduler(
         num_train_timesteps=1000,
         prediction_type="flow_matching",
-        default_num_inference_steps=min(max(steps, 1), 8),
+        default_num_inference_steps=min(max(steps, 1), max_steps),
         **{"shift": 1.0, **kwargs},
     )
 
@@ -237,7 +259,10 @@ def export(args) -> dict:
             else f" (without fewstep: DiffusionPipeline.from_pretrained({str(out)!r}, trust_remote_code=True))"
         ),
     }
-    if scheduler.config.sampling_style != "few" and family.pipeline_class not in fewstep_pipeline_classes():
+    # the style whose target time the transformer must read from the scheduler ("few": tt = 0, its default; a
+    # transformer without the time-pair embeddings has no target time)
+    style = str(scheduler.config.sampling_style) if model.has_time_pair() else "few"
+    if style != "few" and family.pipeline_class not in fewstep_pipeline_classes():
         # 'any' / 'mul' steps land on tt != 0: the transformer must read it from the scheduler (load_pipeline does)
         info["load"] = (
             f"from fewstep.export import load_pipeline; load_pipeline({str(out)!r}) (or after from_pretrained: "
@@ -267,7 +292,6 @@ def export(args) -> dict:
     from fewstep.export_card import load_code, write_model_card
 
     nfe = scheduler.config.default_num_inference_steps
-    style = str(scheduler.config.sampling_style)
     code = load_code(family.pipeline_class, args.hub_repo or str(out), nfe, bool(model.lora_enabled), style)
     write_model_card(out, cfg, {**info, "default_steps": nfe, "load_code": code}, run_dir, pipeline_source)
     (out / "fewstep_export.json").write_text(json.dumps(info, indent=2))

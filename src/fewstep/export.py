@@ -113,8 +113,9 @@ def scheduler_for_run(cfg, sampler=None):
         max_steps = max(steps, 1)
         if sampler.guidance_scale > 0:
             log.warning(
-                "the run samples with guidance_scale=%s (CFG); the exported scheduler does not guide: pass "
-                "guidance_scale=%s to the pipeline (diffusers pipelines guide above 1)",
+                "the run samples with guidance_scale=%s (CFG); the exported scheduler does not guide: give the "
+                "pipeline its own guidance argument (guidance_scale=%s, applied above 1; Qwen-Image: true_cfg_scale "
+                "with a negative_prompt)",
                 sampler.guidance_scale,
                 sampler.guidance_scale,
             )

@@ -458,8 +458,10 @@ def check_model_data(cfg: DictConfig) -> None:
             manifest = None
     if config is not None and manifest is not None:
         problems += _latent_shape_problems(model, data, config, manifest)
+    problems = list(dict.fromkeys(problems))  # data=synthetic follows model.architecture: one problem, once
     if len(problems) > 1:
-        head = "needs its weights and a latent cache" if config is None and manifest is None else "cannot start"
+        missing = config is None and manifest is None and not model.get("random_init")
+        head = "needs its weights and a latent cache" if missing else "cannot start"
         raise ConfigError(f"{_choice(cfg, 'model')} {head}: " + "; and ".join(problems))
     if problems:
         raise ConfigError(problems[0])
@@ -480,8 +482,16 @@ def _transformer_config(model: DictConfig) -> dict:
     """The transformer config the run will build: the shipped architecture (``model.random_init``) or the
     pretrained one's ``config.json`` (read, not its weights)."""
     if model.get("random_init"):
+        from hydra.utils import get_class
+
         from fewstep.models import architectures
 
+        try:
+            cls = get_class(str(model._target_))
+        except Exception:  # noqa: BLE001 - an unknown target is reported elsewhere
+            cls = None
+        if hasattr(cls, "shipped_architecture"):  # a family model: the architecture must be its transformer class
+            return cls.shipped_architecture(model.get("architecture")).with_layers(model.get("num_layers")).config
         return architectures.load(str(model.architecture)).with_layers(model.get("num_layers")).config
     from fewstep.models.pretrained_config import pretrained_config
 

@@ -165,3 +165,17 @@ def test_a_random_init_model_on_image_data_is_told_to_use_synthetic_latents():
     with pytest.raises(ConfigError, match=r"model.random_init=true trains on latents .*: give data=synthetic"):
         validate(compose(["model=sd35_lora", "model.random_init=true"]))
     validate(compose(["model=sd35_lora", "model.random_init=true", "data=synthetic"]))  # no weights needed
+
+
+def test_validate_names_an_architecture_of_another_family_and_a_misspelt_one_once():
+    from fewstep.validate import ConfigError, validate
+
+    from helpers import compose
+
+    base = ["model.random_init=true", "data=synthetic"]
+    with pytest.raises(ConfigError, match=r"^model.architecture=qwen_image is a QwenImageTransformer2DModel, not the"):
+        validate(compose(["model=sana", "model.architecture=qwen_image", *base]))
+    with pytest.raises(ConfigError) as err:
+        validate(compose(["model=sd35_lora", "model.architecture=sd35_mediun", *base]))
+    assert str(err.value).count("is not shipped") == 1
+    assert "(did you mean sd35_medium?)" in str(err.value)

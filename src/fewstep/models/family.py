@@ -485,10 +485,8 @@ class DiffusersFamilyModel(nn.Module):
             raise load_error("model.pretrained", pretrained, err) from err
 
     @classmethod
-    def random_transformer(cls, architecture: str | None, num_layers: int | None, dtype: torch.dtype):
-        """``model.random_init=true``: the shipped architecture ``model.architecture`` (published config, random
-        weights, no download; :mod:`fewstep.models.architectures`) at ``model.num_layers`` depth (None: all),
-        materialised on the training device in ``dtype``. For step-time and memory measurements only."""
+    def shipped_architecture(cls, architecture: str | None):
+        """The shipped architecture ``model.architecture``, which must be this family's transformer class."""
         from fewstep.models import architectures
 
         if not architecture:
@@ -501,6 +499,16 @@ class DiffusersFamilyModel(nn.Module):
                 f"model.architecture={architecture} is a {arch.class_name}, not the {cls.family} family's "
                 f"{cls.transformer_class.__name__}; pick a {cls.family} architecture or another model"
             )
+        return arch
+
+    @classmethod
+    def random_transformer(cls, architecture: str | None, num_layers: int | None, dtype: torch.dtype):
+        """``model.random_init=true``: the shipped architecture ``model.architecture`` (published config, random
+        weights, no download; :mod:`fewstep.models.architectures`) at ``model.num_layers`` depth (None: all),
+        materialised on the training device in ``dtype``. For step-time and memory measurements only."""
+        from fewstep.models import architectures
+
+        arch = cls.shipped_architecture(architecture)
         from fewstep.distributed import builds_empty
 
         if builds_empty():  # a rank other than 0 of a sharded run: rank 0 draws the weights

@@ -63,7 +63,13 @@ def load(name: str) -> Architecture:
     ``qwen_image``)."""
     available = names()
     if name not in available:
-        raise ArchitectureError(f"model.architecture={name!r} is not shipped; choose one of {', '.join(available)}")
+        import difflib
+
+        close = difflib.get_close_matches(str(name), available, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ArchitectureError(
+            f"model.architecture={name!r} is not shipped{hint}; choose one of {', '.join(available)}"
+        )
     raw = json.loads(resources.files(__name__).joinpath(f"{name}.json").read_text())
     meta = raw["_fewstep"]
     return Architecture(

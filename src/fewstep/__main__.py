@@ -39,6 +39,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     from fewstep.train import RunFinished, train
 
     _export_submitit_dist_env()
+    _log_warnings()
     try:
         summary = train(cfg)
     except Exception as err:  # a setting, path or file to fix (also inside instantiate): one line, no traceback
@@ -69,6 +70,21 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
         return lookup_metric(summary, cfg.optimize_metric) if "eval" in summary else None
     return None
+
+
+def _log_warnings() -> None:
+    """Warnings (a setting validate forces, objective=scm's time_scale hint) as one ``[WARNING]`` log line each:
+    on the console without the source line that raised them, and in the run's ``__main__.log`` (a sweep's
+    points keep theirs)."""
+    import logging
+    import warnings
+
+    log = logging.getLogger("fewstep")
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        log.warning("%s: %s", category.__name__, message)
+
+    warnings.showwarning = show
 
 
 def _export_submitit_dist_env() -> None:

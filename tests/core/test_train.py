@@ -445,3 +445,18 @@ def test_validation_grids_sample_in_eval_mode(tmp_path, monkeypatch):
     train(compose(over), run_dir=tmp_path / "run")
     assert len(seen) == 2 and max(seen) == 0.0
     assert modes == [True, True, True]
+
+
+def test_the_cli_logs_a_settings_warning_as_one_line_in_the_run_log(caplog):
+    import logging
+    import warnings
+
+    from fewstep.__main__ import _log_warnings
+    from fewstep.validate import validate
+
+    with caplog.at_level(logging.WARNING, logger="fewstep"), warnings.catch_warnings():  # restores showwarning
+        warnings.simplefilter("always")
+        _log_warnings()
+        validate(compose([*TOY, "objective=scm"]))
+    assert [r.name for r in caplog.records] == ["fewstep"]
+    assert caplog.records[0].getMessage().startswith("UserWarning: objective=scm with model.time_scale=1000")

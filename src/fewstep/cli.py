@@ -37,6 +37,22 @@ def parse_kv(argv: list[str] | None, defaults: dict, usage: str):
     base = OmegaConf.create(defaults)
     OmegaConf.set_struct(base, True)
     try:
-        return OmegaConf.merge(base, OmegaConf.from_dotlist(argv))
+        args = OmegaConf.merge(base, OmegaConf.from_dotlist(argv))
     except Exception as err:  # omegaconf raises several types for bad values
         raise SystemExit(f"error: {describe(err, limit=1000)}; {usage_line}") from None
+    missing = sorted(OmegaConf.missing_keys(args))
+    if missing:
+        raise SystemExit(f"error: {missing[0]}= is required; {usage_line}")
+    for key, default in defaults.items():  # NFE lists: nfe=2 is nfe=[2]; nfe=1,2 or nfe=[0] is named here
+        if isinstance(default, list) and default and all(type(v) is int for v in default):
+            value = args[key]
+            if type(value) is int:
+                args[key] = [value]
+                value = args[key]
+            if not OmegaConf.is_list(value) or not all(type(v) is int and v >= 1 for v in value):
+                given = next((a.split("=", 1)[1] for a in argv if a.split("=", 1)[0].lstrip("+~") == key), value)
+                example = ",".join(str(v) for v in default)
+                raise SystemExit(
+                    f"error: {key}={given}: give a list of positive integers, e.g. {key}=[{example}]; {usage_line}"
+                )
+    return args

@@ -143,18 +143,23 @@ def test_eval_with_sampler_overrides_scores_the_same_weights_under_another_sampl
         (["zzz=1"], "error: unknown argument zzz=; usage: "),
         (["checkpoint"], "error: expected key=value, got 'checkpoint'; usage: "),
         (["out=[1"], "error: "),
+        (["out=o"], "error: run_dir= is required; usage: "),
+        (["nfe=1,2"], "error: nfe=1,2: give a list of positive integers, e.g. nfe=[1,2,4]; usage: "),
+        (["nfe=[0]"], "error: nfe=[0]: give a list of positive integers, e.g. nfe=[1,2,4]; usage: "),
     ],
 )
 def test_tool_arguments_fail_in_one_line_naming_the_fix(argv, message):
     """Every tool parses key=value through fewstep.cli.parse_kv: one line, the closest known key, the usage."""
     from fewstep.cli import parse_kv
 
-    defaults = {"checkpoint": "", "out": "", "nfe": [1, 2, 4]}
+    defaults = {"checkpoint": "", "out": "", "nfe": [1, 2, 4], "run_dir": "???"}
+    argv = argv if any(a.startswith("out=") for a in argv) else ["run_dir=r", *argv]
     with pytest.raises(SystemExit) as err:
         parse_kv(argv, defaults, "usage: python -m fewstep.tool checkpoint=FILE\n    out=DIR [nfe=[1,2,4]]")
     text = str(err.value)
     assert text.startswith(message) and "\n" not in text
-    assert parse_kv(["nfe=[1]", "out=o"], defaults, "usage").nfe == [1]
+    assert parse_kv(["nfe=[1]", "out=o", "run_dir=r"], defaults, "usage").nfe == [1]
+    assert parse_kv(["nfe=2", "run_dir=r"], defaults, "usage").nfe == [2]  # one NFE without the brackets
 
 
 @pytest.mark.slow

@@ -64,6 +64,12 @@ def load_run(
     cfg = OmegaConf.load(cfg_path)
     refuse_random_init(cfg, run_dir, command)
     ckpt = Path(checkpoint) if checkpoint else ckpt_io.latest_valid(run_dir / "checkpoints")
+    if checkpoint and not (ckpt / "state.json").is_file():  # before any model is built
+        what = "is incomplete (no state.json)" if ckpt.is_dir() else "does not exist"
+        raise RunDirError(
+            f"checkpoint={checkpoint} {what}; give a folder {run_dir}/checkpoints/step_* or leave checkpoint= out "
+            "for the newest valid one"
+        )
     if ckpt is None:
         raise RunDirError(f"{run_dir}/checkpoints holds no valid checkpoint; train longer or pass checkpoint=")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

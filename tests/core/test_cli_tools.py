@@ -94,6 +94,15 @@ def test_unknown_argument_is_a_clear_error(digits_run):
         main([f"run_dir={digits_run}", "nfes=[1]"])
 
 
+def test_a_checkpoint_that_does_not_exist_is_named_without_the_trainers_advice(digits_run, tmp_path):
+    from fewstep.eval.__main__ import main
+
+    with pytest.raises(FewstepError, match=r"^checkpoint=.*nope does not exist; give a folder .*/checkpoints/step_\*"):
+        main([f"run_dir={digits_run}", f"checkpoint={tmp_path / 'nope'}"])
+    with pytest.raises(FewstepError, match=r"is incomplete \(no state.json\); give a folder"):
+        main([f"run_dir={digits_run}", f"checkpoint={tmp_path}"])
+
+
 def test_missing_run_dir_names_the_problem(tmp_path):
     from fewstep.sample import main
 

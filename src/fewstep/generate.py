@@ -99,7 +99,7 @@ def final_outputs(
             continue
         image = to_images(data, grid, device)
         title = f"{name} ({steps} step{'' if steps == 1 else 's'})"
-        png = save_samples(image, samples_dir / f"{name}.png", title=title, nrow=10)
+        png = save_samples(image, samples_dir / f"{name}.png", title=title, nrow=10, data=data)
         if not protocol:
             log(f"wrote {png}")
             continue

@@ -507,7 +507,9 @@ def _validation_grid(run_dir, step, objective, sampler, model_fn, data, device, 
     if not write:
         return
     image = to_images(data, x, device)
-    path = save_samples(image, Path(run_dir) / "samples" / f"step_{step:07d}.png", title=f"step {step}", nrow=10)
+    path = save_samples(
+        image, Path(run_dir) / "samples" / f"step_{step:07d}.png", title=f"step {step}", nrow=10, data=data
+    )
     writer.log_images(step, {"samples": path})
 
 

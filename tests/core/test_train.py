@@ -135,12 +135,40 @@ def test_metrics_jsonl_exists_even_when_no_log_step_was_reached(tmp_path):
     assert [r["step"] for r in rows(short)] == [3]
 
 
+def test_toy2d_scatters_draw_the_data_behind_the_samples(tmp_path, monkeypatch):
+    """100 points alone cannot show whether they lie on the moons: the final and validation scatters draw the
+    distribution's own points behind them."""
+    from matplotlib.axes import Axes
+
+    import fewstep.generate as generate
+    from fewstep.train import _validation_grid, build_components
+
+    drawn = []
+    scatter = Axes.scatter
+    monkeypatch.setattr(
+        Axes, "scatter", lambda ax, x, y, **kw: drawn.append((kw.get("label"), len(x))) or scatter(ax, x, y, **kw)
+    )
+    data, objective, _, teacher, sampler = build_components(compose([*TOY, "trainer.torch_threads=1"]))
+    generate.final_outputs(tmp_path, teacher.sampling_model, sampler, data, [1], 0, "cpu", evaluate=False)
+    assert drawn == [("data", 1000), ("samples", 100)]
+
+    class Writer:
+        def log_images(self, step, images):
+            pass
+
+    class Acc:
+        autocast = __import__("contextlib").nullcontext
+
+    _validation_grid(tmp_path, 1, objective, sampler, teacher.sampling_model, data, "cpu", Acc(), Writer())
+    assert drawn[2:] == [("data", 1000), ("samples", 50)]
+
+
 def test_final_grid_titles_are_grammatical(tmp_path, monkeypatch):
     """The toy2d scatter's title read "nfe_1 (1 steps)"; one step is "1 step"."""
     import fewstep.generate as generate
 
     titles = []
-    monkeypatch.setattr(generate, "save_samples", lambda image, path, title, nrow: titles.append(title) or path)
+    monkeypatch.setattr(generate, "save_samples", lambda image, path, title, nrow, **kw: titles.append(title) or path)
     cfg = compose([*TOY, "trainer.torch_threads=1"])
     from fewstep.train import build_components
 

@@ -35,6 +35,10 @@ class Toy2DData:
             position += 1
             yield Batch(x, torch.zeros(self.batch_size, dtype=torch.long), self.null_cond(self.batch_size))
 
+    def reference_points(self, n: int = 1000) -> torch.Tensor:
+        """Fixed draws of the distribution, drawn behind the sample scatters."""
+        return self.sample(self.name, n, torch.Generator().manual_seed(4321))
+
     def evaluator(self):
         from fewstep.eval.toy2d import Toy2DEvaluator
 

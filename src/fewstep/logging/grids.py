@@ -9,13 +9,15 @@ import numpy as np
 import torch
 
 
-def save_samples(x: torch.Tensor, path: str | Path, title: str = "", nrow: int | None = None) -> Path:
-    """Write samples in data space ([-1, 1]) as a PNG: a grid of images, or a scatter for (N, 2)."""
+def save_samples(x: torch.Tensor, path: str | Path, title: str = "", nrow: int | None = None, data=None) -> Path:
+    """Write samples in data space ([-1, 1]) as a PNG: a grid of images, or a scatter for (N, 2), drawn over
+    the data's own points when ``data`` has ``reference_points()`` (toy2d)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     x = x.detach().float().cpu()
     if x.ndim == 2 and x.shape[1] == 2:
-        return _scatter(x.numpy(), path, title)
+        reference = data.reference_points().numpy() if hasattr(data, "reference_points") else None
+        return _scatter(x.numpy(), path, title, reference)
     return _image_grid(x, path, nrow)
 
 
@@ -48,14 +50,18 @@ def _image_grid(x: torch.Tensor, path: Path, nrow: int | None) -> Path:
     return path
 
 
-def _scatter(points: np.ndarray, path: Path, title: str) -> Path:
+def _scatter(points: np.ndarray, path: Path, title: str, reference: np.ndarray | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
-    ax.scatter(points[:, 0], points[:, 1], s=2, alpha=0.5)
+    if reference is not None:
+        ax.scatter(reference[:, 0], reference[:, 1], s=2, alpha=0.3, c="0.7", label="data")
+    ax.scatter(points[:, 0], points[:, 1], s=4 if reference is not None else 2, alpha=0.8, c="C0", label="samples")
+    if reference is not None:
+        ax.legend(loc="upper right", fontsize=7, markerscale=3)
     ax.set_aspect("equal")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()

@@ -350,16 +350,17 @@ def latest_valid(ckpt_root: Path, warn=print) -> Path | None:
     return None
 
 
-def resolve_resume(resume: str, run_dir: Path) -> Path | None:
+def resolve_resume(resume: str, run_dir: Path, key: str = "trainer.resume") -> Path | None:
     """``auto`` = newest valid checkpoint of this run dir (none = fresh start); ``none``; or a path to a
-    checkpoint folder or a run dir."""
+    checkpoint folder or a run dir. ``key`` is the setting the errors name."""
     if resume in ("none", "", None):
         return None
     if resume == "auto":
         return latest_valid(Path(run_dir) / "checkpoints")
     p = Path(resume)
     if not p.exists():
-        raise CheckpointError(f"trainer.resume={resume}: no such path; give a checkpoint or run dir, or 'auto'/'none'")
+        also = ", or 'auto'/'none'" if key == "trainer.resume" else ""
+        raise CheckpointError(f"{key}={resume}: no such path; give a checkpoint or run dir{also}")
     if (p / "state.json").exists():
         verify(p)
         return p
@@ -367,7 +368,7 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
         found = latest_valid(root)
         if found is not None:
             return found
-    raise CheckpointError(f"trainer.resume={resume}: no valid checkpoint found there")
+    raise CheckpointError(f"{key}={resume}: no valid checkpoint found there")
 
 
 class _Stored:
@@ -491,7 +492,7 @@ def load_initial_weights(source: str | Path, student, use_ema: bool = True) -> P
     ``adapt_initial_weights(weights)`` method maps the file's tensors to its layout first (``TinyMLP``: a
     flow-matching run into a TwinFlow model). Under ``trainer.distributed=fsdp`` only rank 0 reads the files (the
     other ranks built the student on ``meta``; sharding fills them from rank 0). Returns the checkpoint."""
-    ckpt = resolve_resume(str(source), Path(source))
+    ckpt = resolve_resume(str(source), Path(source), key="trainer.init_from")
     if ckpt is None:
         raise CheckpointError(f"trainer.init_from={source}: no valid checkpoint there; give a finished run dir")
     if builds_empty():  # a rank other than 0 of a sharded run: rank 0's weights reach its shards

@@ -204,6 +204,15 @@ def test_every_network_follows_the_runs_lr_schedule_on_the_training_step(tmp_pat
     assert optim["networks"]["fake_score"]["scheduler"]["_last_lr"] == [pytest.approx(0.002 * end)]
 
 
+def test_init_from_a_folder_without_checkpoints_names_init_from_not_resume(tmp_path):
+    """The sweep/objectives preset's dmd2 point alone (job 0 is itself) gave "trainer.resume=...: no valid
+    checkpoint found there", a key the user never set."""
+    from fewstep.checkpoint import CheckpointError, load_initial_weights
+
+    with pytest.raises(CheckpointError, match=r"^trainer.init_from=.*: no valid checkpoint found there"):
+        load_initial_weights(tmp_path, torch.nn.Linear(1, 1))
+
+
 @pytest.mark.slow
 def test_init_from_loads_the_runs_ema_weights(tmp_path, flow_matching_run):
     from fewstep.checkpoint import CheckpointError, load_initial_weights

@@ -368,7 +368,7 @@ def convert(args) -> dict:
 
     for key in ("checkpoint", "out"):
         if not args[key]:
-            raise ConvertError(f"{key}= is required\n{USAGE}")
+            raise ConvertError(f"{key}= is required; {' '.join(USAGE.split())}")
     if args.scheduler not in ("sana", "twinflow"):
         raise ConvertError(f"scheduler={args.scheduler!r} must be sana or twinflow")
     if str(args.dtype) != "auto":

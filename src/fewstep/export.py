@@ -210,7 +210,7 @@ def export(args) -> dict:
 
     for key in ("run_dir", "out"):
         if not args[key]:
-            raise ExportError(f"{key}= is required\n{USAGE}")
+            raise ExportError(f"{key}= is required; {' '.join(USAGE.split())}")
     if args.hub_repo:
         from fewstep.hub import check_push_args
 

@@ -377,7 +377,7 @@ def precompute(args) -> dict:
 
     for key in ("pretrained", "out"):
         if not args[key]:
-            raise PrecomputeError(f"{key}= is required\n{USAGE}")
+            raise PrecomputeError(f"{key}= is required; {' '.join(USAGE.split())}")
     if sum(bool(args[k]) for k in ("images", "dataset", "prompts")) != 1:
         raise PrecomputeError(f"give one of images=DIR, dataset=HUB_ID_OR_DIR or prompts=FILE\n{USAGE}")
     prompts = read_prompts(args.prompts) if args.prompts else None

@@ -181,3 +181,12 @@ def test_every_tool_exits_2_with_one_error_line(tool, tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: unknown argument outt= (did you mean out=?); usage: ")
+
+
+@pytest.mark.parametrize("module", ["fewstep.export", "fewstep.precompute", "fewstep.convert_openuni"])
+def test_a_missing_required_argument_is_one_line_with_the_usage(module):
+    import importlib
+
+    with pytest.raises((FewstepError, SystemExit)) as err:
+        importlib.import_module(module).main([])
+    assert "= is required; usage: python -m " + module in str(err.value) and "\n" not in str(err.value)

@@ -488,8 +488,10 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         summary.update({k: last[k] for k in last if k.startswith(("loss", "nfe/"))})
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         writer.finish(summary)
-        log.info("done: %d steps in %.1f s (%.1f steps/s); summary in %s", step, wall, summary["steps_per_s"],
-                 run_dir / "summary.json")  # fmt: skip
+        ran = f"{step} steps in {wall:.1f} s ({summary['steps_per_s']:.1f} steps/s)"
+        if start_step:  # resumed: the count and rate are of the steps this call ran
+            ran = f"steps {start_step} to {step} ({step - start_step} in {wall:.1f} s, {summary['steps_per_s']:.1f}/s)"
+        log.info("done: %s; summary in %s", ran, run_dir / "summary.json")
     accelerator.wait_for_everyone()
     if stopped_by is not None:
         raise SystemExit(130 if stopped_by == "SIGINT" else 143)

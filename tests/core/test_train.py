@@ -488,3 +488,16 @@ def test_the_cli_logs_a_settings_warning_as_one_line_in_the_run_log(caplog):
         validate(compose([*TOY, "objective=scm"]))
     assert [r.name for r in caplog.records] == ["fewstep"]
     assert caplog.records[0].getMessage().startswith("UserWarning: objective=scm with model.time_scale=1000")
+
+
+def test_a_resumed_run_reports_the_steps_it_ran(tmp_path, caplog):
+    """Resumed at 3 and run to 5, the final line read "done: 5 steps in 0.1 s" for the 2 steps it ran."""
+    import logging
+
+    run = tmp_path / "run"
+    base = [*TOY, "trainer.checkpoint_every=3", "trainer.evaluate=false", "trainer.final_nfe=[]"]
+    train(compose([*base, "trainer.max_steps=3"]), run_dir=run)
+    with caplog.at_level(logging.INFO, logger="fewstep"):
+        train(compose([*base, "trainer.max_steps=5", "trainer.resume=auto"]), run_dir=run)
+    done = [r.getMessage() for r in caplog.records if r.getMessage().startswith("done:")]
+    assert len(done) == 1 and done[0].startswith("done: steps 3 to 5 (2 in "), done

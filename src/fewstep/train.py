@@ -300,6 +300,14 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
             accelerator.scaler.load_state_dict(state["grad_scaler"])
         if main:
             log.info("resumed from %s at step %d", resume_from, start_step)
+            was, now = state.get("lr_factor"), lr_factor(start_step, tr)
+            if was is not None and abs(was - now) > 1e-9:  # e.g. trainer.max_steps raised under a decaying schedule
+                log.warning(
+                    "the LR at step %d jumps from %.3g to %.3g of trainer.lr: trainer.lr_schedule=%s is recomputed "
+                    "over this call's trainer.max_steps=%d (or warmup/schedule) that differs from the checkpointed "
+                    "run's; keep them to continue its schedule",
+                    start_step, was, now, tr.lr_schedule, tr.max_steps,
+                )  # fmt: skip
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "samples").mkdir(exist_ok=True)
@@ -330,6 +338,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         ckpt_io.save_checkpoint(  # every rank (sharded state is gathered), rank 0 writes
             ckpt_root, step, student, teacher, optimizer, scheduler, data_position,
             extra={"nonfinite_total": nonfinite_total, "log_window": {k: to_float(v) for k, v in window.items()},
+                   "lr_factor": lr_factor(step, tr),
                    "log_window_n": window_n,
                    **({"grad_scaler": accelerator.scaler.state_dict()} if accelerator.scaler is not None else {})},
             rng_states=rng_states, networks=networks, write=main,

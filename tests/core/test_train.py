@@ -501,3 +501,20 @@ def test_a_resumed_run_reports_the_steps_it_ran(tmp_path, caplog):
         train(compose([*base, "trainer.max_steps=5", "trainer.resume=auto"]), run_dir=run)
     done = [r.getMessage() for r in caplog.records if r.getMessage().startswith("done:")]
     assert len(done) == 1 and done[0].startswith("done: steps 3 to 5 (2 in "), done
+
+
+def test_resuming_under_another_lr_schedule_warns_with_the_jump(tmp_path, caplog):
+    """Raising trainer.max_steps to train a finished cosine run on recomputes the schedule over the new length:
+    the LR jumps back up at the resumed step. Said in one warning; the same schedule resumes silently."""
+    import logging
+
+    run = tmp_path / "run"
+    base = [*TOY, "trainer.checkpoint_every=4", "trainer.evaluate=false", "trainer.final_nfe=[]"]
+    train(compose([*base, "trainer.max_steps=8"]), run_dir=run)
+    with caplog.at_level(logging.WARNING, logger="fewstep"):
+        same = [*base, "trainer.max_steps=8", f"trainer.resume={run / 'checkpoints' / 'step_0000004'}"]
+        train(compose(same), run_dir=tmp_path / "same")
+        assert not [r for r in caplog.records if "LR" in r.getMessage()]
+        train(compose([*base, "trainer.max_steps=16", "trainer.resume=auto"]), run_dir=run)
+    warned = [r.getMessage() for r in caplog.records if "LR" in r.getMessage()]
+    assert len(warned) == 1 and "trainer.max_steps" in warned[0] and "from 0 to 0.5 of trainer.lr" in warned[0], warned

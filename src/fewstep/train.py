@@ -115,6 +115,17 @@ def peak_host_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def reset_peak_memory() -> None:
+    """Start this run's peak memory from now: a sweep's points run one after another in one process, and each
+    reports its own peak (Linux: ``/proc/self/clear_refs`` resets the RSS high-water mark)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:  # not Linux, or not permitted: the process's peak so far
+        pass
+
+
 def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
@@ -209,6 +220,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     from accelerate.utils import broadcast_object_list, set_seed
 
     cfg = validate(cfg)
+    reset_peak_memory()
     tr = cfg.trainer
     if tr.torch_threads > 0:
         torch.set_num_threads(tr.torch_threads)

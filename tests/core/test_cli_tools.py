@@ -190,3 +190,14 @@ def test_a_missing_required_argument_is_one_line_with_the_usage(module):
     with pytest.raises((FewstepError, SystemExit)) as err:
         importlib.import_module(module).main([])
     assert "= is required; usage: python -m " + module in str(err.value) and "\n" not in str(err.value)
+
+
+def test_eval_with_a_sampler_group_choice_names_the_keys_and_the_euler_baseline():
+    """sampler=euler, as in training, read "unknown argument sampler=" with no hint of what to give instead."""
+    from fewstep.eval.__main__ import main
+
+    with pytest.raises(SystemExit) as err:
+        main(["run_dir=r", "sampler=euler"])
+    text = str(err.value)
+    assert text.startswith("error: sampler=euler: ") and "sampler.KEY=VALUE" in text and "baseline_steps=" in text
+    assert "\n" not in text

@@ -39,6 +39,13 @@ DEFAULTS = {
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     argv = sys.argv[1:] if argv is None else list(argv)
+    group = next((a for a in argv if a.split("=", 1)[0] == "sampler"), None)
+    if group is not None:  # a training-style group choice: eval keeps the run's sampler kind
+        raise SystemExit(
+            f"error: {group}: fewstep.eval scores the run's own sampler; change its keys with sampler.KEY=VALUE "
+            "(e.g. sampler.style=few), and the multi-step Euler baseline with baseline_steps=N; "
+            + " ".join(USAGE.split())
+        )
     sampler_overrides = [a.removeprefix("sampler.") for a in argv if a.startswith("sampler.")]
     args = parse_kv([a for a in argv if not a.startswith("sampler.")], DEFAULTS, USAGE)
     run = load_run(args.run_dir, device=args.device, checkpoint=args.checkpoint, command="eval")

@@ -312,6 +312,12 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
             accelerator.scaler.load_state_dict(state["grad_scaler"])
         if main:
             log.info("resumed from %s at step %d", resume_from, start_step)
+            if tr.init_from:  # loaded above (what the checkpoint does not hold keeps it, e.g. DMD2's real score)
+                log.warning(
+                    "trainer.init_from=%s: the resumed checkpoint's weights replace its weights (trainer.resume=%s "
+                    "found %s); to start from init_from, give another hydra.run.dir or trainer.resume=none",
+                    tr.init_from, tr.resume, resume_from,
+                )  # fmt: skip
             was, now = state.get("lr_factor"), lr_factor(start_step, tr)
             if was is not None and abs(was - now) > 1e-9:  # e.g. trainer.max_steps raised under a decaying schedule
                 log.warning(

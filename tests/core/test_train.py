@@ -532,3 +532,20 @@ def test_each_run_of_a_process_reports_its_own_peak_memory(tmp_path):
     args = [*TOY, "trainer.max_steps=2", "trainer.evaluate=false", "trainer.final_nfe=[]"]
     summary = train(compose(args), run_dir=tmp_path / "run")
     assert summary["peak_memory_mb"] < before - 100
+
+
+def test_resuming_a_run_dir_says_its_checkpoint_replaces_init_from(tmp_path, caplog):
+    """A reused run dir with trainer.init_from=RUN resumed its old checkpoint and trained on from those weights:
+    init_from's weights were overwritten without a word (found with a stale /tmp run dir of the same name)."""
+    import logging
+
+    base = [*TOY, "trainer.checkpoint_every=2", "trainer.evaluate=false", "trainer.final_nfe=[]", "trainer.max_steps=2"]
+    train(compose(base), run_dir=tmp_path / "teacher")
+    train(compose(base), run_dir=tmp_path / "old")
+    with caplog.at_level(logging.WARNING, logger="fewstep"):
+        train(compose([*base, f"trainer.init_from={tmp_path / 'teacher'}"]), run_dir=tmp_path / "fresh")
+        assert not caplog.records
+        train(compose([*base[:-1], "trainer.max_steps=4", f"trainer.init_from={tmp_path / 'teacher'}"]),
+              run_dir=tmp_path / "old")  # fmt: skip
+    warned = [r.getMessage() for r in caplog.records if "init_from" in r.getMessage()]
+    assert len(warned) == 1 and "trainer.resume=none" in warned[0], [r.getMessage() for r in caplog.records]

@@ -394,6 +394,17 @@ def summarize_timings(runs: list[dict[str, dict]], reference: str = "flow_matchi
     return out
 
 
+def check_variants(args) -> None:
+    """A setting to fix (a misspelt key, an architecture or weights that are not there, data the model cannot
+    take) stops here in one line, before any variant is built; an out-of-memory stays a result of its row."""
+    from fewstep.validate import check_known_keys, check_model_data
+
+    for overrides in dict.fromkeys(tuple([*base_overrides(args), *ov]) for ov in select_variants(args).values()):
+        cfg = compose(list(overrides))
+        check_known_keys(cfg)
+        check_model_data(cfg)
+
+
 def bench_objectives(args, device) -> dict:
     variants = select_variants(args)
     if args.estimate_memory:
@@ -685,6 +696,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.estimate_memory:
         result["device"] = "estimate: fake tensors, no device memory used"
     log.info("training-step benchmark: %s", result["config"])
+    check_variants(args)
     result["objectives"] = bench_objectives(args, device)
     if not (args.objectives_only or args.isolate or args.estimate_memory):  # (real size: one model at a time)
         log.info("sampling benchmark")

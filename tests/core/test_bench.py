@@ -241,3 +241,15 @@ def test_the_step_runner_steps_the_networks_an_objective_owns_on_its_schedule():
     runner.step()  # the generator step
     assert any(not torch.equal(a, b) for a, b in zip(student0, runner.params["student"]))
     assert all(torch.equal(a, b) for a, b in zip(fake1, fake.parameters()))
+
+
+def test_a_setting_to_fix_stops_the_bench_in_one_line_before_any_variant_runs(tmp_path, monkeypatch):
+    """A misspelt architecture ran every variant, each "failed: ArchitectureError(...)" in the table, exit 0."""
+    import fewstep.bench as bench
+    from fewstep.validate import ConfigError
+
+    monkeypatch.setattr(bench, "bench_objectives", lambda *a: pytest.fail("a variant ran"))
+    overrides = "overrides=[model.random_init=true,model.architecture=sd35_mediun]"
+    argv = [f"out={tmp_path}", "estimate_memory=true", "model=sd35_lora", "data=synthetic", overrides]
+    with pytest.raises(ConfigError, match=r"did you mean sd35_medium"):
+        bench.main(argv)

@@ -16,9 +16,14 @@ def describe(err: BaseException, limit: int = 200) -> str:
     return f"{type(err).__name__}: {' '.join(text.splitlines()[0].split())[:limit]}" if text else type(err).__name__
 
 
+SETTINGS = ("objective.", "teacher.", "sampler.", "model.", "data.", "trainer.", "logger.")
+
+
 def user_error(err: BaseException) -> FewstepError | None:
     """The FewstepError ``err`` is, or the one Hydra's ``instantiate`` wrapped while building a component
-    (a missing pretrained folder, an unreachable hub id, a bad cache); None for anything else (a bug)."""
+    (a missing pretrained folder, an unreachable hub id, a bad cache), or a ValueError a component's constructor
+    raised naming the setting it refuses (``teacher.decay=1.5 must lie in [0, 1]``); None for anything else (a
+    bug)."""
     from hydra.errors import InstantiationException
 
     seen = set()
@@ -26,6 +31,8 @@ def user_error(err: BaseException) -> FewstepError | None:
         if isinstance(err, FewstepError):
             return err
         if not isinstance(err, InstantiationException):
+            if seen and isinstance(err, ValueError) and str(err).startswith(SETTINGS):
+                return FewstepError(str(err))
             return None
         seen.add(id(err))
         err = err.__cause__

@@ -239,3 +239,23 @@ def test_cli_typo_is_one_line_with_exit_2(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "error: sampler=ucgm_anyy is not a choice (did you mean ucgm_any?); choose one of: euler, ucgm, ucgm_any"
     ]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["sampler.style=foo"], "sampler.style='foo' is unknown; use one of few, any, mul"),
+        (["teacher.decay=1.5"], "teacher.decay=1.5 must lie in [0, 1]"),
+        (["data=toy2d", "data.name=spiral"], "data.name='spiral' is unknown; use one of moons"),
+    ],
+)
+def test_a_value_a_component_refuses_is_a_one_line_user_error(overrides, message):
+    """Refused in the component's constructor (inside Hydra's instantiate), these printed Hydra's four-line
+    "Error executing job ... Error in call to target ..." instead of one error line."""
+    from fewstep.errors import user_error
+    from fewstep.train import build_components
+
+    with pytest.raises(Exception) as err:
+        build_components(compose(overrides))
+    found = user_error(err.value)
+    assert found is not None and str(found).startswith(message), (found, err.value)

@@ -219,7 +219,7 @@ def test_lazy_top_level_import():
 def test_invalid_config():
     with pytest.raises(ValueError, match="prediction_type"):
         TwinFlowScheduler(prediction_type="sample")
-    with pytest.raises(ValueError, match="sampling style"):
+    with pytest.raises(ValueError, match="sampling_style='euler' is unknown"):
         TwinFlowScheduler(sampling_style="euler")
 
 

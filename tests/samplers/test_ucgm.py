@@ -54,7 +54,7 @@ def test_default_gaps_per_nfe():
     assert default_rfba_gap_steps("few", 4) == (0.001, 0.5)
     assert default_rfba_gap_steps("any", 2) == (0.001, 0.5)
     assert default_rfba_gap_steps("mul", 30) == (0.001, 0.0)
-    with pytest.raises(ValueError, match="sampling style"):
+    with pytest.raises(ValueError, match="sampler.style=.fast. is unknown"):
         default_rfba_gap_steps("fast", 2)
 
 

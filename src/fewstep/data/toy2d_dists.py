@@ -70,7 +70,7 @@ def sample_toy2d(
     try:
         fn = _SAMPLERS[name]
     except KeyError:
-        raise ValueError(f"unknown toy distribution {name!r}; expected one of {TOY2D_NAMES}") from None
+        raise ValueError(f"data.name={name!r} is unknown; use one of {', '.join(TOY2D_NAMES)}") from None
     if generator is not None and generator.device.type != "cpu":
         raise ValueError("sample_toy2d needs a CPU torch.Generator (samples are drawn on the CPU, then moved)")
     return fn(int(n), generator).to(device=device, dtype=dtype)

@@ -115,7 +115,7 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
     ):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"Unknown prediction_type {prediction_type!r}: use one of {', '.join(PREDICTION_TYPES)}.")
-        check_style(sampling_style)
+        check_style(sampling_style, key="sampling_style")
         if len(tuple(time_dist_ctrl)) != 3:
             raise ValueError(f"time_dist_ctrl must be 3 numbers [a, b, c], got {time_dist_ctrl}.")
         if rfba_gap_steps is not None and len(tuple(rfba_gap_steps)) != 2:

@@ -58,9 +58,9 @@ VelocityModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any], torch.
 # --------------------------------------------------------------------------- grid
 
 
-def check_style(style: str) -> str:
+def check_style(style: str, key: str = "sampler.style") -> str:
     if style not in STYLES:
-        raise ValueError(f"Unknown UCGM sampling style {style!r}: use one of {', '.join(STYLES)}.")
+        raise ValueError(f"{key}={style!r} is unknown; use one of {', '.join(STYLES)}")
     return style
 
 

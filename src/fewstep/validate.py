@@ -314,7 +314,7 @@ def validate(cfg: DictConfig) -> DictConfig:
         if obj.get("image_free", False):
             check_image_free(cfg)
         active = sum(1 for k, v in probs.items() if v > 0 and (k != "adv" or obj.adversarial))
-        if cfg.data.batch_size < active:
+        if 1 <= cfg.data.batch_size < active:  # (below 1: refused further down)
             warnings.warn(
                 f"data.batch_size={cfg.data.batch_size} is smaller than the {active} active objective.probs groups: "
                 "some groups will be empty in every step",

@@ -259,3 +259,12 @@ def test_a_value_a_component_refuses_is_a_one_line_user_error(overrides, message
         build_components(compose(overrides))
     found = user_error(err.value)
     assert found is not None and str(found).startswith(message), (found, err.value)
+
+
+def test_batch_size_zero_is_refused_without_a_warning_about_empty_groups_first():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ConfigError, match=r"data.batch_size=0 must be >= 1"):
+            validate(compose(["data.batch_size=0"]))

@@ -327,3 +327,16 @@ def test_optuna_sweep_optimises_the_returned_metric(tmp_path):
     result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     values = [float(r["nfe_1/swd"]) for r in csv_rows(sweep / "report.csv")]
     assert result["best_value"] == pytest.approx(min(values))
+
+
+def test_the_report_quotes_why_a_failed_run_failed(tmp_path):
+    """A failed row said only "See each run's __main__.log"; the log's "run failed:" line is quoted beside it."""
+    fake_run(tmp_path, 0, ["objective.delta_t=0.01"], digits_summary(20.0))
+    failed = fake_run(tmp_path, 1, ["objective.delta_t=0.02"], None)
+    (failed / "__main__.log").write_text(
+        "[2026-11-27 01:45:14,384][INFO] run dir ...\n"
+        "[2026-11-27 01:45:14,385][ERROR] run failed: trainer.init_from=/x/../0: no valid checkpoint found there\n"
+    )
+    write_report(tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "- 1: trainer.init_from=/x/../0: no valid checkpoint found there\n" in md

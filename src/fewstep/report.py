@@ -62,6 +62,15 @@ class Run:
 # --------------------------------------------------------------------------- reading
 
 
+def failure_reason(run_dir: Path) -> str:
+    """The last ``run failed: ...`` line a failed sweep point logged in its ``__main__.log`` ("" if none)."""
+    try:
+        lines = (Path(run_dir) / "__main__.log").read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return next((line.split("run failed: ", 1)[1] for line in reversed(lines) if "run failed: " in line), "")
+
+
 def _sort_key(path: Path):
     return (0, int(path.name), "") if path.name.isdigit() else (1, 0, path.name)
 
@@ -330,6 +339,8 @@ def write_markdown(
         out += [f"Best by `{headline}` ({direction}): run {best.name} ({what}) = {_fmt(best.values[headline])}", ""]
     if failed:
         out += [f"Failed or unfinished (no summary.json): {', '.join(failed)}. See each run's `__main__.log`.", ""]
+        reasons = [(r.name, failure_reason(r.path)) for r in runs if r.status == "failed"]
+        out += [f"- {name}: {why}" for name, why in reasons if why] + ([""] if any(w for _, w in reasons) else [])
     if len(params) > 2:
         out += [f"No heatmap: {len(params)} parameters vary (a heatmap needs exactly two, a line plot one).", ""]
     for plot in plots:

@@ -115,6 +115,44 @@ def peak_host_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+# How long and how a run goes, not what it trains: changed on a resume without a warning.
+RUN_LENGTH_KEYS = (
+    "trainer.max_steps", "trainer.time_limit_s", "trainer.resume", "trainer.torch_threads", "trainer.checkpoint_every",
+    "trainer.sample_every", "trainer.log_every", "trainer.keep_last", "trainer.evaluate", "trainer.final_nfe",
+    "trainer.baseline_steps", "trainer.init_from", "logger.",
+)  # fmt: skip
+
+
+def run_settings(cfg: DictConfig) -> dict:
+    """The run's settings as flat ``key: value`` strings (recorded in each checkpoint's state.json)."""
+    from omegaconf import OmegaConf
+
+    try:
+        tree = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # noqa: BLE001 - an interpolation only a Hydra job resolves: compare it as written
+        tree = OmegaConf.to_container(cfg, resolve=False)
+    flat = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            elif not f"{prefix}{key}".startswith(RUN_LENGTH_KEYS):
+                flat[f"{prefix}{key}"] = str(value)
+
+    walk(tree, "")
+    return flat
+
+
+def changed_settings(was: dict | None, now: dict, limit: int = 6) -> list[str]:
+    """``key=old (now new)`` for the settings a resumed checkpoint was trained with that differ now."""
+    if not was:
+        return []  # a checkpoint written before settings were recorded
+    keys = [k for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+    out = [f"{k}={was.get(k, '(unset)')} (now {now.get(k, '(unset)')})" for k in keys[:limit]]
+    return out + ([f"and {len(keys) - limit} more"] if len(keys) > limit else [])
+
+
 def reset_peak_memory() -> None:
     """Start this run's peak memory from now: a sweep's points run one after another in one process, and each
     reports its own peak (Linux: ``/proc/self/clear_refs`` resets the RSS high-water mark)."""
@@ -220,6 +258,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     from accelerate.utils import broadcast_object_list, set_seed
 
     cfg = validate(cfg)
+    settings = run_settings(cfg)
     reset_peak_memory()
     tr = cfg.trainer
     if tr.torch_threads > 0:
@@ -312,6 +351,13 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
             accelerator.scaler.load_state_dict(state["grad_scaler"])
         if main:
             log.info("resumed from %s at step %d", resume_from, start_step)
+            changed = changed_settings(state.get("settings"), settings)
+            if changed:
+                log.warning(
+                    "%s was trained with other settings: %s; trainer.resume=%s trains on from it (to train this "
+                    "config from scratch, give another hydra.run.dir or trainer.resume=none)",
+                    resume_from, ", ".join(changed), tr.resume,
+                )  # fmt: skip
             if tr.init_from:  # loaded above (what the checkpoint does not hold keeps it, e.g. DMD2's real score)
                 log.warning(
                     "trainer.init_from=%s: the resumed checkpoint's weights replace its weights (trainer.resume=%s "
@@ -356,7 +402,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         ckpt_io.save_checkpoint(  # every rank (sharded state is gathered), rank 0 writes
             ckpt_root, step, student, teacher, optimizer, scheduler, data_position,
             extra={"nonfinite_total": nonfinite_total, "log_window": {k: to_float(v) for k, v in window.items()},
-                   "lr_factor": lr_factor(step, tr),
+                   "lr_factor": lr_factor(step, tr), "settings": settings,
                    "log_window_n": window_n,
                    **({"grad_scaler": accelerator.scaler.state_dict()} if accelerator.scaler is not None else {})},
             rng_states=rng_states, networks=networks, write=main,

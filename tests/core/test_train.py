@@ -549,3 +549,22 @@ def test_resuming_a_run_dir_says_its_checkpoint_replaces_init_from(tmp_path, cap
               run_dir=tmp_path / "old")  # fmt: skip
     warned = [r.getMessage() for r in caplog.records if "init_from" in r.getMessage()]
     assert len(warned) == 1 and "trainer.resume=none" in warned[0], [r.getMessage() for r in caplog.records]
+
+
+def test_resuming_a_checkpoint_of_other_settings_names_them(tmp_path, caplog):
+    """trainer.resume=auto in a reused run dir trained on from a checkpoint of other settings without a word
+    (objective.image_free=true resumed a plain TwinFlow run); the changed keys are named in one warning, run-length
+    keys (max_steps, time limit, threads) aside."""
+    import logging
+
+    run = tmp_path / "run"
+    base = [*TOY, "trainer.checkpoint_every=2", "trainer.evaluate=false", "trainer.final_nfe=[]"]
+    train(compose([*base, "trainer.max_steps=2"]), run_dir=run)
+    with caplog.at_level(logging.WARNING, logger="fewstep"):
+        train(compose([*base, "trainer.max_steps=4", "trainer.torch_threads=1", "trainer.resume=auto"]), run_dir=run)
+        assert not [r for r in caplog.records if "other settings" in r.getMessage()]
+        other = ["objective.delta_t=0.02", "trainer.lr_schedule=constant", "trainer.resume=auto"]
+        train(compose([*base, "trainer.max_steps=6", *other]), run_dir=run)
+    warned = [r.getMessage() for r in caplog.records if "other settings" in r.getMessage()]
+    assert len(warned) == 1 and "objective.delta_t=0.01 (now 0.02)" in warned[0], warned
+    assert "trainer.lr_schedule=cosine (now constant)" in warned[0] and "max_steps" not in warned[0]

@@ -240,6 +240,8 @@ def bench_estimated(args, variants: dict[str, list[str]]) -> dict:
     for row in out.values():
         if "peak_memory_mb" in row and "peak_memory_mb" in ref:
             row["memory_vs_flow_matching"] = row["peak_memory_mb"] / ref["peak_memory_mb"]
+        if row.get("tflops_per_step") and ref.get("tflops_per_step"):
+            row["flops_vs_flow_matching"] = row["tflops_per_step"] / ref["tflops_per_step"]
     return out
 
 
@@ -299,13 +301,16 @@ ESTIMATED_COLUMNS = [
     ("estimated peak memory (GB)", lambda r: f"{r['peak_memory_mb'] / 1024:.2f}"),
     ("× flow matching", lambda r: f"{_nan(r, 'memory_vs_flow_matching'):.3f}"),
     ("resident after the steps (GB)", lambda r: f"{r['resident_mb'] / 1024:.2f}"),
+    ("TFLOP / step", lambda r: f"{_nan(r, 'tflops_per_step'):.2f}"),
+    ("× flow matching", lambda r: f"{_nan(r, 'flops_vs_flow_matching'):.2f}"),
     ("evals / step", lambda r: f"{r['evals_per_step']:.2f}"),
     ("trainable", lambda r: f"{r['trainable_params'] / 1e6:.0f} M"),
 ]
 ESTIMATE_NOTE = (
     "Estimated with `estimate_memory=true` (fewstep.estimate): the step runs on fake tensors, nothing is "
     "allocated; peak = the largest total of live tensor storages (each rounded to 512 bytes) during any step. "
-    "Leaves out GPU kernel workspaces and allocator fragmentation."
+    "Leaves out GPU kernel workspaces and allocator fragmentation. TFLOP / step: the matmuls, convolutions and "
+    "attention of one optimizer step (forward, backward, checkpointing's recompute), the mean over the steps."
 )
 
 

@@ -36,6 +36,20 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from fewstep.errors import FewstepError
 
+
+def _flop_formulas() -> dict:
+    """torch's FLOP formulas (``torch.utils.flop_counter``: matmuls, convolutions, fused attention, forward and
+    backward), keyed by op packet, plus the CPU's fused attention (what the estimate dispatches to), whose
+    arguments start as the CUDA kernels' do."""
+    from torch.utils import flop_counter
+
+    formulas = dict(flop_counter.flop_registry)
+    aten = torch.ops.aten
+    formulas[aten._scaled_dot_product_flash_attention_for_cpu] = flop_counter.sdpa_flop
+    formulas[aten._scaled_dot_product_flash_attention_for_cpu_backward] = flop_counter.sdpa_backward_flop
+    return formulas
+
+
 SMALL = 1 << 16  # elements: tensors at most this large also hold real values (times, masks, scales)
 BLOCK = 512  # bytes: the CUDA caching allocator's rounding of every allocation
 INDEX_OPS = {"aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_"}  # (self, indices, ...)
@@ -56,6 +70,8 @@ class StepMemory(TorchDispatchMode):
         self.sizes: dict[int, int] = {}  # id(storage) -> rounded bytes, while alive
         self.live = 0
         self.peak = 0
+        self.flops = 0  # floating-point operations of the matmuls, convolutions and attention run under it
+        self.formulas = _flop_formulas()
 
     # -- accounting -------------------------------------------------------------------------------
 
@@ -97,10 +113,16 @@ class StepMemory(TorchDispatchMode):
             lambda v: self.fake_mode.from_tensor(v, static_shapes=True) if isinstance(v, torch.Tensor) else v, value
         )
 
+    def _count(self, func, args, kwargs, out) -> None:
+        formula = self.formulas.get(func.overloadpacket)
+        if formula is not None:
+            self.flops += int(formula(*args, **kwargs, out_val=out))
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.fake_mode is None:
             out = func(*args, **kwargs)
+            self._count(func, args, kwargs, out)
             for o in tree_flatten(out)[0]:
                 if isinstance(o, torch.Tensor):
                     self._track(o)
@@ -113,6 +135,7 @@ class StepMemory(TorchDispatchMode):
         except (DataDependentOutputException, DynamicOutputShapeException):
             out = self._resolve(func, flat, spec, known)
             known = False  # _resolve recorded the values it could
+        self._count(func, args, kwargs, out)
         outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
         if known and all(o.numel() <= SMALL for o in outs):
             real_outs = [r for r in tree_flatten(self._run_real(func, flat, spec))[0] if isinstance(r, torch.Tensor)]
@@ -234,19 +257,25 @@ def estimate_step_memory(overrides: list[str], mixed_precision: str, steps: int 
         runner = StepRunner(overrides, torch.device("cpu"), mixed_precision)
         memory.rebase()
         built = memory.live
-        per_step = []
+        per_step, flops = [], []
         for _ in range(steps):
-            start = memory.live
+            start, counted = memory.live, memory.flops
             memory.peak = start
             runner.step()
             per_step.append(memory.peak)
+            flops.append(memory.flops - counted)
         params = list(runner.model.parameters())
         out = {
             "peak_memory_mb": max(per_step) / 2**20,
             "built_mb": built / 2**20,  # before the first step (no optimizer state yet)
             "resident_mb": memory.live / 2**20,  # after the last step (optimizer state included)
             "step_peaks_mb": [p / 2**20 for p in per_step],
+            # matmul/convolution/attention FLOPs per optimizer step, the mean over the steps (a DMD2 cycle's
+            # critic and generator steps differ; TwinFlow's groups draw their rows at random)
+            "tflops_per_step": sum(flops) / len(flops) / 1e12,
+            "step_tflops": [f / 1e12 for f in flops],
             "evals_per_step": sum(runner.evals) / len(runner.evals),
+            "step_evals": list(runner.evals),
             "params": sum(p.numel() for p in params),
             "trainable_params": sum(p.numel() for p in params if p.requires_grad),
             "estimated": bool(fake),

@@ -44,9 +44,32 @@ def test_the_fake_step_counts_the_bytes_the_real_step_holds(objective):
         assert abs(fake[key] - real[key]) * 2**20 <= 8 * BLOCK, (key, fake[key], real[key])
     for f, r in zip(fake["step_peaks_mb"], real["step_peaks_mb"], strict=True):
         assert abs(f - r) * 2**20 <= 8 * BLOCK
+    # FLOPs: equal wherever the step did the same work (TwinFlow's groups are drawn from the real generator, which
+    # the fake step's large random tensors leave untouched, so its draws may differ from the real step's)
+    same = [i for i, (f, r) in enumerate(zip(fake["step_evals"], real["step_evals"], strict=True)) if f == r]
+    assert same and all(fake["step_tflops"][i] == real["step_tflops"][i] > 0 for i in same)
     # at least the bf16 weights are resident, and a step holds more than what is resident
     weights_mb = fake["params"] * 2 / 2**20
     assert fake["built_mb"] >= weights_mb and fake["peak_memory_mb"] > fake["resident_mb"]
+
+
+@pytest.mark.parametrize("fake", [True, False])
+def test_matmul_and_attention_flops_follow_their_formulas(fake):
+    """2·m·k·n per matmul; attention forward 2 batched matmuls (4·b·h·s²·d), its backward 5 (10·b·h·s²·d):
+    the CPU's fused attention kernels count like the GPU's."""
+    b, h, s, d = 2, 3, 64, 32
+    with fake_execution(fake) as memory:
+        x, w = torch.randn(8, 16), torch.randn(16, 32)
+        q, k, v = (torch.randn(b, h, s, d, requires_grad=True) for _ in range(3))
+        before = memory.flops
+        x @ w
+        assert memory.flops - before == 2 * 8 * 16 * 32
+        before = memory.flops
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        assert memory.flops - before == 4 * b * h * s * s * d
+        before = memory.flops
+        out.sum().backward()
+        assert memory.flops - before == 10 * b * h * s * s * d
 
 
 def test_small_tensors_keep_values_and_a_large_decision_is_one_clear_error():
@@ -106,8 +129,9 @@ def test_bench_estimate_memory_writes_an_estimated_table_and_collect_keeps_it(tm
     assert objs["flow_matching"]["memory_vs_flow_matching"] == 1.0
     assert objs["twinflow"]["memory_vs_flow_matching"] > 1.0 and objs["twinflow"]["evals_per_step"] > 1.0
     assert all("step_time_s" not in r and len(r["step_peaks_mb"]) == 2 for r in objs.values())
+    assert objs["flow_matching"]["flops_vs_flow_matching"] == 1.0 and objs["twinflow"]["flops_vs_flow_matching"] > 1
     md = (out / "bench.md").read_text()
-    assert "estimated peak memory (GB)" in md and "| twinflow |" in md
+    assert "estimated peak memory (GB)" in md and "| twinflow |" in md and "TFLOP / step" in md
     collect(tmp_path / "table", [out])
     merged = json.loads((tmp_path / "table.json").read_text())
     assert [r["objective"] for r in merged["rows"]] == ["flow_matching", "twinflow"]

@@ -286,6 +286,9 @@ class SyntheticDataConfig:
     architecture: str = "sd35_medium"  # a shipped architecture (fewstep/models/architectures/*.json)
     resolution: int = 1024  # pixels; latents are resolution / the VAE factor on a side
     batch_size: int = 1
+    # valid prompt tokens per sample (the rest is masked padding): null = the whole padded length; for the
+    # families whose prompts are padded and masked (SANA, Qwen-Image); Qwen-Image's cost follows it
+    text_tokens: int | None = None
 
 
 # --------------------------------------------------------------------------- trainer / logger

@@ -107,6 +107,27 @@ def test_synthetic_batches_are_seeded_by_position_and_slot():
     assert not torch.equal(next(data.batches(3, 5)).x, next(data.batches(3, 6)).x)
 
 
+def test_synthetic_text_tokens_mask_the_padding_and_qwen_image_drops_it():
+    """data.text_tokens=N: N valid prompt tokens, the rest zero padding masked out (as precompute writes short
+    prompts); Qwen-Image's call keeps only the columns some row uses, so its text stream is N tokens long."""
+    from fewstep.models.qwenimage import trim_text
+
+    data = SyntheticData("qwen_image", resolution=64, batch_size=2, text_tokens=40)
+    cond = next(data.batches(0)).cond
+    mask, embeds = cond["prompt_embeds_mask"], cond["prompt_embeds"]
+    assert mask.shape == (2, 512) and mask[:, :40].eq(1).all() and mask[:, 40:].eq(0).all()
+    assert embeds[:, 40:].abs().sum() == 0 and embeds[:, :40].std() > 0.9
+    kept, kept_mask = trim_text(embeds, mask)
+    assert kept.shape == (2, 40, 3584) and kept_mask is None
+    for name, tokens, message in [
+        ("sd35_medium", 5, r"has a fixed length \(333 tokens, no padding mask\)"),
+        ("openuni_l_512", 5, r"has a fixed length \(256 tokens"),
+        ("sana_1600m_1024px", 301, r"must lie in \[1, 300\]"),
+    ]:
+        with pytest.raises(ArchitectureError, match=message):
+            SyntheticData(name, resolution=64, text_tokens=tokens)
+
+
 def test_synthetic_resolution_must_be_a_multiple_of_the_vae_factor():
     with pytest.raises(ArchitectureError, match=r"data.resolution=1000 must be a positive multiple of 32"):
         SyntheticData("sana_1600m_1024px", resolution=1000)

@@ -19,7 +19,13 @@ from fewstep.models import architectures
 class SyntheticData:
     num_classes = 0
 
-    def __init__(self, architecture: str = "sd35_medium", resolution: int = 1024, batch_size: int = 1):
+    def __init__(
+        self,
+        architecture: str = "sd35_medium",
+        resolution: int = 1024,
+        batch_size: int = 1,
+        text_tokens: int | None = None,
+    ):
         if batch_size < 1:
             raise ValueError(f"data.batch_size={batch_size} must be >= 1")
         arch = architectures.load(architecture)
@@ -31,6 +37,28 @@ class SyntheticData:
         self.architecture = arch
         self.shape = arch.latent_shape(resolution)
         self.batch_size = int(batch_size)
+        self.text_tokens = self._text_tokens(architecture, text_tokens)
+
+    def _text_tokens(self, architecture: str, text_tokens: int | None) -> int | None:
+        """``text_tokens``: the valid prompt tokens of every sample (the rest is masked padding, which Qwen-Image
+        drops before its transformer): for families whose prompts are padded to a length and masked."""
+        if text_tokens is None:
+            return None
+        from fewstep.models.family import families
+
+        masked = [n for n in self.architecture.condition if n.endswith("mask")]
+        length = families()[self.architecture.family].max_sequence_length
+        if not masked or length is None:
+            raise architectures.ArchitectureError(
+                f"data.text_tokens={text_tokens}: {architecture}'s text condition has a fixed length "
+                f"({self.architecture.condition['prompt_embeds'][0]} tokens, no padding mask); drop data.text_tokens"
+            )
+        width = self.architecture.condition[masked[0]][0]
+        if not 1 <= text_tokens <= width:
+            raise architectures.ArchitectureError(
+                f"data.text_tokens={text_tokens} must lie in [1, {width}] ({architecture}'s padded prompt length)"
+            )
+        return int(text_tokens)
 
     def _cond(self, n: int, gen: torch.Generator | None) -> dict[str, torch.Tensor]:
         cond = {}
@@ -41,6 +69,8 @@ class SyntheticData:
                 cond[name] = torch.zeros(n, *shape)
             else:
                 cond[name] = torch.randn(n, *shape, generator=gen)
+            if gen is not None and self.text_tokens is not None and len(shape) >= 1:
+                cond[name][:, self.text_tokens :] = 0  # padding past the prompt, as precompute writes it
         return cond
 
     def null_cond(self, n: int) -> dict[str, torch.Tensor]:

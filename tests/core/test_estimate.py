@@ -167,3 +167,16 @@ def test_estimate_vs_measured_matches_rows_on_config_and_objective(tmp_path, cap
     assert [r["ratio"] for r in script["rows"](tmp_path / "m2.json", [est])] == [0.95]
     script["main"]([str(tmp_path / "m.json"), str(est)])
     assert "| flow_matching | 8.79 | 8.35 | 0.950 |" in capsys.readouterr().out
+    # step times from FLOPs: flow matching's measured 2 s for 100 TFLOP calibrate 50 TFLOP/s, so DMD2's 150 TFLOP
+    # predict 3 s (it OOMed in the measurement: no measured time beside it)
+    measured["rows"][0].update(step_time_s=2.0, overrides=["data.resolution=64", "model.num_layers=1"])
+    (tmp_path / "m3.json").write_text(json.dumps(measured))
+    bench["objectives"]["flow_matching"].update(tflops_per_step=100.0, flops_vs_flow_matching=1.0)
+    bench["objectives"]["dmd2"].update(tflops_per_step=150.0, flops_vs_flow_matching=1.5)
+    (est / "bench.json").write_text(json.dumps({**bench, "overrides": ["data.resolution=64", "model.num_layers=1"]}))
+    predicted = {p["objective"]: p for p in script["predictions"](tmp_path / "m3.json", [est])}
+    assert predicted["flow_matching"]["predicted_s"] == predicted["flow_matching"]["measured_s"] == 2.0
+    assert predicted["dmd2"]["rate"] == 50.0 and predicted["dmd2"]["predicted_s"] == 3.0
+    assert predicted["dmd2"]["measured_s"] is None
+    script["main"]([str(tmp_path / "m3.json"), str(est)])
+    assert "| dmd2 | 150.0 | 1.50 | 50 | 3.000 |  |  |" in capsys.readouterr().out

@@ -47,7 +47,19 @@ def _flop_formulas() -> dict:
     aten = torch.ops.aten
     formulas[aten._scaled_dot_product_flash_attention_for_cpu] = flop_counter.sdpa_flop
     formulas[aten._scaled_dot_product_flash_attention_for_cpu_backward] = flop_counter.sdpa_backward_flop
+    formulas[aten.convolution_backward] = flop_counter.shape_wrapper(_conv_backward_flops)
     return formulas
+
+
+def _conv_backward_flops(grad_out_shape, x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    """A convolution's backward: each requested gradient (input, weight) costs one forward's multiply-adds.
+    torch's own formula counts the weight gradient of a grouped convolution ``groups`` times over (SANA's
+    depthwise Mix-FFN convolution: 2,240×)."""
+    from torch.utils import flop_counter
+
+    transposed, output_mask = args[4], args[7]
+    forward = flop_counter.conv_flop_count(x_shape, w_shape, grad_out_shape, transposed=transposed)
+    return forward * (int(output_mask[0]) + int(output_mask[1]))
 
 
 SMALL = 1 << 16  # elements: tensors at most this large also hold real values (times, masks, scales)

@@ -70,6 +70,15 @@ def test_matmul_and_attention_flops_follow_their_formulas(fake):
         before = memory.flops
         out.sum().backward()
         assert memory.flops - before == 10 * b * h * s * s * d
+        # a depthwise 3×3 convolution (SANA's Mix-FFN): 2·k²·B·C·H·W forward, as much again per gradient
+        conv = torch.nn.Conv2d(64, 64, 3, padding=1, groups=64)
+        image = torch.randn(2, 64, 8, 8, requires_grad=True)
+        before = memory.flops
+        y = conv(image)
+        assert memory.flops - before == 2 * 9 * 2 * 64 * 8 * 8
+        before = memory.flops
+        y.sum().backward()
+        assert memory.flops - before == 2 * (2 * 9 * 2 * 64 * 8 * 8)
 
 
 def test_small_tensors_keep_values_and_a_large_decision_is_one_clear_error():

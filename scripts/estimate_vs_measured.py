@@ -1,6 +1,6 @@
 """Estimated against measured peak memory and step time, row by row: markdown tables on stdout.
 
-    python scripts/estimate_vs_measured.py docs/gpu/realsize.json docs/raw/estimate_realsize/*/
+    python scripts/estimate_vs_measured.py [--time] docs/gpu/realsize.json docs/raw/estimate_realsize/*/
 
 MEASURED: a merged real-size table (``fewstep.bench.collect``'s JSON, e.g. from the device script);
 ESTIMATES: ``fewstep.bench ... estimate_memory=true`` output folders. Rows are matched on the bench
@@ -11,6 +11,7 @@ its config and objective. Rows without a partner are left out of the first table
 The second table predicts step times from FLOPs: every estimate row's TFLOP / step divided by the
 throughput its model's measured flow-matching step achieved (estimated TFLOP / measured seconds, at the
 measured batch); where the row was measured too, its measured time stands beside the prediction.
+``--time``: that table alone.
 """
 
 from __future__ import annotations
@@ -82,11 +83,18 @@ def predictions(measured: Path, estimate_dirs: list[Path]) -> list[dict]:
 
 
 def main(argv: list[str]) -> None:
+    time_only = "--time" in argv
+    argv = [a for a in argv if a != "--time"]
     if len(argv) < 2:
         sys.exit(__doc__)
     measured, dirs = Path(argv[0]), [Path(a) for a in argv[1:]]
-    table = rows(measured, dirs)
     device = json.loads(measured.read_text()).get("device", "?")
+    if not time_only:
+        _memory_table(rows(measured, dirs), device)
+    _time_table(predictions(measured, dirs), device, time_only)
+
+
+def _memory_table(table: list[dict], device: str) -> None:
     print(f"| config | objective | measured peak ({device}, GiB) | estimated peak (GiB) | estimated / measured |")
     print("|---|---|---|---|---|")
     if not table:
@@ -94,12 +102,19 @@ def main(argv: list[str]) -> None:
     for r in table:
         print(f"| {r['config']} | {r['objective']} | {r['measured_gib']:.2f} | {r['estimated_gib']:.2f} | "
               f"{r['ratio']:.3f} |")  # fmt: skip
-    predicted = predictions(measured, dirs)
+
+
+def _time_table(predicted: list[dict], device: str, alone: bool) -> None:
     if not predicted:
+        if alone:
+            print("(no estimate with FLOPs has a measured flow-matching step of its model)")
         return
-    print()
-    print(f"| config | objective | TFLOP / step | × flow matching | {device}: flow matching's TFLOP/s | "
-          "predicted step (s) | measured step (s) | predicted / measured |")
+    if not alone:
+        print()
+    print(
+        f"| config | objective | TFLOP / step | × flow matching | {device}: flow matching's TFLOP/s | "
+        "predicted step (s) | measured step (s) | predicted / measured |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for p in predicted:
         m = p["measured_s"]

@@ -189,3 +189,5 @@ def test_estimate_vs_measured_matches_rows_on_config_and_objective(tmp_path, cap
     assert predicted["dmd2"]["measured_s"] is None
     script["main"]([str(tmp_path / "m3.json"), str(est)])
     assert "| dmd2 | 150.0 | 1.50 | 50 | 3.000 |  |  |" in capsys.readouterr().out
+    script["main"](["--time", str(tmp_path / "m3.json"), str(est)])
+    assert capsys.readouterr().out.startswith("| config | objective | TFLOP / step |")

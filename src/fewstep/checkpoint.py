@@ -350,13 +350,13 @@ def latest_valid(ckpt_root: Path, warn=print) -> Path | None:
     return None
 
 
-def resolve_resume(resume: str, run_dir: Path, key: str = "trainer.resume") -> Path | None:
+def resolve_resume(resume: str, run_dir: Path, key: str = "trainer.resume", warn=print) -> Path | None:
     """``auto`` = newest valid checkpoint of this run dir (none = fresh start); ``none``; or a path to a
-    checkpoint folder or a run dir. ``key`` is the setting the errors name."""
+    checkpoint folder or a run dir. ``key`` is the setting the errors name; ``warn`` reports skipped corrupt ones."""
     if resume in ("none", "", None):
         return None
     if resume == "auto":
-        return latest_valid(Path(run_dir) / "checkpoints")
+        return latest_valid(Path(run_dir) / "checkpoints", warn=warn)
     p = Path(resume)
     if not p.exists():
         also = ", or 'auto'/'none'" if key == "trainer.resume" else ""
@@ -365,7 +365,7 @@ def resolve_resume(resume: str, run_dir: Path, key: str = "trainer.resume") -> P
         verify(p)
         return p
     for root in (p / "checkpoints", p):
-        found = latest_valid(root)
+        found = latest_valid(root, warn=warn)
         if found is not None:
             return found
     raise CheckpointError(f"{key}={resume}: no valid checkpoint found there")

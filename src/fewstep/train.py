@@ -84,7 +84,8 @@ class FinishedRunCheck(Callback):
 
         try:
             run_dir = Path(str(config.hydra.run.dir)).resolve()
-            resume_from = ckpt_io.resolve_resume(config.trainer.resume, run_dir)
+            # quiet: train() reports a skipped corrupt checkpoint, once
+            resume_from = ckpt_io.resolve_resume(config.trainer.resume, run_dir, warn=lambda _: None)
             problem = finished_problem(resume_from, run_dir, int(config.trainer.max_steps))
         except Exception:  # noqa: BLE001 - train() reports whatever is wrong, with its own message
             return
@@ -142,6 +143,11 @@ def run_settings(cfg: DictConfig) -> dict:
 
     walk(tree, "")
     return flat
+
+
+def init_source(tr) -> str | None:
+    """``trainer.init_from`` as an absolute path (recorded in each checkpoint; None: the run started fresh)."""
+    return str(Path(tr.init_from).resolve()) if tr.get("init_from") else None
 
 
 def changed_settings(was: dict | None, now: dict, limit: int = 6) -> list[str]:
@@ -358,7 +364,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                     "config from scratch, give another hydra.run.dir or trainer.resume=none)",
                     resume_from, ", ".join(changed), tr.resume,
                 )  # fmt: skip
-            if tr.init_from:  # loaded above (what the checkpoint does not hold keeps it, e.g. DMD2's real score)
+            # loaded above (what the checkpoint does not hold keeps it, e.g. DMD2's real score); a checkpoint of a run
+            # that started from this init_from (a plain resume of it) is no surprise
+            if tr.init_from and state.get("init_from") != init_source(tr):
                 log.warning(
                     "trainer.init_from=%s: the resumed checkpoint's weights replace its weights (trainer.resume=%s "
                     "found %s); to start from init_from, give another hydra.run.dir or trainer.resume=none",
@@ -402,7 +410,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         ckpt_io.save_checkpoint(  # every rank (sharded state is gathered), rank 0 writes
             ckpt_root, step, student, teacher, optimizer, scheduler, data_position,
             extra={"nonfinite_total": nonfinite_total, "log_window": {k: to_float(v) for k, v in window.items()},
-                   "lr_factor": lr_factor(step, tr), "settings": settings,
+                   "lr_factor": lr_factor(step, tr), "settings": settings, "init_from": init_source(tr),
                    "log_window_n": window_n,
                    **({"grad_scaler": accelerator.scaler.state_dict()} if accelerator.scaler is not None else {})},
             rng_states=rng_states, networks=networks, write=main,

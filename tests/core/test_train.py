@@ -113,6 +113,21 @@ def test_cli_finished_run_again_is_one_error_line_and_a_sweep_again_skips_its_po
     assert "skipped: " in (tmp_path / "sweep" / "1" / "__main__.log").read_text()
 
 
+def test_the_finished_run_check_leaves_a_skipped_checkpoint_to_train_to_report(tmp_path, capsys):
+    """A run dir whose newest checkpoint is incomplete: the Hydra callback printed 'skipping checkpoint ...' and
+    train() printed it again, the same line twice at every launch."""
+    from omegaconf import OmegaConf
+
+    from fewstep.train import FinishedRunCheck
+
+    (tmp_path / "run" / "checkpoints" / "step_0000004").mkdir(parents=True)  # no state.json
+    cfg = OmegaConf.create(
+        {"hydra": {"run": {"dir": str(tmp_path / "run")}}, "trainer": {"resume": "auto", "max_steps": 4}}
+    )
+    FinishedRunCheck().on_run_start(cfg)
+    assert capsys.readouterr().out == ""
+
+
 def test_a_time_limited_run_reports_its_final_loss_between_log_steps(tmp_path):
     """Stopped by trainer.time_limit_s before any log step: summary.json still has the loss terms and nfe/*
     (of the steps since the last row), so the sweep report's final-loss and evals/step cells are not blank."""
@@ -544,7 +559,11 @@ def test_resuming_a_run_dir_says_its_checkpoint_replaces_init_from(tmp_path, cap
     train(compose(base), run_dir=tmp_path / "old")
     with caplog.at_level(logging.WARNING, logger="fewstep"):
         train(compose([*base, f"trainer.init_from={tmp_path / 'teacher'}"]), run_dir=tmp_path / "fresh")
-        assert not caplog.records
+        # a plain resume of a run that started from init_from (interrupted, or trained on; DMD2 needs init_from
+        # again for its real score) warned that its checkpoint replaces init_from's weights
+        train(compose([*base[:-1], "trainer.max_steps=3", f"trainer.init_from={tmp_path / 'teacher'}"]),
+              run_dir=tmp_path / "fresh")  # fmt: skip
+        assert not [r for r in caplog.records if "init_from" in r.getMessage()], caplog.records[-1].getMessage()
         train(compose([*base[:-1], "trainer.max_steps=4", f"trainer.init_from={tmp_path / 'teacher'}"]),
               run_dir=tmp_path / "old")  # fmt: skip
     warned = [r.getMessage() for r in caplog.records if "init_from" in r.getMessage()]

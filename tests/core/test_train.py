@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fewstep.train import TrainingAborted, lr_factor, train
+from fewstep.train import TrainingAborted, lr_factor, run_settings, train
 
 from helpers import FAST, compose, run_cli, torch_threads
 
@@ -580,10 +580,23 @@ def test_resuming_a_checkpoint_of_other_settings_names_them(tmp_path, caplog):
     base = [*TOY, "trainer.checkpoint_every=2", "trainer.evaluate=false", "trainer.final_nfe=[]"]
     train(compose([*base, "trainer.max_steps=2"]), run_dir=run)
     with caplog.at_level(logging.WARNING, logger="fewstep"):
-        train(compose([*base, "trainer.max_steps=4", "trainer.torch_threads=1", "trainer.resume=auto"]), run_dir=run)
+        how = ["trainer.torch_threads=1", "trainer.grid_size=36", "trainer.max_nonfinite=5"]  # not what it trains
+        train(compose([*base, "trainer.max_steps=4", *how, "trainer.resume=auto"]), run_dir=run)
         assert not [r for r in caplog.records if "other settings" in r.getMessage()]
         other = ["objective.delta_t=0.02", "trainer.lr_schedule=constant", "trainer.resume=auto"]
         train(compose([*base, "trainer.max_steps=6", *other]), run_dir=run)
     warned = [r.getMessage() for r in caplog.records if "other settings" in r.getMessage()]
     assert len(warned) == 1 and "objective.delta_t=0.01 (now 0.02)" in warned[0], warned
     assert "trainer.lr_schedule=cosine (now constant)" in warned[0] and "max_steps" not in warned[0]
+    # speed, memory and sharding knobs (same weights) and the docs-only launch.* / a sweeper's optimize_metric
+    plain = ["model=sd35", "data=latents"]
+    how = [
+        "trainer.compile=true",
+        "trainer.distributed=fsdp",
+        "model.no_grad_chunk=2",
+        "launch.num_processes=8",
+        "model.gradient_checkpointing=false",
+        "data.decode_device=cpu",
+        "optimize_metric=eval.nfe_1.fid",
+    ]
+    assert run_settings(compose([*plain, *how])) == run_settings(compose(plain))

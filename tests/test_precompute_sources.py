@@ -190,5 +190,8 @@ def test_the_default_prompt_length_is_each_family_pipelines_own_and_a_resumed_ca
     info = {"planned": ["a.png"], "size": [8, 8], "count": 0, "files": [], "skipped": [], "max_sequence_length": 256}
     (tmp_path / "shard_00000.json").write_text(json.dumps(info))
     assert _shard_done(shard, tmp_path, 256) == info and _shard_done(shard, tmp_path, 512) is None
+    del info["max_sequence_length"]  # a shard written before lengths were recorded: unknown, encoded again, except
+    (tmp_path / "shard_00000.json").write_text(json.dumps(info))  # where the length does not apply (OpenUni)
+    assert _shard_done(shard, tmp_path, 256) is None and _shard_done(shard, tmp_path, None) == info
     with pytest.raises(SystemExit, match="max_sequence_length=0 must be a positive number of tokens"):
         precompute_main(["pretrained=x", f"out={tmp_path / 'o'}", f"images={tmp_path}", "max_sequence_length=0"])

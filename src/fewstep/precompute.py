@@ -360,7 +360,10 @@ def _shard_done(shard: Shard, shards_dir: Path, text_length: int | None) -> dict
     planned = [i.file for i in shard.items]
     if info.get("planned") != planned or tuple(info.get("size", ())) != shard.size:
         return None
-    if info.get("max_sequence_length", "unrecorded") != text_length:  # embeddings of another width: encode again
+    # embeddings of another width: encode again; unrecorded (written before lengths were) is unknown, except where
+    # no length applies (the text length is fixed: OpenUni)
+    recorded = info.get("max_sequence_length", "unrecorded")
+    if recorded != text_length and not (recorded == "unrecorded" and text_length is None):
         return None
     if info.get("count", 0) > 0 and not (shards_dir / f"{shard.name}.safetensors").exists():
         return None

@@ -55,15 +55,28 @@ class RunFinished(FewstepError):
     """The run dir's checkpoint is already at ``trainer.max_steps`` and its summary is written: nothing to train."""
 
 
-def finished_problem(resume_from: Path | None, run_dir: Path, max_steps: int) -> str | None:
+def finished_problem(resume_from: Path | None, run_dir: Path, max_steps: int, time_limit_s: float = 0.0) -> str | None:
     """Why re-running this command would only redo a finished run (None: there is training left to do). A run
     whose newest checkpoint is at ``max_steps`` (or past it) and which wrote ``summary.json`` is finished: resuming
-    it would train nothing and re-evaluate over its samples and summary."""
+    it would train nothing and re-evaluate over its samples and summary. So is a run that ended at its
+    ``trainer.time_limit_s`` budget, relaunched with the same budget (a time-budgeted sweep launched again would
+    otherwise train every point for another budget)."""
     if resume_from is None or not (run_dir / "summary.json").exists():
         return None
     step = ckpt_io.verify(resume_from)["step"]
     if step < max_steps:
-        return None
+        try:
+            budget = json.loads((run_dir / "summary.json").read_text()).get("time_limit_s")
+        except (OSError, ValueError):
+            return None
+        if not time_limit_s or budget != time_limit_s:
+            return None
+        return (
+            f"{run_dir} already trained its trainer.time_limit_s={time_limit_s:g} budget (stopped at step {step}); "
+            "its checkpoints, samples and summary are left as they are. To train on for another budget, give "
+            "another trainer.time_limit_s (0: up to trainer.max_steps); to evaluate or sample again, "
+            f"python -m fewstep.eval run_dir={run_dir}; to train a new run, give another hydra.run.dir"
+        )
     return (
         f"{run_dir} is already finished at step {step} (trainer.max_steps={max_steps}); its checkpoints, samples and "
         "summary are left as they are. "
@@ -86,7 +99,8 @@ class FinishedRunCheck(Callback):
             run_dir = Path(str(config.hydra.run.dir)).resolve()
             # quiet: train() reports a skipped corrupt checkpoint, once
             resume_from = ckpt_io.resolve_resume(config.trainer.resume, run_dir, warn=lambda _: None)
-            problem = finished_problem(resume_from, run_dir, int(config.trainer.max_steps))
+            limit = float(config.trainer.get("time_limit_s", 0) or 0)
+            problem = finished_problem(resume_from, run_dir, int(config.trainer.max_steps), limit)
         except Exception:  # noqa: BLE001 - train() reports whatever is wrong, with its own message
             return
         if problem is not None:
@@ -296,7 +310,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     run_dir = Path(run_dir[0])
     ckpt_root = run_dir / "checkpoints"
     resume_from = ckpt_io.resolve_resume(tr.resume, run_dir)
-    finished = finished_problem(resume_from, run_dir, tr.max_steps)
+    finished = finished_problem(resume_from, run_dir, tr.max_steps, tr.time_limit_s)
     if finished is not None:  # before anything is built or written
         raise RunFinished(finished)
 
@@ -435,7 +449,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     window_n, consecutive_bad, step = resumed_window[1], 0, start_step
     t_start = time.perf_counter()
     t_window = t_start
-    stopped_by = None
+    stopped_by, time_limited = None, False
     student.train()
     with _StopRequest() as stop:
         while step < tr.max_steps:
@@ -528,6 +542,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                 break
             if tr.time_limit_s > 0 and time.perf_counter() - t_start >= tr.time_limit_s:
                 log.info("trainer.time_limit_s=%s reached at step %d", tr.time_limit_s, step)
+                time_limited = True
                 break
     wall = time.perf_counter() - t_start
     if progress is not None:
@@ -558,6 +573,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     }
     if stopped_by is not None:
         summary["stopped_by"] = stopped_by
+    if time_limited:  # ended at its time budget: launched again with the same budget it is finished
+        summary["time_limit_s"] = tr.time_limit_s
     if stopped_by is None and (main or strategy.every_rank_samples):
         student.eval()
         results = final_outputs(

@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fewstep.train import TrainingAborted, lr_factor, run_settings, train
+from fewstep import checkpoint as ckpt_io
+from fewstep.train import RunFinished, TrainingAborted, finished_problem, lr_factor, run_settings, train
 
 from helpers import FAST, compose, run_cli, torch_threads
 
@@ -136,6 +137,13 @@ def test_a_time_limited_run_reports_its_final_loss_between_log_steps(tmp_path):
     summary = train(compose([*args, "trainer.final_nfe=[]"]), run_dir=run)
     assert 0 < summary["steps"] < 100000 and (run / "metrics.jsonl").read_text() == ""  # no metrics row yet
     assert math.isfinite(summary["loss"]) and summary["loss/main"] > 0 and summary["nfe/per_step"] > 1
+    # it trained its budget: launched again with the same one it is finished (a time-budgeted sweep relaunched
+    # skips its points instead of training each for another budget); another budget trains on
+    assert summary["time_limit_s"] == 0.5
+    with pytest.raises(RunFinished, match=r"already trained its trainer.time_limit_s=0.5 budget \(stopped at step"):
+        train(compose([*args, "trainer.final_nfe=[]"]), run_dir=run)
+    newest = ckpt_io.resolve_resume("auto", run)
+    assert finished_problem(newest, run, 100000, 0.0) is None and finished_problem(newest, run, 100000, 1.0) is None
 
 
 def test_metrics_jsonl_exists_even_when_no_log_step_was_reached(tmp_path):

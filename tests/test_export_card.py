@@ -83,6 +83,18 @@ def test_model_card_without_a_base_card_or_grid(fake_run, tmp_path):
     out.mkdir()
     info = {"step": 3, "family": "sd3", "lora": False, "default_steps": 4, "load_code": []}
     card = write_model_card(out, cfg, info, run, "owner/base-model").read_text()
+    # a run that sampled with CFG (a guided Euler baseline): the card's code passes the family pipeline's own
+    # guidance argument (it printed guidance_scale=0.0 before, unguided images unlike the run's grid)
+    from fewstep.models.family import families
+
+    qwen = families()["qwenimage"].pipeline_guidance(4.0)
+    assert qwen == {"true_cfg_scale": 4.0, "negative_prompt": "Generate an image."}
+    assert families()["sd3"].pipeline_guidance(4.5) == {"guidance_scale": 4.5}
+    code = load_code("QwenImagePipeline", "me/q", 12, lora=False, style="mul", guidance=qwen)
+    assert "num_inference_steps=12, true_cfg_scale=4.0, negative_prompt='Generate an image.').images[0]" in code[-6]
+    guided = write_model_card(out, cfg, {**info, "guidance": {"guidance_scale": 4.5}}, run, "o/b").read_text()
+    assert "A 4-step (guidance 4.5) text-to-image model" in guided
+    assert "- **NFE**: 8 network evaluations per image (`num_inference_steps=4`, `guidance_scale=4.5`" in guided
     assert "base_model: owner/base-model" in card and "license: other" in card
     assert "the base model's card was not found; `owner/base-model`'s license applies" in card
     assert "## Samples" not in card and not (out / "samples.png").exists()

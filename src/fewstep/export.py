@@ -113,9 +113,9 @@ def scheduler_for_run(cfg, sampler=None):
         max_steps = max(steps, 1)
         if sampler.guidance_scale > 0:
             log.warning(
-                "the run samples with guidance_scale=%s (CFG); the exported scheduler does not guide: give the "
-                "pipeline its own guidance argument (guidance_scale=%s, applied above 1; Qwen-Image: true_cfg_scale "
-                "with a negative_prompt)",
+                "the run samples with guidance_scale=%s (CFG): the model card's code passes the pipeline its own "
+                "guidance argument (guidance_scale=%s; Qwen-Image: true_cfg_scale with a negative_prompt), which "
+                "diffusers' pipelines apply above 1 only",
                 sampler.guidance_scale,
                 sampler.guidance_scale,
             )
@@ -293,7 +293,11 @@ def export(args) -> dict:
     from fewstep.export_card import load_code, write_model_card
 
     nfe = scheduler.config.default_num_inference_steps
-    code = load_code(family.pipeline_class, args.hub_repo or str(out), nfe, bool(model.lora_enabled), style)
+    scale = float(cfg.sampler.get("guidance_scale", 0.0) or 0.0)  # a guided Euler run (few-step runs force 0)
+    guidance = family.pipeline_guidance(scale) if scale > 0 else None
+    if guidance:
+        info["guidance"] = guidance
+    code = load_code(family.pipeline_class, args.hub_repo or str(out), nfe, bool(model.lora_enabled), style, guidance)
     write_model_card(out, cfg, {**info, "default_steps": nfe, "load_code": code}, run_dir, pipeline_source)
     (out / "fewstep_export.json").write_text(json.dumps(info, indent=2))
     log.info("exported step %d (%s weights) of %s to %s", step, used, run_dir, out)

@@ -104,7 +104,8 @@ def model_card(cfg, info: dict, base: str, license_info: dict, grid: str | None,
         "",
         f"# {Path(info.get('out', 'export')).name}: {objective} few-step {family}" + (" (LoRA)" if lora else ""),
         "",
-        f"A {nfe}-step (guidance 0) text-to-image model trained with fewstep from "
+        f"A {nfe}-step ({f'guidance {_guided(info):g}' if _guided(info) else 'guidance 0'}) text-to-image model "
+        "trained with fewstep from "
         f"`{base}` by {objective}: a {'LoRA adapter on the' if lora else 'full fine-tune of the'} transformer, "
         f"{info.get('weights', 'ema')} weights at step {info.get('step')}.",
         "",
@@ -128,8 +129,13 @@ def model_card(cfg, info: dict, base: str, license_info: dict, grid: str | None,
         "",
         "## Sampling",
         "",
-        f"- **NFE**: {nfe} network evaluations per image (`num_inference_steps={nfe}`, `guidance_scale=0`); "
-        "other step counts work too (any-step model)",
+        (
+            f"- **NFE**: {2 * nfe} network evaluations per image (`num_inference_steps={nfe}`, "
+            f"`{_kwargs(info.get('guidance'))}`: a conditional and an unconditional pass per step, as the run sampled)"
+            if _guided(info)
+            else f"- **NFE**: {nfe} network evaluations per image (`num_inference_steps={nfe}`, `guidance_scale=0`); "
+            "other step counts work too (any-step model)"
+        ),
         f"- **Scheduler**: `TwinFlowScheduler`, set up like the run's `{sampler_name}` sampler: {_value(sampler_opts)}",
     ]
     evaluation = (summary or {}).get("eval") or {}
@@ -161,8 +167,11 @@ def model_card(cfg, info: dict, base: str, license_info: dict, grid: str | None,
     return "\n".join(lines)
 
 
-def load_code(pipeline_class: str, where: str, nfe: int, lora: bool, style: str = "few") -> list[str]:
-    """The card's loading snippet: the folder (or hub repo) as a diffusers pipeline, ``nfe`` steps at guidance 0,
+def load_code(
+    pipeline_class: str, where: str, nfe: int, lora: bool, style: str = "few", guidance: dict | None = None
+) -> list[str]:
+    """The card's loading snippet: the folder (or hub repo) as a diffusers pipeline, ``nfe`` steps at guidance 0
+    (``guidance``: the pipeline's guidance arguments of a run that sampled with CFG, ``Family.pipeline_guidance``),
     with fewstep installed or (its code travels in the folder) without; a pipeline class of fewstep's own
     (OpenUni) needs fewstep installed. A LoRA run also shows :func:`fewstep.export.load_lora_pipeline` on the
     base pipeline. ``style``: the exported scheduler's sampling style; for ``any`` / ``mul`` the transformer reads
@@ -183,7 +192,7 @@ def load_code(pipeline_class: str, where: str, nfe: int, lora: bool, style: str 
         "",
         f'pipe = {pipeline_class}.from_pretrained("{where}", torch_dtype=torch.bfloat16).to("cuda")',
         *attach,
-        f'image = pipe("a photo of a red fox in snow", num_inference_steps={nfe}, guidance_scale=0.0).images[0]',
+        f'image = pipe("a photo of a red fox in snow", num_inference_steps={nfe}, {_kwargs(guidance)}).images[0]',
     ]
     if not own:
         lines += [
@@ -201,6 +210,16 @@ def load_code(pipeline_class: str, where: str, nfe: int, lora: bool, style: str 
             f'pipe = load_lora_pipeline("BASE_PIPELINE", "{where}/lora", torch_dtype=torch.bfloat16).to("cuda")',
         ]
     return lines
+
+
+def _kwargs(guidance: dict | None) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in (guidance or {"guidance_scale": 0.0}).items())
+
+
+def _guided(info: dict) -> float:
+    """The CFG scale the card's code passes to the pipeline (0: the model samples unguided)."""
+    guidance = info.get("guidance") or {}
+    return float(guidance.get("guidance_scale", guidance.get("true_cfg_scale", 0.0)))
 
 
 def write_model_card(out: Path, cfg, info: dict, run_dir: Path, base: str) -> Path:

@@ -648,6 +648,12 @@ class Family:
         plain linear guidance for every family, as the reference trains (docs/families.md)."""
         return v_uncond + scale * (v_cond - v_uncond)
 
+    def pipeline_guidance(self, scale: float) -> dict:
+        """The keyword arguments with which the family's diffusers pipeline guides as :meth:`guided_velocity` does
+        at ``scale`` (the exported model card's loading code): ``guidance_scale`` here (the pipelines apply it
+        above 1 only)."""
+        return {"guidance_scale": float(scale)}
+
 
 DEFAULT_FAMILY = Family()
 

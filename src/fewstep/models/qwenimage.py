@@ -234,6 +234,11 @@ class QwenImageFamily(Family):
         cond_norm = torch.linalg.vector_norm(pack_latents(v_cond), dim=-1, keepdim=True)
         return unpack_latents(comb * (cond_norm / torch.linalg.vector_norm(comb, dim=-1, keepdim=True)), h, w)
 
+    def pipeline_guidance(self, scale: float) -> dict:
+        """``QwenImagePipeline`` guides by true CFG, which needs a negative prompt (the run's null prompt by
+        default) and applies above 1 only."""
+        return {"true_cfg_scale": float(scale), "negative_prompt": self.default_null_prompt}
+
     def encode_text(self, pipe, prompts, device, max_sequence_length, options):
         embeds, mask = pipe.encode_prompt(
             prompts, device=device, num_images_per_prompt=1, max_sequence_length=max_sequence_length

@@ -162,6 +162,21 @@ def run_settings(cfg: DictConfig) -> dict:
     return flat
 
 
+GLOBAL_BATCH = "global batch (data.batch_size × trainer.grad_accum × processes)"
+
+
+def with_global_batch(settings: dict, processes: int) -> dict:
+    """``settings`` with the per-process batch and accumulation folded into the global batch: a run resumed on
+    another number of processes with the same global batch (2 processes → 1 with ``trainer.grad_accum=2``,
+    docs/families.md) trains what it trained."""
+    out = {k: v for k, v in settings.items() if k not in ("data.batch_size", "trainer.grad_accum")}
+    try:
+        out[GLOBAL_BATCH] = str(int(settings["data.batch_size"]) * int(settings["trainer.grad_accum"]) * processes)
+    except (KeyError, ValueError):
+        return dict(settings)
+    return out
+
+
 def init_source(tr) -> str | None:
     """``trainer.init_from`` as an absolute path (recorded in each checkpoint; None: the run started fresh)."""
     return str(Path(tr.init_from).resolve()) if tr.get("init_from") else None
@@ -298,6 +313,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if unused else []
     gpu = torch.cuda.is_available()
     accelerator = Accelerator(mixed_precision=tr.mixed_precision, cpu=not gpu, kwargs_handlers=handlers)
+    settings = with_global_batch(settings, accelerator.num_processes)
     strategy = strategy_for(accelerator, tr.distributed, tr.mixed_precision)
     main = accelerator.is_main_process
     if run_dir is None:

@@ -14,7 +14,17 @@ import torch
 from safetensors.torch import load_file
 
 from fewstep import checkpoint as ckpt_io
-from fewstep.train import RunFinished, TrainingAborted, finished_problem, lr_factor, run_settings, train
+from fewstep.train import (
+    GLOBAL_BATCH,
+    RunFinished,
+    TrainingAborted,
+    changed_settings,
+    finished_problem,
+    lr_factor,
+    run_settings,
+    train,
+    with_global_batch,
+)
 
 from helpers import FAST, compose, run_cli, torch_threads
 
@@ -608,3 +618,9 @@ def test_resuming_a_checkpoint_of_other_settings_names_them(tmp_path, caplog):
         "optimize_metric=eval.nfe_1.fid",
     ]
     assert run_settings(compose([*plain, *how])) == run_settings(compose(plain))
+    # the same global batch on other process counts (2 processes → 1 with grad_accum=2) is no change; another is
+    two = with_global_batch(run_settings(compose(plain)), 2)
+    one = with_global_batch(run_settings(compose([*plain, "trainer.grad_accum=2"])), 1)
+    assert changed_settings(two, one) == [] and two[GLOBAL_BATCH] == str(2 * compose(plain).data.batch_size)
+    half = with_global_batch(run_settings(compose(plain)), 1)
+    assert changed_settings(two, half) == [f"{GLOBAL_BATCH}={two[GLOBAL_BATCH]} (now {half[GLOBAL_BATCH]})"]

@@ -141,6 +141,12 @@ RUN_LENGTH_KEYS = (
 )  # fmt: skip
 
 
+def _run_length_key(key: str) -> bool:
+    """``key`` is one of RUN_LENGTH_KEYS, or under one of its groups (``logger.``): ``trainer.init_from`` is,
+    ``trainer.init_from_ema`` (which weights DMD2's rebuilt real score takes) is not."""
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RUN_LENGTH_KEYS)
+
+
 def run_settings(cfg: DictConfig) -> dict:
     """The run's settings as flat ``key: value`` strings (recorded in each checkpoint's state.json)."""
     from omegaconf import OmegaConf
@@ -155,7 +161,7 @@ def run_settings(cfg: DictConfig) -> dict:
         for key, value in node.items():
             if isinstance(value, dict):
                 walk(value, f"{prefix}{key}.")
-            elif not f"{prefix}{key}".startswith(RUN_LENGTH_KEYS):
+            elif not _run_length_key(f"{prefix}{key}"):
                 flat[f"{prefix}{key}"] = str(value)
 
     walk(tree, "")

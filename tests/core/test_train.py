@@ -618,6 +618,10 @@ def test_resuming_a_checkpoint_of_other_settings_names_them(tmp_path, caplog):
         "optimize_metric=eval.nfe_1.fid",
     ]
     assert run_settings(compose([*plain, *how])) == run_settings(compose(plain))
+    # a key that only starts like a run-length one is a setting (init_from_ema: the weights DMD2's real score takes)
+    assert "trainer.init_from_ema" in run_settings(compose(plain)) and "trainer.init_from" not in run_settings(
+        compose(plain)
+    )
     # the same global batch on other process counts (2 processes → 1 with grad_accum=2) is no change; another is
     two = with_global_batch(run_settings(compose(plain)), 2)
     one = with_global_batch(run_settings(compose([*plain, "trainer.grad_accum=2"])), 1)

@@ -303,7 +303,6 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
 
     cfg = validate(cfg)
     settings = run_settings(cfg)
-    reset_peak_memory()
     tr = cfg.trainer
     if tr.torch_threads > 0:
         torch.set_num_threads(tr.torch_threads)
@@ -320,6 +319,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     gpu = torch.cuda.is_available()
     accelerator = Accelerator(mixed_precision=tr.mixed_precision, cpu=not gpu, kwargs_handlers=handlers)
     settings = with_global_batch(settings, accelerator.num_processes)
+    reset_peak_memory()  # after the Accelerator set this rank's GPU: before, every rank made a context on GPU 0
     strategy = strategy_for(accelerator, tr.distributed, tr.mixed_precision)
     main = accelerator.is_main_process
     if run_dir is None:

@@ -107,4 +107,10 @@ def with_user_search_path(overrides: list[str]) -> list[str]:
         return list(overrides)
     given, rest = _split_search_path(overrides)
     entries = given + [e for e in extra if e not in given]
-    return [*rest, f"{SEARCHPATH_KEY}=[{','.join(_quote(e) for e in entries)}]"]
+    ours = f"{SEARCHPATH_KEY}=[{','.join(_quote(e) for e in entries)}]"
+    # beside the user's first override, so it joins their run of positional overrides: appended after flags
+    # (`model=x --cfg job --package model`) Hydra's argparse would refuse it as an unrecognized argument
+    first = next((i for i, a in enumerate(rest) if not a.startswith("-") and ("=" in a or a[:1] == "~")), None)
+    if first is None:
+        return [*rest, ours]
+    return [*rest[: first + 1], ours, *rest[first + 1 :]]

@@ -100,3 +100,19 @@ def test_cli_trains_a_user_experiment_from_the_working_directory(tmp_path):
     bad = run_cli(["model=tiny"], cwd=tmp_path, check=False, env={ENV_VAR: str(tmp_path / "missing")})
     assert bad.returncode == 2 and bad.stderr.strip().startswith(f"error: {ENV_VAR} names")
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_user_search_path_joins_the_overrides_before_hydra_flags(tmp_path, monkeypatch):
+    write_user_conf(tmp_path / "conf")
+    monkeypatch.chdir(tmp_path)
+    ours = f"hydra.searchpath=['file://{(tmp_path / 'conf').resolve()}']"
+    # `model=mine --cfg job --package model`: after the flags argparse would refuse it
+    assert with_user_search_path(["model=mine", "--cfg", "job", "--package", "model"]) == [
+        "model=mine",
+        ours,
+        "--cfg",
+        "job",
+        "--package",
+        "model",
+    ]
+    assert with_user_search_path(["--cfg", "job"]) == ["--cfg", "job", ours]

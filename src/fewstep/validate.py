@@ -379,6 +379,8 @@ def validate(cfg: DictConfig) -> DictConfig:
     if cfg.logger.kind not in ("jsonl", "wandb", "none"):
         raise ConfigError(f"logger.kind={cfg.logger.kind!r} must be jsonl, wandb or none")
 
+    if cfg.model.get("random_init", False):
+        quiet_random_init(cfg)
     guidance = cfg.sampler.get("guidance_scale", 0.0)
     if few_step and guidance != 0:
         warnings.warn(
@@ -388,6 +390,31 @@ def validate(cfg: DictConfig) -> DictConfig:
         with open_dict(cfg):
             cfg.sampler.guidance_scale = 0.0
     return cfg
+
+
+def quiet_random_init(cfg: DictConfig) -> None:
+    """``model.random_init=true`` (time and memory at real size): the final grids and the multi-step baseline at
+    their defaults would sample noise from a random model, at real size for minutes; they are turned off, with a
+    warning naming how to keep a latent preview. Values the user gave other than the defaults stay."""
+    from fewstep.schema import TrainerConfig
+
+    default, tr, off = TrainerConfig(), cfg.trainer, []
+    if list(tr.final_nfe) == list(default.final_nfe):
+        off.append("trainer.final_nfe=[]")
+    if tr.baseline_steps == default.baseline_steps:
+        off.append("trainer.baseline_steps=0")
+    if not off:
+        return
+    warnings.warn(
+        f"model.random_init=true: {' '.join(off)} (a random model samples noise; at real size its grids take "
+        "minutes); pass e.g. trainer.final_nfe=[1] for a latent preview",
+        stacklevel=3,
+    )
+    with open_dict(cfg):
+        if "trainer.final_nfe=[]" in off:
+            tr.final_nfe = []
+        if "trainer.baseline_steps=0" in off:
+            tr.baseline_steps = 0
 
 
 def _choice(cfg: DictConfig, group: str) -> str:

@@ -152,6 +152,14 @@ def test_random_init_trains_at_reduced_depth_and_export_eval_sample_refuse_it(tm
 
     cfg = compose(REAL_SIZE_DRY_RUN)
     assert cfg.data.architecture == cfg.model.architecture == "sd35_medium"  # the data follows the model
+    # the default final grids and Euler baseline of a random model are turned off (noise, minutes at real size);
+    # values given stay (trainer.final_nfe=[1] above: the latent preview asserted below)
+    from fewstep.validate import validate
+
+    bare = [o for o in REAL_SIZE_DRY_RUN if not o.startswith(("trainer.final_nfe", "trainer.baseline_steps"))]
+    with pytest.warns(UserWarning, match=r"random_init=true: trainer.final_nfe=\[\] trainer.baseline_steps=0"):
+        quiet = validate(compose(bare))
+    assert list(quiet.trainer.final_nfe) == [] and quiet.trainer.baseline_steps == 0
     summary = train(cfg, run_dir=tmp_path / "run")
     assert summary["steps"] == 2 and summary["trainable_params"] > 0
     assert (tmp_path / "run/samples/nfe_1.png").exists()  # a latent preview: no VAE ships with an architecture

@@ -479,6 +479,15 @@ def launch_qwen(pretrained, cache, run, *extra):
     return run
 
 
+def resumed_at_step_2(run, split):
+    """A run folder ``split`` that holds only ``run``'s step-2 checkpoint (written mid-run by checkpoint_every=2,
+    as a 2-step run would leave it): ``trainer.resume=auto`` there goes on from step 2 without a 2-step launch."""
+    import shutil
+
+    shutil.copytree(run / "checkpoints" / "step_0000002", split / "checkpoints" / "step_0000002")
+    return split
+
+
 @pytest.fixture(scope="module")
 def qwen_ddp_run(family, pretrained, cache, tmp_path_factory):
     """3 steps of the full Qwen-Image TwinFlow run under 2-process DDP: the DDP test's uninterrupted run and the
@@ -491,12 +500,12 @@ def qwen_ddp_run(family, pretrained, cache, tmp_path_factory):
 def test_full_qwenimage_under_two_process_ddp_resumes_to_the_same_weights(family, pretrained, cache, tmp_path, request):
     """`accelerate launch --multi_gpu --num_processes 2` (gloo on CPU) of a full Qwen-Image TwinFlow run: the last
     block's text stream gets no gradient, which stopped DDP at step 2 ("Expected to have finished reduction") until
-    the model asked for DDP's unused-parameter search. 3 steps straight equal 2 steps + resume to 3, bit for bit;
-    the EMA holds every trainable tensor at its full shape."""
+    the model asked for DDP's unused-parameter search. 3 steps straight equal a resume=auto from their step-2
+    checkpoint to 3, bit for bit; the EMA holds every trainable tensor at its full shape."""
     if family != "qwenimage":
         pytest.skip("the unused text stream is Qwen-Image's")
     straight = request.getfixturevalue("qwen_ddp_run")
-    split = launch_qwen(pretrained, cache, tmp_path / "split", "trainer.max_steps=2")
+    split = resumed_at_step_2(straight, tmp_path / "split")
     launch_qwen(pretrained, cache, split, "trainer.max_steps=3", "trainer.resume=auto")
     losses = [json.loads(line)["loss"] for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert (
@@ -527,10 +536,10 @@ def test_full_qwenimage_under_two_process_fsdp_is_sharded_matches_ddp_resumes_an
     (a) each process holds half of the 205,504 parameter elements; (b) losses and weights match the same run under
     2-process DDP (the DDP test's run, shared; it has no gradient checkpointing, which recomputes the same forward;
     measured: losses 2.4e-7, weights 5.3e-6, AdamW moments 2.2e-8 apart after 3 steps at lr 1e-2, as against the
-    checkpointed DDP run; the math is the same, only the reduction order differs); (c) 2 steps + resume to 3 under
-    FSDP equals 3 steps straight bit for bit; (d) the checkpoint has the unsharded format: fewstep.export's loader
-    reads it, and a single process (grad_accum 2, the same global batch) resumes it to step 3 within 1.5e-8 of the
-    FSDP run (EMA equal); (e) the sharded EMA equals DDP's (measured 2.0e-6). Also: with
+    checkpointed DDP run; the math is the same, only the reduction order differs); (c) a resume=auto from its step-2
+    checkpoint to 3 under FSDP equals 3 steps straight bit for bit; (d) the checkpoint has the unsharded format:
+    fewstep.export's loader reads it, and a single process (grad_accum 2, the same global batch) resumes it to step 3
+    within 1.5e-8 of the FSDP run (EMA equal); (e) the sharded EMA equals DDP's (measured 2.0e-6). Also: with
     trainer.mixed_precision=bf16 (bf16 gathered weights, fp32 reduction) the run stays finite, keeps fp32 weights,
     and every rank takes part in the validation grid's sampling while rank 0 writes it."""
     from fewstep.export import load_run_model
@@ -546,7 +555,7 @@ def test_full_qwenimage_under_two_process_fsdp_is_sharded_matches_ddp_resumes_an
     fsdp = ["trainer.distributed=fsdp"]
     sharded = launch(tmp_path / "fsdp", "trainer.max_steps=3", *fsdp)
     replicated = request.getfixturevalue("qwen_ddp_run")  # the DDP test's run (checkpointing recomputes alike)
-    split = launch(tmp_path / "split", "trainer.max_steps=2", *fsdp)
+    split = resumed_at_step_2(sharded, tmp_path / "split")
     launch(split, "trainer.max_steps=3", "trainer.resume=auto", *fsdp)
 
     summary = json.loads((sharded / "summary.json").read_text())

@@ -556,7 +556,8 @@ def test_bench_runs_on_latent_data_with_prompt_conditions(pretrained, cache, tmp
     out = tmp_path / "bench"
     result = bench(
         [f"out={out}", "model=sd35_lora", "data=latents", "batch_size=2", "repeats=1", "warmup=0", "sample_batch=2"]
-        + ["runs=1", "variants=[flow_matching,rcgm,twinflow]"]  # one timing run; twinflow_no_enhance is twinflow's path
+        # one timing run; rcgm (twinflow without its adversarial branch) and twinflow_no_enhance are twinflow's path
+        + ["runs=1", "variants=[flow_matching,twinflow]"]
         + ["mixed_precision=bf16", f"overrides=[model.pretrained={pretrained},data.path={cache}]"]
     )
     assert result["objectives"]["flow_matching"]["evals_per_step"] == 1.0

@@ -556,6 +556,7 @@ def test_bench_runs_on_latent_data_with_prompt_conditions(pretrained, cache, tmp
     out = tmp_path / "bench"
     result = bench(
         [f"out={out}", "model=sd35_lora", "data=latents", "batch_size=2", "repeats=1", "warmup=0", "sample_batch=2"]
+        + ["sample_repeats=1"]
         # one timing run; rcgm (twinflow without its adversarial branch) and twinflow_no_enhance are twinflow's path
         + ["runs=1", "variants=[flow_matching,twinflow]"]
         + ["mixed_precision=bf16", f"overrides=[model.pretrained={pretrained},data.path={cache}]"]

@@ -37,8 +37,9 @@ log = logging.getLogger("fewstep.bench")
 
 USAGE = (
     "usage: python -m fewstep.bench out=DIR [batch_size=128] [repeats=30] [warmup=5] [model=tiny] [data=digits] "
-    "[runs=3] [mixed_precision=no|bf16] [sample_batch=1000] [quality_budget_s=0] [device=cpu|cuda] [overrides=[...]] "
-    "[variants=[flow_matching,twinflow,...]] [isolate=true] [compare_compile=true] [estimate_memory=true]"
+    "[runs=3] [mixed_precision=no|bf16] [sample_batch=1000] [sample_repeats=20] [quality_budget_s=0] [device=cpu|cuda] "
+    "[overrides=[...]] [variants=[flow_matching,twinflow,...]] [isolate=true] [compare_compile=true] "
+    "[estimate_memory=true]"
 )
 DEFAULTS = {
     "out": "bench_out",
@@ -50,6 +51,7 @@ DEFAULTS = {
     "data": "digits",
     "mixed_precision": "no",
     "sample_batch": 1000,
+    "sample_repeats": 20,  # timed samplings per method at batch 1 (at sample_batch: 3, or fewer if this is)
     "quality_budget_s": 0.0,
     "device": None,
     "overrides": [],
@@ -544,7 +546,7 @@ def bench_sampling(args, device) -> dict:
             cond = cond_to(runner.data.grid_conds(batch), device)
             with autocast():
                 sampler.sample(model, noise, cond, steps)  # warm-up
-            reps = 20 if batch == 1 else 3
+            reps = args.sample_repeats if batch == 1 else min(3, args.sample_repeats)
             ts = []
             for _ in range(reps):
                 sync()
@@ -673,7 +675,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_kv(argv, DEFAULTS, USAGE)
     from fewstep.errors import FewstepError
 
-    for key in ("repeats", "runs", "batch_size", "sample_batch"):
+    for key in ("repeats", "runs", "batch_size", "sample_batch", "sample_repeats"):
         if int(getattr(args, key)) < 1:
             raise FewstepError(f"{key}={getattr(args, key)} must be >= 1 ({USAGE})")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -260,7 +260,7 @@ def test_lookup_metric_walks_the_summary_and_names_what_exists():
 
 
 @pytest.mark.slow
-def test_plain_override_sweep_then_report(tmp_path):
+def test_plain_override_sweep_then_report(tmp_path, capsys):
     sweep = tmp_path / "multirun"
     args = [
         "-m", *TOY, "trainer.max_steps=6",
@@ -268,8 +268,8 @@ def test_plain_override_sweep_then_report(tmp_path):
     ]  # fmt: skip
     run_cli(args, tmp_path)
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1", "2", "3"]
-    proc = run_cli([str(sweep)], tmp_path, module="fewstep.report")
-    assert "| 3 | ok | 0.02 | 0.5 | 6 |" in proc.stdout
+    assert report_main([str(sweep)]) == 0  # the CLI's own process: test_report_cli_errors_are_one_error_line_...
+    assert "| 3 | ok | 0.02 | 0.5 | 6 |" in capsys.readouterr().out
     rows = csv_rows(sweep / "report.csv")
     assert [(r["objective.delta_t"], r["objective.enhanced_ratio"]) for r in rows] == [
         ("0.01", "0"), ("0.01", "0.5"), ("0.02", "0"), ("0.02", "0.5"),
@@ -281,7 +281,9 @@ def test_plain_override_sweep_then_report(tmp_path):
 @pytest.mark.slow
 def test_sweep_preset_reports_itself_with_a_failed_point(tmp_path):
     sweep = tmp_path / "multirun"
-    args = ["-m", "experiment=sweep/toy2d_smoke", "trainer.max_steps=4", "objective.estimate_order=1"]
+    # 1-NFE evaluation only (the report's metric here; the preset's default also evaluates 2 and 4 NFE)
+    args = ["-m", "experiment=sweep/toy2d_smoke", "trainer.max_steps=4", "objective.estimate_order=1",
+            "trainer.final_nfe=[1]"]  # fmt: skip
     proc = run_cli([*args, "objective.delta_t=0.01,0.9", f"hydra.sweep.dir={sweep}"], tmp_path, check=False)
     assert proc.returncode != 0 and "objective.delta_t=0.9 must lie in (0, 0.5]" in proc.stderr
     rows = csv_rows(sweep / "report.csv")  # written by the preset's callback after each job, failed ones too
@@ -297,7 +299,8 @@ def test_sweep_preset_reports_itself_with_a_failed_point(tmp_path):
 def test_local_parallel_launcher_runs_points_in_parallel(tmp_path):
     sweep = tmp_path / "multirun"
     args = ["-m", "experiment=sweep/toy2d_smoke", "hydra/launcher=local_parallel", "trainer.torch_threads=1"]
-    run_cli([*args, "trainer.max_steps=3", "objective.estimate_order=1", f"hydra.sweep.dir={sweep}"], tmp_path)
+    args += ["trainer.max_steps=3", "objective.estimate_order=1", "trainer.final_nfe=[1]"]
+    run_cli([*args, f"hydra.sweep.dir={sweep}"], tmp_path)
     rows = csv_rows(sweep / "report.csv")
     assert [(r["objective.delta_t"], r["status"], r["steps"]) for r in rows] == [
         ("0.01", "ok", "3"),
@@ -320,7 +323,8 @@ def test_optuna_sweep_optimises_the_returned_metric(tmp_path):
     sweep = tmp_path / "multirun"
     args = [
         "-m", "experiment=sweep/optuna_digits", *TOY, "trainer.evaluate=true", "trainer.max_steps=4",
-        "optimize_metric=eval.nfe_1.swd", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2",
+        "trainer.final_nfe=[1]", "optimize_metric=eval.nfe_1.swd", "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.sampler.n_startup_trials=2",
         f"hydra.sweep.dir={sweep}",
     ]  # fmt: skip
     run_cli(args, tmp_path)

@@ -90,6 +90,15 @@ def test_model_card_without_a_base_card_or_grid(fake_run, tmp_path):
     qwen = families()["qwenimage"].pipeline_guidance(4.0)
     assert qwen == {"true_cfg_scale": 4.0, "negative_prompt": "Generate an image."}
     assert families()["sd3"].pipeline_guidance(4.5) == {"guidance_scale": 4.5}
+    # the saved config of a few-step run keeps a guidance_scale given on the command line, which training forced
+    # to 0: its card must not guide
+    from omegaconf import OmegaConf
+
+    from fewstep.validate import sampling_guidance
+
+    guided_cfg = OmegaConf.merge(cfg, {"sampler": {"guidance_scale": 3.0}})
+    assert sampling_guidance(guided_cfg) == 0.0  # fake_run is TwinFlow
+    assert sampling_guidance(OmegaConf.create({"objective": {}, "sampler": {"guidance_scale": 3.0}})) == 3.0
     code = load_code("QwenImagePipeline", "me/q", 12, lora=False, style="mul", guidance=qwen)
     assert "num_inference_steps=12, true_cfg_scale=4.0, negative_prompt='Generate an image.').images[0]" in code[-6]
     guided = write_model_card(out, cfg, {**info, "guidance": {"guidance_scale": 4.5}}, run, "o/b").read_text()

@@ -293,7 +293,9 @@ def export(args) -> dict:
     from fewstep.export_card import load_code, write_model_card
 
     nfe = scheduler.config.default_num_inference_steps
-    scale = float(cfg.sampler.get("guidance_scale", 0.0) or 0.0)  # a guided Euler run (few-step runs force 0)
+    from fewstep.validate import sampling_guidance
+
+    scale = sampling_guidance(cfg)  # a guided Euler run's (the saved config of a few-step run keeps what was given)
     guidance = family.pipeline_guidance(scale) if scale > 0 else None
     if guidance:
         info["guidance"] = guidance

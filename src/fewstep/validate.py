@@ -28,6 +28,12 @@ def _objective_kind(cfg: DictConfig) -> str:
     return _KINDS.get(str(cfg.objective.get("_target_", "")).rsplit(".", 1)[-1], "flow_matching")
 
 
+def sampling_guidance(cfg: DictConfig) -> float:
+    """The CFG scale a run samples with: ``sampler.guidance_scale``, which few-step objectives force to 0 (their
+    enhanced target bakes guidance in; :func:`validate` warns). A saved run config keeps the value given."""
+    return 0.0 if _objective_kind(cfg) != "flow_matching" else float(cfg.sampler.get("guidance_scale", 0.0) or 0.0)
+
+
 def _check_range(key: str, value, lo=None, hi=None, lo_open=False, hi_open=False, hint: str = "") -> None:
     """One line ``objective.<key>=<value> must lie in ...`` when ``value`` is outside [lo, hi] (or open ends)."""
     bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (
@@ -264,7 +270,6 @@ def validate(cfg: DictConfig) -> DictConfig:
     check_known_keys(cfg)
     obj, tr = cfg.objective, cfg.trainer
     kind = _objective_kind(cfg)
-    few_step = kind != "flow_matching"
     check_distributed(cfg, kind)  # config only: before the objective's and the model's own checks
     check_weight_dtype(cfg)
     if kind in ("meanflow", "scm"):
@@ -382,7 +387,7 @@ def validate(cfg: DictConfig) -> DictConfig:
     if cfg.model.get("random_init", False):
         quiet_random_init(cfg)
     guidance = cfg.sampler.get("guidance_scale", 0.0)
-    if few_step and guidance != 0:
+    if guidance != sampling_guidance(cfg):
         warnings.warn(
             f"sampler.guidance_scale={guidance} forced to 0: few-step models have CFG baked in (enhanced target)",
             stacklevel=2,

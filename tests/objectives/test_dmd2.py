@@ -4,6 +4,7 @@ update schedule, exact resume of every network, EMA of an owned network, trainer
 from __future__ import annotations
 
 import json
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -14,6 +15,7 @@ from fewstep.data.base import Batch
 from fewstep.objectives.base import EvalCounter, Network
 from fewstep.objectives.dmd2 import DMD2, GanHead, share_frozen_copy
 from fewstep.objectives.flow_matching import FlowMatching
+from fewstep.objectives.jvp import unwrap
 
 from helpers import FAST, compose
 
@@ -39,6 +41,105 @@ def test_generator_gradient_is_the_normalised_score_difference():
     w = 1 / (x_hat.detach() - a).abs().mean(dim=1, keepdim=True)
     assert torch.allclose(x_hat.grad, w * (b - a) / 6, rtol=1e-5)
     assert torch.allclose(loss, 0.5 * (w * (b - a)).pow(2).mean(), rtol=1e-5)
+
+
+class ShiftedDiracVelocity(torch.nn.Module):
+    """The exact velocity ``(x_t − c)/t`` of samples that all sit at their condition c, plus a learnable constant."""
+
+    def __init__(self, shift: float):
+        super().__init__()
+        self.shift = torch.nn.Parameter(torch.tensor(shift, dtype=torch.float64))
+
+    def forward(self, x_t, t, tt, cond):
+        return (x_t - cond) / t[:, None] + self.shift
+
+
+def test_fake_score_regresses_on_the_velocity_of_the_generators_samples():
+    """The fake score learns the generator's distribution by flow matching: target v = noise − x̂ at
+    x_t = (1 − t)·x̂ + t·noise. A generator whose samples x̂ sit at their condition c has the exact velocity
+    (x_t − c)/t = noise − c, so that velocity plus a constant k has loss k² (and d loss/dk = 2k) whatever the noise.
+    The target's sign flipped (x̂ − noise) gives mean(2·(noise − c) + k)², about 4·E‖noise‖² more."""
+    g = torch.Generator().manual_seed(0)
+    c = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    batch = Batch(torch.randn(4, 3, generator=g, dtype=torch.float64), c, torch.zeros_like(c))
+    score = ShiftedDiracVelocity(0.3)
+    obj = DMD2(critic_steps=1)
+    obj.networks = {"fake_score": Network(score)}
+    student = lambda z, t, tt, cond: z - cond  # noqa: E731 -- x̂ = c
+    torch.manual_seed(1)
+    loss, logs = obj.loss(student, None, batch, step=0)
+    assert not obj.generator_step(0) and logs["nfe/rows_grad"] == 4
+    assert loss.item() == pytest.approx(0.09, rel=1e-9) and logs["loss/fake_score"].item() == loss.item()
+    loss.backward()
+    assert score.shift.grad.item() == pytest.approx(0.6, rel=1e-9)
+
+
+class SignHead(torch.nn.Module):
+    """A GAN head whose logits are parameters: ``real`` on noised data, ``fake`` on noised generator samples (told
+    apart by the sign of x_t: the data sit at +1e4, the samples at −1e4). Records which it saw per call."""
+
+    def __init__(self, real: list[float], fake: list[float]):
+        super().__init__()
+        self.real = torch.nn.Parameter(torch.tensor(real, dtype=torch.float64))
+        self.fake = torch.nn.Parameter(torch.tensor(fake, dtype=torch.float64))
+        self.seen: list[list[bool]] = []
+
+    def forward(self, x_t, velocity, t):
+        is_real = x_t.flatten(1).mean(dim=1) > 0
+        self.seen.append(is_real.tolist())
+        return torch.where(is_real, self.real, self.fake)
+
+
+def softplus(v: float) -> float:
+    return math.log1p(math.exp(v))
+
+
+def sigmoid(v: float) -> float:
+    return 1 / (1 + math.exp(-v))
+
+
+def test_gan_losses_push_real_logits_up_and_fake_logits_down():
+    """Non-saturating GAN (DMD2 §4.3): the critic minimises softplus(−l_real) + softplus(l_fake) (row means), so its
+    gradient raises real logits and lowers fake ones; the generator minimises softplus(−l_fake), raising them.
+    Numbers for logits real = [1, −1], fake = [0, 2]; the gradients are the weights times ∓sigmoid(∓l)/B."""
+    real, fake = [1.0, -1.0], [0.0, 2.0]
+    x = torch.full((2, 3), 1e4, dtype=torch.float64)
+    batch = Batch(x, torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long))
+    zero_velocity = lambda x_t, t, tt, cond: torch.zeros_like(x_t)  # noqa: E731
+    student = lambda z, t, tt, cond: z + 1e4  # noqa: E731 -- x̂ = −1e4
+
+    class ZeroScore(torch.nn.Module):
+        def forward(self, x_t, t, tt, cond):
+            return torch.zeros_like(x_t)
+
+    obj = DMD2(critic_steps=1, gan=True, gan_weight=0.5, gan_critic_weight=0.25)
+    obj.real_score = zero_velocity
+
+    # critic step: softplus(l_fake).mean() + softplus(−l_real).mean(), weighted by gan_critic_weight
+    head = SignHead(real, fake)
+    obj.networks = {"fake_score": Network(ZeroScore()), "gan_head": Network(head)}
+    torch.manual_seed(0)
+    total, logs = obj.loss(student, None, batch, step=0)
+    assert head.seen == [[False, False], [True, True]] or head.seen == [[True, True], [False, False]]
+    want = (softplus(0.0) + softplus(2.0)) / 2 + (softplus(-1.0) + softplus(1.0)) / 2
+    assert logs["loss/gan_critic"].item() == pytest.approx(want, rel=1e-12)
+    assert total.item() == pytest.approx(logs["loss/fake_score"].item() + 0.25 * want, rel=1e-12)
+    total.backward()
+    assert head.real.grad.tolist() == pytest.approx([-0.25 * sigmoid(-v) / 2 for v in real], rel=1e-12)
+    assert head.fake.grad.tolist() == pytest.approx([0.25 * sigmoid(v) / 2 for v in fake], rel=1e-12)
+    assert (head.real.grad < 0).all() and (head.fake.grad > 0).all()  # a descent step: real up, fake down
+
+    # generator step: softplus(−l_fake).mean(), weighted by gan_weight (the distribution-matching term is 0 here)
+    head = SignHead(real, fake)
+    obj.networks["gan_head"] = Network(head)
+    total, logs = obj.loss(student, None, batch, step=1)
+    assert head.seen == [[False, False]] and logs["loss/dm"].item() == 0
+    want = (softplus(-0.0) + softplus(-2.0)) / 2
+    assert logs["loss/gan_generator"].item() == pytest.approx(want, rel=1e-12)
+    assert total.item() == pytest.approx(0.5 * want, rel=1e-12)
+    total.backward()
+    assert head.fake.grad.tolist() == pytest.approx([-0.5 * sigmoid(-v) / 2 for v in fake], rel=1e-12)
+    assert head.real.grad.eq(0).all()  # no real logits in a generator step
 
 
 def test_real_score_guidance_is_one_batched_pass():
@@ -202,6 +303,63 @@ def test_every_network_follows_the_runs_lr_schedule_on_the_training_step(tmp_pat
     assert optim["scheduler"]["last_epoch"] == 6 == optim["networks"]["fake_score"]["scheduler"]["last_epoch"]
     assert optim["scheduler"]["_last_lr"] == [pytest.approx(0.001 * end)]
     assert optim["networks"]["fake_score"]["scheduler"]["_last_lr"] == [pytest.approx(0.002 * end)]
+
+
+class OwnGradientsDMD2(DMD2):
+    """DMD2 that also records, per training step, the gradient of that step's loss alone (torch.autograd.grad) for
+    the parameters of the networks it steps; :func:`test_each_step_applies_the_gradient_of_its_own_loss_only`
+    compares it with what the optimizers step with."""
+
+    records: list[dict] = []
+
+    def loss(self, student, teacher, batch: Batch, step: int):
+        total, logs = super().loss(student, teacher, batch, step)
+        names = ["student", *self.networks]
+        params = [(name, p) for name in names
+                  for p in unwrap(student if name == "student" else self.network(name)).parameters()
+                  if p.requires_grad]  # fmt: skip
+        grads = torch.autograd.grad(total, [p for _, p in params], retain_graph=True, allow_unused=True)
+        stepped = self.stepping(step)
+        own = {id(p): torch.zeros_like(p) if g is None else g
+               for (name, p), g in zip(params, grads, strict=True) if name in stepped}  # fmt: skip
+        others = sum(float(g.abs().sum()) for (name, _), g in zip(params, grads, strict=True)
+                     if name not in stepped and g is not None)  # fmt: skip
+        self.records.append({"step": step, "own": own, "others": others, "applied": {}})
+        return total, logs
+
+
+def test_each_step_applies_the_gradient_of_its_own_loss_only(tmp_path, flow_matching_run):
+    """A generator step with the GAN back-propagates into the fake score and the GAN head too (not stepped there,
+    their gradients discarded): the loop clears every network's gradients after every step, so the next critic
+    step steps them with its own loss's gradient only. Cleared for the stepped networks alone, the generator
+    step's GAN gradient was added to the critic step after it. Checked on every step (critic, generator, critic):
+    the gradients each optimizer steps with equal torch.autograd.grad of that step's loss (no clipping)."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from fewstep.train import train
+
+    def seen(optimizer, args, kwargs):  # what each optimizer.step uses
+        applied = OwnGradientsDMD2.records[-1]["applied"]
+        for group in optimizer.param_groups:
+            applied.update({id(p): p.grad.detach().clone() for p in group["params"] if p.grad is not None})
+
+    OwnGradientsDMD2.records = []
+    handle = register_optimizer_step_pre_hook(seen)
+    try:
+        train(compose([*TOY, "objective=dmd2", "objective._target_=test_dmd2.OwnGradientsDMD2",
+                       f"trainer.init_from={flow_matching_run}", "objective.critic_steps=1", "objective.gan=true",
+                       "objective.gan_weight=1.0", "trainer.max_steps=3", "trainer.max_grad_norm=0"]),
+              run_dir=tmp_path / "run")  # fmt: skip
+    finally:
+        handle.remove()
+    records = OwnGradientsDMD2.records
+    assert [r["step"] for r in records] == [0, 1, 2]
+    for r in records:
+        assert set(r["applied"]) <= set(r["own"]) and len(r["applied"]) > 0, r["step"]
+        for key, grad in r["applied"].items():
+            assert torch.allclose(grad, r["own"][key], rtol=1e-5, atol=1e-9), r["step"]
+    # the generator step's loss reaches the fake score and the head (the gradients step 2 must not apply)
+    assert records[1]["others"] > 0 and records[0]["others"] == 0
 
 
 def test_init_from_a_folder_without_checkpoints_names_init_from_not_resume(tmp_path):

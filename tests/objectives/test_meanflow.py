@@ -251,6 +251,61 @@ def test_adaptive_weight_numbers():
     assert squared_norm(torch.ones(2, 3, 4)).tolist() == [12.0, 12.0]
 
 
+class OutputProbe(torch.nn.Module):
+    """``net`` plus a zero offset of the output's full shape: the offset's gradient is d loss/d output of the grad
+    pass (the JVP sees the offset as a constant, so dF/dt is ``net``'s). Keeps the grad pass's (first call's) inputs."""
+
+    def __init__(self, net: torch.nn.Module, shape: tuple[int, ...]):
+        super().__init__()
+        self.net = net
+        self.offset = torch.nn.Parameter(torch.zeros(shape, dtype=torch.float64))
+        self.inputs: tuple | None = None
+
+    def forward(self, x, t, tt, cond):
+        if self.inputs is None:
+            self.inputs = (x.detach().clone(), t.detach().clone(), tt.detach().clone())
+        return self.net(x, t, tt, cond) + self.offset
+
+
+def probe_case(n=6, seed=0):
+    """A float64 SmoothNet under an :class:`OutputProbe`, and a batch of n rows for it."""
+    torch.manual_seed(seed)
+    net = SmoothNet().double()
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(n, 1, 4, 4, generator=g, dtype=torch.float64)
+    return net, OutputProbe(net, tuple(x.shape)), Batch(x, torch.arange(n) % 4, torch.zeros(n, dtype=torch.long))
+
+
+def time_derivative_by_hand(net, x_t, t, tt, cond, v):
+    """``(f, df/dt)`` along ``(v, 1, 0)`` by torch.func.jvp (the independent computation)."""
+    with torch.no_grad():
+        return torch.func.jvp(lambda x, a: net(x, a, tt, cond), (x_t, t), (v, torch.ones_like(t)))
+
+
+@pytest.mark.parametrize("p", [1.0, 0.5])
+def test_loss_gradient_holds_the_adaptive_weight_constant(p):
+    """d loss/dF = 2·w·(F − target)/B with w = 1/(‖F − target‖² + c)^p a constant (stop-gradient). Through w,
+    d(w·L)/dL would be w·(1 − p·L/(L + c)): at p = 1 the gradient nearly vanishes (c/(L + c) < 1e-3 of it here,
+    every L > 1). Independent computation: v = (x_t − x)/t from the grad pass's inputs, the JVP by torch.func.jvp."""
+    net, model, batch = probe_case()
+    obj = MeanFlow(equal_time_ratio=0.5, adaptive_p=p, adaptive_c=1e-3)
+    torch.manual_seed(2)
+    loss, _ = obj.loss(model, None, batch, step=0)
+    loss.backward()
+    x_t, t, tt = model.inputs
+    assert (t == tt).any() and (t > tt).any()
+    tb = t[:, None, None, None]
+    v = (x_t - batch.x) / tb
+    F, dudt = time_derivative_by_hand(net, x_t, t, tt, batch.cond, v)
+    delta = F - (v - (tb - tt[:, None, None, None]) * dudt)
+    per_sample = delta.pow(2).flatten(1).sum(dim=1)
+    w = 1 / (per_sample + 1e-3) ** p
+    assert per_sample.min().item() > 1  # w·L far from L: the weight matters
+    assert loss.item() == pytest.approx((w * per_sample).mean().item(), rel=1e-9)
+    expected = 2 * w[:, None, None, None] * delta / len(w)
+    assert torch.allclose(model.offset.grad, expected, rtol=1e-8, atol=1e-12)
+
+
 @pytest.mark.parametrize(
     "override, message",
     [

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_meanflow import SmoothNet, gaussian_case
+from test_meanflow import SmoothNet, gaussian_case, probe_case, time_derivative_by_hand
 
-from fewstep.data.base import Batch
 from fewstep.objectives.jvp import time_derivative
 from fewstep.objectives.meanflow import MeanFlow
 from fewstep.objectives.scm import SCM
@@ -58,17 +57,28 @@ def test_normalisation_and_warmup_numbers():
 
 
 def test_loss_gradient_is_the_normalised_tangent():
-    """d loss / dF = −2·ĝ/B per row: the update moves F along the normalised tangent."""
-    torch.manual_seed(0)
-    model = SmoothNet()
-    obj = SCM(tangent_norm_c=0.1, warmup_steps=0)
-    x = torch.randn(4, 1, 4, 4)
-    batch = Batch(x, torch.arange(4) % 4, torch.zeros(4, dtype=torch.long))
+    """d loss/dF = −2·ĝ/B per row: the update moves F along the normalised tangent ĝ = g/(‖g‖ + c), with
+    g = v − F − r·t·dF/dt (r = warm-up ratio). The loss value ‖ĝ‖² is blind to the target's sign; its gradient is
+    not (F − sg(F − ĝ) gives +2·ĝ/B). Independent computation: v = (x_t − x)/t from the grad pass's inputs, the
+    JVP by torch.func.jvp."""
+    net, model, batch = probe_case(n=4)
+    obj = SCM(tangent_norm_c=0.1, warmup_steps=4)
     torch.manual_seed(3)
-    loss, logs = obj.loss(model, None, batch, step=0)
-    assert logs["nfe/rows_grad"] == 4 and logs["nfe/rows_nograd"] == 4
-    per_row = loss * 4
-    assert 0 < per_row.item() < 4  # each row contributes ‖ĝ/(‖ĝ‖ + c)‖² < 1
+    loss, logs = obj.loss(model, None, batch, step=2)  # warm-up ratio 0.5
+    assert logs["nfe/rows_grad"] == 4 and logs["nfe/rows_nograd"] == 4 and logs["loss/warmup"] == 0.5
+    loss.backward()
+    x_t, t, tt = model.inputs
+    assert tt.eq(0).all()
+    tb = t[:, None, None, None]
+    v = (x_t - batch.x) / tb
+    F, dFdt = time_derivative_by_hand(net, x_t, t, tt, batch.cond, v)
+    g = v - F - 0.5 * tb * dFdt
+    norm = g.flatten(1).norm(dim=1)
+    g_hat = g / (norm + 0.1)[:, None, None, None]
+    assert torch.allclose(model.offset.grad, -2 * g_hat / 4, rtol=1e-8, atol=1e-12)
+    assert loss.item() == pytest.approx(g_hat.pow(2).flatten(1).sum(dim=1).mean().item(), rel=1e-9)
+    assert torch.allclose(logs["loss/tangent_norm"], norm.mean(), rtol=1e-9)
+    assert 0 < 4 * loss.item() < 4  # each row contributes ‖ĝ/(‖ĝ‖ + c)‖² < 1
 
 
 @pytest.mark.parametrize(

@@ -74,7 +74,7 @@ fi
 
 # 3. A bigger offline SD3 (random weights, no download): bf16, full fine-tuning and LoRA.
 if want sd3; then
-    stage sd3_prepare 180 "$PY" tests/models/measure_memory.py --out "$WORK/sd3" --layers "$LAYERS" --heads "$HEADS" \
+    stage sd3_prepare 180 "$PY" tests/helpers/measure_memory.py --out "$WORK/sd3" --layers "$LAYERS" --heads "$HEADS" \
         --resolution "$RES" --images 64 --prepare-only
     PIPE=$(ls -d "$WORK"/sd3/pipe_* 2>/dev/null | head -1)
     CACHE=$(ls -d "$WORK"/sd3/cache_* 2>/dev/null | head -1)
@@ -98,9 +98,9 @@ if want realsize; then
     real sd35_medium_lora sd35_lora sd35_medium "[flow_matching,twinflow,twinflow_no_enhance,dmd2]"
     real sana_full sana sana_1600m_1024px "[flow_matching,twinflow,dmd2]"
     real qwenimage_lora qwenimage_lora qwen_image "[flow_matching,twinflow,dmd2]"
-    "$PY" -c "import sys; from fewstep.bench import collect; collect(sys.argv[1], sys.argv[2:])" "$OUT/realsize" \
+    "$PY" -c "import sys; from fewstep.bench.tables import collect; collect(sys.argv[1], sys.argv[2:])" "$OUT/realsize" \
         "$WORK"/real_* || status=1
-    # the shipped estimates (docs/raw/estimate_realsize, fewstep.estimate) against these measurements, row by row
+    # the shipped estimates (docs/raw/estimate_realsize, fewstep.bench.estimate) against these measurements, row by row
     "$PY" scripts/estimate_vs_measured.py "$OUT/realsize.json" docs/raw/estimate_realsize/*/ \
         | tee "$OUT/estimate_vs_measured.md" || status=1
 fi

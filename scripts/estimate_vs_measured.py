@@ -2,7 +2,7 @@
 
     python scripts/estimate_vs_measured.py [--time] docs/gpu/realsize.json docs/raw/estimate_realsize/*/
 
-MEASURED: a merged real-size table (``fewstep.bench.collect``'s JSON, e.g. from the device script);
+MEASURED: a merged real-size table (``fewstep.bench.tables.collect``'s JSON, e.g. from the device script);
 ESTIMATES: ``fewstep.bench ... estimate_memory=true`` output folders. Rows are matched on the bench
 config (model, data, batch, precision), the objective and the overrides (architecture, resolution, depth);
 a measured row without overrides (a table collected before they were recorded) takes the one estimate of

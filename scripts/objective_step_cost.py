@@ -13,9 +13,9 @@ import time
 
 import torch
 
-from fewstep import checkpoint as ck
-from fewstep.schema import compose_config as compose
-from fewstep.train import build_components, make_optimizer
+from fewstep.config.schema import compose_config as compose
+from fewstep.training import checkpoint as ck
+from fewstep.training.trainables import build_components, make_optimizer
 
 torch.set_num_threads(1)
 init = sys.argv[1] if len(sys.argv) > 1 else None

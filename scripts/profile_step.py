@@ -19,7 +19,7 @@ from collections import defaultdict
 
 import torch
 
-from fewstep.bench import StepRunner
+from fewstep.bench.runner import StepRunner
 from fewstep.objectives.twinflow import TwinFlow
 
 STEPS = int(os.environ.get("STEPS", "200"))

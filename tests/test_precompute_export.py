@@ -25,7 +25,7 @@ SQUARE, WIDE = (16, 16), (20, 15)
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-    from tiny_sd3 import save_tiny_sd3_pipeline
+    from helpers.tiny_sd3 import save_tiny_sd3_pipeline
 
     return save_tiny_sd3_pipeline(tmp_path_factory.mktemp("sd3") / "pipe")
 
@@ -271,7 +271,7 @@ def test_prompt_only_cache_holds_embeddings_null_and_latent_shape(pretrained, ca
 
 
 def test_prompt_only_arguments_and_cache_use_fail_in_one_line(pretrained, prompt_cache, images, tmp_path):
-    from fewstep.validate import ConfigError, validate
+    from fewstep.config.validate import ConfigError, validate
 
     def error(*argv):
         with pytest.raises(SystemExit) as err:
@@ -319,7 +319,7 @@ def test_image_free_training_from_a_prompt_only_cache(pretrained, prompt_cache, 
 
 
 def train_run(pretrained, cache, run_dir, model, *extra):
-    from fewstep.train import train
+    from fewstep.training.loop import train
 
     cfg = compose(
         [
@@ -358,10 +358,10 @@ def test_train_export_and_generate(pretrained, cache, tmp_path, model, extra):
     (``load_run(...).model_fn("ema")``): the teacher EMA, or the sampling EMA with teacher.sampling_decay."""
     from diffusers import StableDiffusion3Pipeline
 
-    from fewstep.export import load_lora_pipeline, load_pipeline
-    from fewstep.export import main as export_main
-    from fewstep.runs import load_run
+    from fewstep.export.command import main as export_main
+    from fewstep.export.pipeline import load_lora_pipeline, load_pipeline
     from fewstep.samplers.ucgm import UCGMSampler
+    from fewstep.training.runs import load_run
 
     run = tmp_path / "run"
     summary = train_run(pretrained, cache, run, model, *extra)
@@ -377,7 +377,7 @@ def test_train_export_and_generate(pretrained, cache, tmp_path, model, extra):
     assert index["transformer"] == ["fewstep_models_sd3", "SD3TwinFlowTransformer2DModel"]  # code in transformer/
     assert index["scheduler"] == ["fewstep_samplers_scheduler", "TwinFlowScheduler"]
 
-    import fewstep  # noqa: F401 - all diffusers needs to find the exported classes (fewstep.export_code)
+    import fewstep  # noqa: F401 - all diffusers needs to find the exported classes (fewstep.export.code)
 
     pipe = StableDiffusion3Pipeline.from_pretrained(out)
     pipe.set_progress_bar_config(disable=True)
@@ -441,7 +441,7 @@ def test_train_export_and_generate(pretrained, cache, tmp_path, model, extra):
 
 
 def test_export_arguments_fail_in_one_line(tmp_path):
-    from fewstep.export import main as export_main
+    from fewstep.export.command import main as export_main
 
     with pytest.raises(SystemExit) as err:
         export_main([f"run_dir={tmp_path}", f"out={tmp_path / 'o'}", "weigths=ema"])
@@ -452,7 +452,7 @@ def test_export_arguments_fail_in_one_line(tmp_path):
 
 
 def test_export_of_a_non_diffusers_run_names_every_exportable_family(tmp_path):
-    from fewstep.export import main as export_main
+    from fewstep.export.command import main as export_main
 
     (tmp_path / ".hydra").mkdir()
     (tmp_path / ".hydra" / "config.yaml").write_text("model:\n  _target_: fewstep.models.tiny.TinyMLP\n")
@@ -468,7 +468,7 @@ def save_tiny_sd15_pipeline(folder):
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from tiny_sd3 import CLIP_MAX_LENGTH, _write_clip_tokenizer, build_tiny_unet
+    from helpers.tiny_sd3 import CLIP_MAX_LENGTH, _write_clip_tokenizer, build_tiny_unet
 
     tokenizer = CLIPTokenizer.from_pretrained(
         str(_write_clip_tokenizer(folder.parent / "sd15_tokenizer")), model_max_length=CLIP_MAX_LENGTH
@@ -518,7 +518,7 @@ def save_tiny_sd15_pipeline(folder):
 def test_sd15_precompute_and_training_through_the_diff2flow_bridge(images, tmp_path):
     """An epsilon SD1.5-style pipeline: precompute (one text encoder, no pooled embedding, no VAE shift) and
     TwinFlow training through the bridge."""
-    from fewstep.train import train
+    from fewstep.training.loop import train
 
     pretrained = save_tiny_sd15_pipeline(tmp_path / "sd15")
     manifest = run_precompute(pretrained, images, tmp_path / "cache")
@@ -551,7 +551,7 @@ def test_sd15_precompute_and_training_through_the_diff2flow_bridge(images, tmp_p
 def test_bench_runs_on_latent_data_with_prompt_conditions(pretrained, cache, tmp_path):
     """fewstep.bench on model=sd35_lora + data=latents in bf16 (the GPU check's configuration, tiny):
     dict (prompt-embedding) conditions through the sampling benchmark too."""
-    from fewstep.bench import main as bench
+    from fewstep.bench.command import main as bench
 
     out = tmp_path / "bench"
     result = bench(
@@ -591,7 +591,7 @@ def test_the_exported_scheduler_keeps_the_run_samplers_shift():
     TwinFlowScheduler must visit the same times as the native sampler."""
     from omegaconf import OmegaConf
 
-    from fewstep.export import scheduler_for_run
+    from fewstep.export.pipeline import scheduler_for_run
     from fewstep.samplers.ucgm import UCGMSampler
 
     cfg = OmegaConf.create(
@@ -608,7 +608,7 @@ def test_the_exported_scheduler_of_an_euler_run_samples_as_its_euler_sampler(cap
     Euler sampler's samples in a diffusers-style loop, not a stochastic few-step jump of at most 8 steps."""
     from omegaconf import OmegaConf
 
-    from fewstep.export import scheduler_for_run
+    from fewstep.export.pipeline import scheduler_for_run
     from fewstep.samplers.euler import EulerSampler
 
     sampler = {"_target_": "fewstep.samplers.euler.EulerSampler", "shift": 3.0, "guidance_scale": 4.5}
@@ -636,7 +636,7 @@ def test_the_exported_scheduler_of_an_euler_run_samples_as_its_euler_sampler(cap
 def test_exporting_a_heun_run_warns_that_the_scheduler_is_first_order(caplog):
     from omegaconf import OmegaConf
 
-    from fewstep.export import scheduler_for_run
+    from fewstep.export.pipeline import scheduler_for_run
 
     cfg = OmegaConf.create(
         {"sampler": {"_target_": "fewstep.samplers.ucgm.UCGMSampler", "sampling_order": 2}, "objective": {}}

@@ -9,8 +9,8 @@ import logging
 import numpy as np
 import pytest
 
+from fewstep.config.validate import ConfigError, validate
 from fewstep.precompute import main as precompute_main
-from fewstep.validate import ConfigError, validate
 
 from helpers import FAST, compose
 
@@ -20,7 +20,7 @@ MAX_SEQ = 8
 @pytest.fixture(scope="module")
 def small_pos_embed_pipeline(tmp_path_factory):
     """The tiny SD3 pipeline whose transformer takes latents of at most 8x8 (patch 1)."""
-    from tiny_sd3 import save_tiny_sd3_pipeline
+    from helpers.tiny_sd3 import save_tiny_sd3_pipeline
 
     return save_tiny_sd3_pipeline(tmp_path_factory.mktemp("sd3") / "pipe", transformer_kwargs={"pos_embed_max_size": 8})
 
@@ -74,7 +74,7 @@ def test_upscaled_images_are_counted_in_one_warning_and_the_oversized_cache_is_r
     warnings = [r.getMessage() for r in caplog.records if "upscaled" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].startswith("precompute: 1 of 5 images are smaller than resolution=8")
     assert json.loads((small / "manifest.json").read_text())["summary"]["upscaled"] == 1
-    from fewstep.train import train
+    from fewstep.training.loop import train
 
     over[-1] = f"data.path={small}"
     summary = train(compose([*over, "data.batch_size=2", "trainer.max_steps=1", "trainer.final_nfe=[1]",

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fewstep.config.schema import CONF_DIR, compose_config
 from fewstep.report import collect, lookup_metric, write_report
 from fewstep.report import main as report_main
-from fewstep.schema import CONF_DIR, compose_config
 
 from helpers import FAST, run_cli
 

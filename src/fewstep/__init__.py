@@ -2,7 +2,7 @@
 
 ``import fewstep`` stays light (no diffusers); ``from fewstep import TwinFlowScheduler``
 imports the diffusers scheduler on demand. It also lets diffusers find fewstep's classes in exported
-pipelines by their library names, once diffusers loads its pipelines (:mod:`fewstep.export_code`), so a
+pipelines by their library names, once diffusers loads its pipelines (:mod:`fewstep.export.code`), so a
 bare ``<Family>Pipeline.from_pretrained(EXPORT_DIR)`` needs only ``import fewstep``.
 """
 
@@ -22,7 +22,7 @@ def __getattr__(name: str) -> Any:
 
 
 def _install_export_hook() -> None:
-    from fewstep.export_code import install_hook
+    from fewstep.export.code import install_hook
 
     install_hook()
 

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from fewstep.schema import register_schemas
-from fewstep.searchpath import CONF_DIR
+from fewstep.config.schema import register_schemas
+from fewstep.config.searchpath import CONF_DIR, with_user_search_path
+from fewstep.config.validate import check_overrides
+from fewstep.errors import FewstepError, user_error
 
 register_schemas()
 
@@ -14,12 +25,6 @@ register_schemas()
 def main() -> None:
     """Check the overrides first (a typo or a wrong choice: one ``error:`` line, exit 2), then run Hydra
     with the user's config folders (``./conf``, ``FEWSTEP_CONFIG_PATH``) on its search path."""
-    import sys
-
-    from fewstep.errors import FewstepError
-    from fewstep.searchpath import with_user_search_path
-    from fewstep.validate import check_overrides
-
     try:
         problem = check_overrides(sys.argv[1:])
         sys.argv = [sys.argv[0], *with_user_search_path(sys.argv[1:])]
@@ -33,33 +38,22 @@ def main() -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    import sys
-
-    from fewstep.errors import user_error
-    from fewstep.train import RunFinished, train
+    # the loop (accelerate, the models) loads here, not at import: --help and a refused override answer at once
+    from fewstep.training.loop import RunFinished, train
 
     _export_submitit_dist_env()
     _log_warnings()
     try:
         summary = train(cfg)
     except Exception as err:  # a setting, path or file to fix (also inside instantiate): one line, no traceback
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
         found = user_error(err)
         multirun = HydraConfig.get().mode == RunMode.MULTIRUN
         if multirun and isinstance(found, RunFinished):
             # A sweep launched again into its sweep dir: its finished points are skipped as they are, not failed.
-            import json
-            import logging
-            from pathlib import Path
-
             logging.getLogger(__name__).info("skipped: %s", found)
             summary = json.loads((Path(HydraConfig.get().runtime.output_dir) / "summary.json").read_text())
         else:
             if multirun:  # into the point's __main__.log, where the report points
-                import logging
-
                 logging.getLogger(__name__).error("run failed: %s", found or err, exc_info=found is None)
             if found is None or multirun:
                 raise  # a bug keeps its traceback; a sweep records the failed point (its report shows it) and goes on
@@ -76,9 +70,6 @@ def _log_warnings() -> None:
     """Warnings (a setting validate forces, objective=scm's time_scale hint) as one ``[WARNING]`` log line each:
     on the console without the source line that raised them, and in the run's ``__main__.log`` (a sweep's
     points keep theirs)."""
-    import logging
-    import warnings
-
     log = logging.getLogger("fewstep")
 
     def show(message, category, filename, lineno, file=None, line=None):
@@ -90,8 +81,6 @@ def _log_warnings() -> None:
 def _export_submitit_dist_env() -> None:
     """Under a submitit launcher with several tasks per job (hydra/launcher=slurm_accelerate: one task per GPU),
     give each task the torch.distributed env (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT) Accelerate reads."""
-    import os
-
     if (
         os.environ.get("SUBMITIT_EXECUTOR")
         and int(os.environ.get("SLURM_NTASKS", "1")) > 1

@@ -29,11 +29,21 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import NamedTuple
 
+import diffusers
 import torch
+import transformers
+from accelerate import init_empty_weights
+from diffusers import AutoencoderDC, SanaTransformer2DModel
+from safetensors import safe_open
+from transformers import Qwen2Config, Qwen2Model
 
 from fewstep.cli import parse_kv
 from fewstep.errors import FewstepError, describe
+from fewstep.models.family import _HUB_ID, PretrainedNotFound, dtype_kwargs, parse_dtype, resolve_pretrained
+from fewstep.models.openuni import OpenUniConditioner, OpenUniPipeline
+from fewstep.samplers.scheduler import TwinFlowScheduler
 
 log = logging.getLogger("fewstep.convert_openuni")
 
@@ -63,8 +73,6 @@ class ConvertError(FewstepError, ValueError):
 
 
 def _is_hub_id(text: str) -> bool:
-    from fewstep.models.family import _HUB_ID
-
     return not text.startswith(("/", ".", "~")) and bool(_HUB_ID.fullmatch(text))
 
 
@@ -155,8 +163,6 @@ def shape_problem(expected: dict[str, tuple], found: dict[str, tuple], prefix: s
 
 
 def _meta_shapes(build) -> dict[str, tuple[int, ...]]:
-    from accelerate import init_empty_weights
-
     with init_empty_weights():
         module = build()
     return shapes(module.state_dict())
@@ -164,8 +170,6 @@ def _meta_shapes(build) -> dict[str, tuple[int, ...]]:
 
 def _materialise(build, state: dict[str, torch.Tensor], dtype: torch.dtype):
     """``build()`` without allocating, then the weights ``state`` (cast to ``dtype``) assigned in."""
-    from accelerate import init_empty_weights
-
     with init_empty_weights():
         module = build()
     weights = {k: v.to(dtype).contiguous() for k, v in state.items()}
@@ -198,8 +202,6 @@ def internvl_folder(source: str, weights: bool) -> Path:
 
 def llm_config(folder: Path, source: str):
     """The LM's ``Qwen2Config`` from InternVL's ``config.json`` ``llm_config`` (attention: sdpa)."""
-    from transformers import Qwen2Config
-
     path = folder / "config.json"
     if not path.is_file():
         raise ConvertError(
@@ -227,8 +229,6 @@ def llm_config(folder: Path, source: str):
 def internvl_llm_keys(folder: Path, source: str) -> dict[str, tuple[Path, tuple[int, ...]]]:
     """``Qwen2Model`` key → (safetensors file, shape) of InternVL's ``language_model.model.*`` weights (headers
     only)."""
-    from safetensors import safe_open
-
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ConvertError(
@@ -250,8 +250,6 @@ def internvl_llm_keys(folder: Path, source: str) -> dict[str, tuple[Path, tuple[
 
 
 def read_internvl_llm(keys: dict[str, tuple[Path, tuple]]) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
     state = {}
     for file in sorted({where for where, _ in keys.values()}):
         with safe_open(str(file), framework="pt") as handle:
@@ -264,8 +262,6 @@ def read_internvl_llm(keys: dict[str, tuple[Path, tuple]]) -> dict[str, torch.Te
 def load_tokenizer(folder: Path, source: str):
     """InternVL's tokenizer, by the class its ``tokenizer_config.json`` names (``Qwen2Tokenizer``; InternVL's own
     ``config.json`` is not a transformers config, so ``AutoTokenizer`` would need remote code), right-padding."""
-    import transformers
-
     config_path = folder / "tokenizer_config.json"
     name = json.loads(config_path.read_text()).get("tokenizer_class") if config_path.is_file() else None
     cls = getattr(transformers, str(name), None) or getattr(transformers, str(name).removesuffix("Fast"), None)
@@ -282,10 +278,6 @@ def load_tokenizer(folder: Path, source: str):
 
 def sana_transformer_config(source: str) -> tuple[dict, str, str | None]:
     """(config, resolved source, subfolder) of ``sana=``'s ``SanaTransformer2DModel``."""
-    from diffusers import SanaTransformer2DModel
-
-    from fewstep.models.family import PretrainedNotFound, resolve_pretrained
-
     try:
         where, sub = resolve_pretrained(source, "transformer", key="sana")
         config = dict(SanaTransformer2DModel.load_config(where, subfolder=sub))
@@ -303,10 +295,6 @@ def sana_transformer_config(source: str) -> tuple[dict, str, str | None]:
 
 def vae_source(source: str) -> tuple[str, str | None]:
     """(source, subfolder) of the DC-AE: a local pipeline or bare folder, or a hub id (bare repo, else ``vae/``)."""
-    from diffusers import AutoencoderDC
-
-    from fewstep.models.family import PretrainedNotFound, resolve_pretrained
-
     local = Path(os.path.expanduser(source))
     try:
         if local.exists() or not _is_hub_id(source):
@@ -332,11 +320,7 @@ def vae_source(source: str) -> tuple[str, str | None]:
 def build_scheduler(kind: str, sana: str, sub: str | None):
     """``sana``: the SANA pipeline's own scheduler (its ``scheduler/``); ``twinflow``: the 30-step multi-step
     ``TwinFlowScheduler`` (SPEC §3)."""
-    import diffusers
-
     if kind == "twinflow":
-        from fewstep.samplers.scheduler import TwinFlowScheduler
-
         return TwinFlowScheduler(
             sampling_style="mul",
             stochast_ratio=0.0,
@@ -359,13 +343,53 @@ def build_scheduler(kind: str, sana: str, sub: str | None):
 # --------------------------------------------------------------------------- the conversion
 
 
+class Checked(NamedTuple):
+    """Everything a conversion reads, checked against each other before any model is built."""
+
+    cond_cfg: dict
+    dtype: torch.dtype
+    conditioner_state: dict
+    dit_state: dict | None  # the checkpoint's transformer.* weights (None: the SANA's own)
+    llm_state: dict | None  # the checkpoint's LLM weights (None: read from InternVL via llm_keys)
+    llm_keys: dict | None
+    qwen: object  # the InternVL LM's Qwen2 config
+    sana: str
+    sana_sub: str | None
+    sana_config: dict
+    vae: str
+    vae_sub: str | None
+    scheduler: object
+    tokenizer: object
+
+
 def convert(args) -> dict:
-    from diffusers import AutoencoderDC, SanaTransformer2DModel
-    from transformers import Qwen2Model
+    """The reference checkpoint (+ InternVL3, SANA, DC-AE) as an ``OpenUniPipeline`` folder: every check first
+    (:func:`check_sources`, before any model is built), then the components built and saved."""
+    check_args(args)
+    checked = check_sources(args)
+    pipe, sources = build_pipeline(args, checked)
+    out = Path(os.path.expanduser(args.out))
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out)
+    info = {
+        "checkpoint": str(Path(os.path.expanduser(args.checkpoint)).resolve()),
+        "dtype": str(checked.dtype).replace("torch.", ""),
+        "conditioner": f"checkpoint {args.checkpoint} (meta_queries, connector.*, projector.*)",
+        "conditioner_config": checked.cond_cfg,
+        **sources,
+        "tokenizer": f"internvl={args.internvl}",
+        "vae": f"vae={args.vae}",
+        "scheduler": f"{type(checked.scheduler).__name__} ({args.scheduler})",
+        "out": str(out),
+    }
+    (out / "fewstep_convert.json").write_text(json.dumps(info, indent=2))
+    for part in ("conditioner", "transformer", "text_encoder", "tokenizer", "vae", "scheduler"):
+        log.info("%-12s <- %s", part, info[part])
+    log.info("wrote the OpenUniPipeline folder %s (model=openuni model.pretrained=%s)", out, out)
+    return info
 
-    from fewstep.models.family import dtype_kwargs, parse_dtype
-    from fewstep.models.openuni import OpenUniConditioner, OpenUniPipeline
 
+def check_args(args) -> None:
     for key in ("checkpoint", "out"):
         if not args[key]:
             raise ConvertError(f"{key}= is required; {' '.join(USAGE.split())}")
@@ -377,12 +401,14 @@ def convert(args) -> dict:
         except ValueError as err:
             raise ConvertError(str(err)) from None
 
-    # --- every check, before any model is built
+
+def check_sources(args) -> Checked:
+    """The checkpoint's conditioner, transformer and LLM shapes against the InternVL3 and SANA configs (one line
+    naming the model to give instead), and the VAE, scheduler and tokenizer found."""
     state = read_checkpoint(args.checkpoint)
     cond_cfg = conditioner_config(state, int(args.connector_heads), args.checkpoint)
     dtype = state["projector.weight"].dtype if str(args.dtype) == "auto" else parse_dtype(args.dtype, "dtype")
     llm_in_checkpoint = any(k.startswith(LLM_PREFIX) for k in state)
-    dit_in_checkpoint = any(k.startswith("transformer.") for k in state)
     internvl = internvl_folder(args.internvl, weights=not llm_in_checkpoint)
     qwen = llm_config(internvl, args.internvl)
     if int(qwen.hidden_size) != cond_cfg["hidden_size"]:
@@ -407,7 +433,8 @@ def convert(args) -> dict:
     problem = shape_problem(expected, shapes(conditioner_state), "", "its meta_queries / connector layout")
     if problem:
         raise ConvertError(f"checkpoint={args.checkpoint}: {problem}; give an OpenUni-L checkpoint")
-    if dit_in_checkpoint:
+    dit_state = None
+    if any(k.startswith("transformer.") for k in state):
         dit_state = {k.removeprefix("transformer."): v for k, v in state.items() if k.startswith("transformer.")}
         expected = _meta_shapes(lambda: SanaTransformer2DModel.from_config(sana_config))
         problem = shape_problem(expected, shapes(dit_state), "transformer.", f"sana={args.sana}'s config")
@@ -417,12 +444,12 @@ def convert(args) -> dict:
                 "(Efficient-Large-Model/Sana_1600M_512px_diffusers)"
             )
     llm_shapes = _meta_shapes(lambda: Qwen2Model(qwen))
+    llm_state = llm_keys = None
     if llm_in_checkpoint:
         llm_state = {k.removeprefix(LLM_PREFIX): v for k, v in state.items() if k.startswith(LLM_PREFIX)}
         config = f"internvl={args.internvl}'s llm_config"
         problem = shape_problem(llm_shapes, shapes(llm_state), LLM_PREFIX, config)
         where = f"checkpoint={args.checkpoint}: "
-        llm_keys = None
     else:
         llm_keys = internvl_llm_keys(internvl, args.internvl)
         found = {k: shape for k, (_, shape) in llm_keys.items()}
@@ -433,55 +460,45 @@ def convert(args) -> dict:
     vae, vae_sub = vae_source(args.vae)
     scheduler = build_scheduler(args.scheduler, sana, sana_sub)
     tokenizer = load_tokenizer(internvl, args.internvl)
+    return Checked(
+        cond_cfg, dtype, conditioner_state, dit_state, llm_state, llm_keys, qwen, sana, sana_sub, sana_config, vae,
+        vae_sub, scheduler, tokenizer,
+    )  # fmt: skip
 
-    # --- build and write
-    conditioner = _materialise(lambda: OpenUniConditioner(**cond_cfg), conditioner_state, dtype)
-    if dit_in_checkpoint:
-        transformer = _materialise(lambda: SanaTransformer2DModel.from_config(sana_config), dit_state, dtype)
-        dit_from = f"checkpoint {args.checkpoint} (transformer.*, {len(dit_state)} tensors)"
+
+def build_pipeline(args, checked: Checked) -> tuple[OpenUniPipeline, dict]:
+    """The ``OpenUniPipeline`` of the checked sources, and where its transformer and text encoder came from."""
+    dtype = checked.dtype
+    conditioner = _materialise(lambda: OpenUniConditioner(**checked.cond_cfg), checked.conditioner_state, dtype)
+    if checked.dit_state is not None:
+        build = lambda: SanaTransformer2DModel.from_config(checked.sana_config)  # noqa: E731
+        transformer = _materialise(build, checked.dit_state, dtype)
+        dit_from = f"checkpoint {args.checkpoint} (transformer.*, {len(checked.dit_state)} tensors)"
     else:
-        transformer = SanaTransformer2DModel.from_pretrained(sana, subfolder=sana_sub, **dtype_kwargs(dtype)).eval()
+        transformer = SanaTransformer2DModel.from_pretrained(
+            checked.sana, subfolder=checked.sana_sub, **dtype_kwargs(dtype)
+        ).eval()
         dit_from = f"sana={args.sana} (the checkpoint has no transformer.* weights)"
-    if llm_in_checkpoint:
+    if checked.llm_state is not None:
+        llm_state = checked.llm_state
         llm_from = f"checkpoint {args.checkpoint} ({LLM_PREFIX}*, {len(llm_state)} tensors)"
     else:
-        llm_state = read_internvl_llm(llm_keys)
+        llm_state = read_internvl_llm(checked.llm_keys)
         llm_from = f"internvl={args.internvl} ({INTERNVL_LLM_PREFIX}*, {len(llm_state)} tensors)"
-    text_encoder = _materialise(lambda: Qwen2Model(qwen), llm_state, dtype)
-    vae_model = AutoencoderDC.from_pretrained(vae, subfolder=vae_sub, **dtype_kwargs(dtype)).eval()
+    text_encoder = _materialise(lambda: Qwen2Model(checked.qwen), llm_state, dtype)
+    vae_model = AutoencoderDC.from_pretrained(checked.vae, subfolder=checked.vae_sub, **dtype_kwargs(dtype)).eval()
     pipe = OpenUniPipeline(
-        tokenizer=tokenizer,
+        tokenizer=checked.tokenizer,
         text_encoder=text_encoder,
         conditioner=conditioner,
         transformer=transformer,
         vae=vae_model,
-        scheduler=scheduler,
+        scheduler=checked.scheduler,
     )
-    out = Path(os.path.expanduser(args.out))
-    out.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(out)
-    info = {
-        "checkpoint": str(Path(os.path.expanduser(args.checkpoint)).resolve()),
-        "dtype": str(dtype).replace("torch.", ""),
-        "conditioner": f"checkpoint {args.checkpoint} (meta_queries, connector.*, projector.*)",
-        "conditioner_config": cond_cfg,
-        "transformer": dit_from,
-        "text_encoder": llm_from,
-        "tokenizer": f"internvl={args.internvl}",
-        "vae": f"vae={args.vae}",
-        "scheduler": f"{type(scheduler).__name__} ({args.scheduler})",
-        "out": str(out),
-    }
-    (out / "fewstep_convert.json").write_text(json.dumps(info, indent=2))
-    for part in ("conditioner", "transformer", "text_encoder", "tokenizer", "vae", "scheduler"):
-        log.info("%-12s <- %s", part, info[part])
-    log.info("wrote the OpenUniPipeline folder %s (model=openuni model.pretrained=%s)", out, out)
-    return info
+    return pipe, {"transformer": dit_from, "text_encoder": llm_from}
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from fewstep.models.family import PretrainedNotFound
-
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_kv(argv, DEFAULTS, USAGE)
     try:

@@ -37,13 +37,28 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import torch
+from PIL import Image, ImageOps
+from safetensors.torch import save_file
+from tqdm import tqdm
 
 from fewstep.cli import parse_kv
+from fewstep.data.image_datasets import DatasetImages
 from fewstep.errors import FewstepError
+from fewstep.models.family import (
+    PretrainedNotFound,
+    dtype_kwargs,
+    family_for_pipeline,
+    load_error,
+    parse_dtype,
+    resolve_pretrained,
+)
 
 log = logging.getLogger("fewstep.precompute")
 
@@ -153,8 +168,6 @@ def read_captions(folder: Path) -> dict[str, str]:
 
 def image_size(path: Path) -> tuple[int, int]:
     """(width, height) from the header, after the EXIF orientation."""
-    from PIL import Image
-
     with Image.open(path) as im:
         width, height = im.size
         try:
@@ -168,9 +181,6 @@ def image_size(path: Path) -> tuple[int, int]:
 
 def load_image(path: Path, size: tuple[int, int]) -> torch.Tensor:
     """RGB in [-1, 1], (3, h, w): resized to cover ``size`` (w, h), centre-cropped."""
-    import numpy as np
-    from PIL import Image, ImageOps
-
     w, h = size
     with Image.open(path) as im:
         im.load()
@@ -255,9 +265,7 @@ class Encoders:
     ``encode_prompt`` is called."""
 
     def __init__(self, pretrained: str, device: torch.device, text_dtype: torch.dtype, options: dict | None = None):
-        from diffusers import DiffusionPipeline
-
-        from fewstep.models.family import dtype_kwargs, family_for_pipeline, load_error, resolve_pretrained
+        from diffusers import DiffusionPipeline  # lazy: a bad argument is refused before diffusers loads (seconds)
 
         local = Path(os.path.expanduser(pretrained))
         if local.exists():
@@ -335,8 +343,6 @@ class Encoders:
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
-    from safetensors.torch import save_file
-
     tmp = path.with_name(f".tmp_{path.name}_{os.getpid()}")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
@@ -374,10 +380,88 @@ def _cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, tor
     return {k: v.to(dtype) for k, v in tensors.items()}
 
 
-def precompute(args) -> dict:
-    """Run the precompute for parsed ``args`` (see ``DEFAULTS``); returns the manifest."""
-    from fewstep.models.family import parse_dtype
+class Plan(NamedTuple):
+    """What one precompute encodes: the shards (each a bucket's items), what was skipped while planning, how many
+    inputs were found, how an item's image is opened (None: prompts only) and a prompt-only cache's latent shape."""
 
+    shards: list
+    skipped: list
+    n_files: int
+    open_image: Callable | None
+    prompt_shape: list | None
+
+
+def precompute(args) -> dict:
+    """Run the precompute for parsed ``args`` (see ``DEFAULTS``); returns the manifest. Phases: check the
+    arguments (before any encoder loads), plan the shards, encode the shards not done yet (a resumed run keeps
+    finished ones), encode the null and validation prompts, write the manifest."""
+    options = check_args(args)
+    source = None
+    if options.images is None and options.prompts is None:  # the dataset (and its columns) before the encoders load
+        source = DatasetImages(args.dataset, args.image_column, args.caption_column, args.split)
+    encoders = Encoders(args.pretrained, options.device, options.text_dtype, options.encoder_options)
+    text_length = sequence_length(args.max_sequence_length, encoders.family)
+    out = Path(os.path.expanduser(args.out))
+    shards_dir = out / "shards"
+    shards_dir.mkdir(parents=True, exist_ok=True)
+    plan = plan_inputs(args, options, encoders, source)
+    warn_upscaled([i for s in plan.shards for i in s.items], args.resolution)
+    planned_names = {s.name for s in plan.shards}
+    for stale in shards_dir.glob("shard_*"):
+        if stale.name.split(".")[0] not in planned_names:
+            stale.unlink()
+
+    total = sum(len(s.items) for s in plan.shards)
+    done_infos = {s.name: _shard_done(s, shards_dir, text_length) for s in plan.shards}
+    initial = sum(len(s.items) for s in plan.shards if done_infos[s.name] is not None)
+    unit = "prompt" if options.prompts is not None else "img"
+    progress = tqdm(total=total, initial=initial, desc="precompute", unit=unit, disable=not args.progress)
+    resumed = sum(1 for v in done_infos.values() if v is not None)
+    for shard in plan.shards:
+        if done_infos[shard.name] is None:
+            done_infos[shard.name] = encode_shard(
+                shard, plan, encoders, text_length, args.batch_size, options.embeds_dtype, shards_dir, progress
+            )
+    progress.close()
+
+    null_prompt = encoders.family.null_prompt(args.null_prompt)
+    null = _cast(encoders.encode_null(null_prompt, text_length), options.embeds_dtype)
+    _save_atomic(null, out / "null.safetensors")
+    validation = _cast(encoders.encode_text(options.validation_prompts, text_length), options.embeds_dtype)
+    _save_atomic(validation, out / "validation.safetensors")
+    manifest = build_manifest(args, options, plan, done_infos, encoders, text_length, null_prompt, resumed)
+    _write_json_atomic(manifest, out / "manifest.json")
+    skipped, summary = manifest["skipped"], manifest["summary"]
+    for s in skipped:
+        log.warning("skipped %s: %s", s["file"], s["reason"])
+    log.info(
+        "precompute: %d of %d %ss encoded into %d shard(s) (%d resumed), %d skipped (%d unreadable, "
+        "%d without caption); buckets %s; cache in %s",
+        summary["encoded"], plan.n_files, unit, summary["shards"], resumed, len(skipped),
+        summary["skipped_unreadable"], summary["skipped_no_caption"], summary["latent_buckets"], out,
+    )  # fmt: skip
+    if summary["encoded"] == 0:
+        raise PrecomputeError(
+            f"no image was encoded ({len(skipped)} skipped; see {out / 'manifest.json'}); "
+            "add readable, captioned images"
+        )
+    return manifest
+
+
+class Options(NamedTuple):
+    """The checked arguments of one precompute."""
+
+    prompts: list | None  # prompts=FILE: a prompt-only cache
+    images: Path | None  # images=DIR
+    device: torch.device
+    text_dtype: torch.dtype
+    embeds_dtype: torch.dtype
+    validation_prompts: list
+    encoder_options: dict
+
+
+def check_args(args) -> Options:
+    """Every argument checked (one line naming the fix), before any encoder loads."""
     for key in ("pretrained", "out"):
         if not args[key]:
             raise PrecomputeError(f"{key}= is required; {' '.join(USAGE.split())}")
@@ -411,107 +495,85 @@ def precompute(args) -> dict:
         validation_prompts = [line.strip() for line in vp.read_text().splitlines() if line.strip()]
     else:
         validation_prompts = list(DEFAULT_VALIDATION_PROMPTS)
-
-    source = None
-    if images is None and prompts is None:  # open the dataset (and check its columns) before the encoders load
-        from fewstep.data.image_datasets import DatasetImages
-
-        source = DatasetImages(args.dataset, args.image_column, args.caption_column, args.split)
     chi = "none" if args.complex_human_instruction is None else str(args.complex_human_instruction)
     if chi.lower() not in ("default", "none", "false", "") and not Path(chi).expanduser().is_file():
         raise PrecomputeError(
             f"complex_human_instruction={chi}: use default, none or a file of instruction lines (no such file)"
         )
     options = {"complex_human_instruction": chi}
-    encoders = Encoders(args.pretrained, device, text_dtype, options)
-    text_length = sequence_length(args.max_sequence_length, encoders.family)
-    out = Path(os.path.expanduser(args.out))
-    shards_dir = out / "shards"
-    shards_dir.mkdir(parents=True, exist_ok=True)
+    return Options(prompts, images, device, text_dtype, embeds_dtype, validation_prompts, options)
+
+
+def plan_inputs(args, options: Options, encoders, source) -> Plan:
+    """The shards to encode: prompts (one square bucket, the latent shape from the VAE itself), an image folder or
+    a dataset's rows, each bucketed by aspect ratio."""
     sizes = bucket_sizes(args.resolution, encoders.latent_multiple, args.buckets)
-    prompt_shape = None
-    if prompts is not None:  # one square bucket; the latent shape from the VAE itself (family-generic)
+    prompts = options.prompts
+    if prompts is not None:
         size = bucket_sizes(args.resolution, encoders.latent_multiple, False)[0]
         prompt_shape = list(encoders.encode_images(torch.zeros(1, 3, size[1], size[0])).shape[1:])
         shards = [
             Shard(f"shard_{n:05d}", size, [Item(p, p, size) for p in prompts[start : start + args.shard_size]])
             for n, start in enumerate(range(0, len(prompts), args.shard_size))
         ]
-        skipped, n_files = [], len(prompts)
-        open_image = None
-    elif images is not None:
-        shards, skipped, n_files = plan_shards(images, sizes, args.shard_size, args.missing_caption)
+        return Plan(shards, [], len(prompts), None, prompt_shape)
+    if options.images is not None:
+        shards, skipped, n_files = plan_shards(options.images, sizes, args.shard_size, args.missing_caption)
         if n_files == 0:
             raise PrecomputeError(f"images={args.images}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-        open_image = images.__truediv__
-    else:
-        shards, skipped, n_files = plan_rows(source.rows(), sizes, args.shard_size, args.missing_caption)
-        if n_files == 0:
-            raise PrecomputeError(f"dataset={args.dataset} (split {args.split}) has no rows")
-        open_image = source.open_named
-    warn_upscaled([i for s in shards for i in s.items], args.resolution)
-    planned_names = {s.name for s in shards}
-    for stale in shards_dir.glob("shard_*"):
-        if stale.name.split(".")[0] not in planned_names:
-            stale.unlink()
+        return Plan(shards, skipped, n_files, options.images.__truediv__, None)
+    shards, skipped, n_files = plan_rows(source.rows(), sizes, args.shard_size, args.missing_caption)
+    if n_files == 0:
+        raise PrecomputeError(f"dataset={args.dataset} (split {args.split}) has no rows")
+    return Plan(shards, skipped, n_files, source.open_named, None)
 
-    from tqdm import tqdm
 
-    total = sum(len(s.items) for s in shards)
-    done_infos = {s.name: _shard_done(s, shards_dir, text_length) for s in shards}
-    initial = sum(len(s.items) for s in shards if done_infos[s.name] is not None)
-    unit = "prompt" if prompts is not None else "img"
-    progress = tqdm(total=total, initial=initial, desc="precompute", unit=unit, disable=not args.progress)
-    resumed = sum(1 for v in done_infos.values() if v is not None)
-    for shard in shards:
-        if done_infos[shard.name] is not None:
-            continue
-        latents, embeds, written, shard_skipped = [], [], [], []
-        for start in range(0, len(shard.items), args.batch_size):
-            chunk = shard.items[start : start + args.batch_size]
-            if prompts is not None:  # text only: no image to read or encode
-                embeds.append(encoders.encode_text([i.caption for i in chunk], text_length))
-                written.extend(i.file for i in chunk)
-                progress.update(len(chunk))
-                continue
-            pixels, ok = [], []
-            for item in chunk:
-                try:
-                    pixels.append(load_image(open_image(item.file), shard.size))
-                    ok.append(item)
-                except Exception as err:  # noqa: BLE001 - any decoder error means an unreadable image
-                    shard_skipped.append(
-                        {"file": item.file, "reason": f"unreadable: {type(err).__name__}: {str(err)[:120]}"}
-                    )
-            if ok:
-                latents.append(encoders.encode_images(torch.stack(pixels)))
-                embeds.append(encoders.encode_text([i.caption for i in ok], text_length))
-                written.extend(i.file for i in ok)
+def encode_shard(shard, plan: Plan, encoders, text_length, batch_size: int, embeds_dtype, shards_dir: Path, progress):
+    """Encode one shard's items in batches (an unreadable image is skipped and recorded) and write it atomically:
+    ``<name>.safetensors`` (latents, text embeddings) and ``<name>.json`` (what it holds); returns the JSON."""
+    latents, embeds, written, shard_skipped = [], [], [], []
+    for start in range(0, len(shard.items), batch_size):
+        chunk = shard.items[start : start + batch_size]
+        if plan.open_image is None:  # text only: no image to read or encode
+            embeds.append(encoders.encode_text([i.caption for i in chunk], text_length))
+            written.extend(i.file for i in chunk)
             progress.update(len(chunk))
-        info = {
-            "planned": [i.file for i in shard.items],
-            "size": list(shard.size),
-            "files": written,
-            "count": len(written),
-            "skipped": shard_skipped,
-            "max_sequence_length": text_length,
-        }
-        if written:
-            tensors = {"latents": torch.cat(latents)} if latents else {}
-            tensors.update(_cast({k: torch.cat([e[k] for e in embeds]) for k in embeds[0]}, embeds_dtype))
-            info["latent_shape"] = list(tensors["latents"].shape[1:]) if latents else prompt_shape
-            _save_atomic(tensors, shards_dir / f"{shard.name}.safetensors")
-        _write_json_atomic(info, shards_dir / f"{shard.name}.json")
-        done_infos[shard.name] = info
-    progress.close()
+            continue
+        pixels, ok = [], []
+        for item in chunk:
+            try:
+                pixels.append(load_image(plan.open_image(item.file), shard.size))
+                ok.append(item)
+            except Exception as err:  # noqa: BLE001 - any decoder error means an unreadable image
+                shard_skipped.append(
+                    {"file": item.file, "reason": f"unreadable: {type(err).__name__}: {str(err)[:120]}"}
+                )
+        if ok:
+            latents.append(encoders.encode_images(torch.stack(pixels)))
+            embeds.append(encoders.encode_text([i.caption for i in ok], text_length))
+            written.extend(i.file for i in ok)
+        progress.update(len(chunk))
+    info = {
+        "planned": [i.file for i in shard.items],
+        "size": list(shard.size),
+        "files": written,
+        "count": len(written),
+        "skipped": shard_skipped,
+        "max_sequence_length": text_length,
+    }
+    if written:
+        tensors = {"latents": torch.cat(latents)} if latents else {}
+        tensors.update(_cast({k: torch.cat([e[k] for e in embeds]) for k in embeds[0]}, embeds_dtype))
+        info["latent_shape"] = list(tensors["latents"].shape[1:]) if latents else plan.prompt_shape
+        _save_atomic(tensors, shards_dir / f"{shard.name}.safetensors")
+    _write_json_atomic(info, shards_dir / f"{shard.name}.json")
+    return info
 
-    null_prompt = encoders.family.null_prompt(args.null_prompt)
-    null = _cast(encoders.encode_null(null_prompt, text_length), embeds_dtype)
-    _save_atomic(null, out / "null.safetensors")
-    validation = _cast(encoders.encode_text(validation_prompts, text_length), embeds_dtype)
-    _save_atomic(validation, out / "validation.safetensors")
 
-    for s in shards:
+def build_manifest(args, options: Options, plan: Plan, done_infos, encoders, text_length, null_prompt, resumed):
+    """``manifest.json``: the cache's source, family, shapes, shards and what was skipped, with a summary."""
+    skipped = list(plan.skipped)
+    for s in plan.shards:
         skipped.extend(done_infos[s.name].get("skipped", []))
     entries = [
         {
@@ -520,68 +582,54 @@ def precompute(args) -> dict:
             "latent_shape": done_infos[s.name]["latent_shape"],
             "files": done_infos[s.name]["files"],
         }
-        for s in shards
+        for s in plan.shards
         if done_infos[s.name]["count"] > 0
     ]
-    encoded = sum(e["count"] for e in entries)
     buckets: dict[str, int] = {}
     for e in entries:
         key = "x".join(str(v) for v in e["latent_shape"])
         buckets[key] = buckets.get(key, 0) + e["count"]
     summary = {
-        "images_found": n_files,
-        "encoded": encoded,
+        "images_found": plan.n_files,
+        "encoded": sum(e["count"] for e in entries),
         "skipped": len(skipped),
         "skipped_unreadable": sum(1 for s in skipped if s["reason"].startswith("unreadable")),
         "skipped_no_caption": sum(1 for s in skipped if s["reason"].startswith("no caption")),
         "shards": len(entries),
         "shards_resumed": resumed,
-        "upscaled": sum(1 for s in shards for i in s.items if i.upscale > 1.0),
+        "upscaled": sum(1 for s in plan.shards for i in s.items if i.upscale > 1.0),
         "latent_buckets": buckets,
     }
     pretrained = args.pretrained
     if Path(os.path.expanduser(pretrained)).exists():
         pretrained = str(Path(os.path.expanduser(pretrained)).resolve())
-    manifest = {
+    if options.images is not None:
+        source = {"images": str(options.images.resolve())}
+    elif options.prompts is not None:
+        source = {"prompts": str(Path(os.path.expanduser(args.prompts)).resolve())}
+    else:
+        source = {k: args[k] for k in ("dataset", "split", "image_column", "caption_column")}
+    return {
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "pretrained": pretrained,
-        "source": {"images": str(images.resolve())}
-        if images is not None
-        else {"prompts": str(Path(os.path.expanduser(args.prompts)).resolve())}
-        if prompts is not None
-        else {k: args[k] for k in ("dataset", "split", "image_column", "caption_column")},
-        "prompt_only": prompts is not None,
+        "source": source,
+        "prompt_only": options.prompts is not None,
         "pipeline_class": encoders.pipeline_class,
         "family": encoders.family.name,
         "null_prompt": null_prompt,
         "resolution": args.resolution,
         "buckets": args.buckets,
         "max_sequence_length": text_length,
-        "embeds_dtype": str(embeds_dtype).replace("torch.", ""),
+        "embeds_dtype": str(options.embeds_dtype).replace("torch.", ""),
         "vae": encoders.vae_info,
         "shards": entries,
         "null": "null.safetensors",
         "validation": "validation.safetensors",
-        "validation_prompts": validation_prompts,
+        "validation_prompts": options.validation_prompts,
         "summary": summary,
         "skipped": skipped,
     }
-    _write_json_atomic(manifest, out / "manifest.json")
-    for s in skipped:
-        log.warning("skipped %s: %s", s["file"], s["reason"])
-    log.info(
-        "precompute: %d of %d %ss encoded into %d shard(s) (%d resumed), %d skipped (%d unreadable, "
-        "%d without caption); buckets %s; cache in %s",
-        encoded, n_files, unit, len(entries), resumed, len(skipped), summary["skipped_unreadable"],
-        summary["skipped_no_caption"], buckets, out,
-    )  # fmt: skip
-    if encoded == 0:
-        raise PrecomputeError(
-            f"no image was encoded ({len(skipped)} skipped; see {out / 'manifest.json'}); "
-            "add readable, captioned images"
-        )
-    return manifest
 
 
 def sequence_length(option: int | None, family) -> int | None:
@@ -605,8 +653,6 @@ def read_prompts(path: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from fewstep.models.family import PretrainedNotFound
-
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_kv(argv, DEFAULTS, USAGE)
     try:

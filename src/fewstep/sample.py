@@ -12,8 +12,8 @@ import logging
 from pathlib import Path
 
 from fewstep.cli import parse_kv
-from fewstep.generate import final_outputs
-from fewstep.runs import load_run
+from fewstep.training.outputs import final_outputs
+from fewstep.training.runs import load_run
 
 USAGE = (
     "usage: python -m fewstep.sample run_dir=DIR [nfe=[1,2,4]] [baseline_steps=0] [weights=ema|student] "

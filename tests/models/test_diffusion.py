@@ -16,7 +16,7 @@ from fewstep.models.diff2flow import (
     make_alphas_cumprod,
 )
 
-from tiny_sd3 import build_tiny_unet
+from helpers.tiny_sd3 import build_tiny_unet
 
 TIMES = [0.01, 0.05, 0.25, 0.5, 0.75, 0.93]
 ALPHAS = make_alphas_cumprod(1000, "scaled_linear", 0.00085, 0.012)
@@ -172,7 +172,7 @@ def test_unet_time_pair_embeddings_are_identity_at_init(unet_dirs, lora):
 
 
 def test_sd15_config_is_refused_without_the_bridge_flags(tmp_path):
-    from fewstep.validate import ConfigError, validate
+    from fewstep.config.validate import ConfigError, validate
 
     from helpers import compose
 

@@ -20,7 +20,7 @@ LORA = {"enabled": True, "rank": 4, "alpha": 8}
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-    from tiny_sd3 import save_tiny_sd3_pipeline
+    from helpers.tiny_sd3 import save_tiny_sd3_pipeline
 
     return save_tiny_sd3_pipeline(tmp_path_factory.mktemp("sd3") / "pipe")
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import fewstep.training.loop
 from fewstep.data.base import Batch
 from fewstep.objectives.base import EvalCounter, Network
 from fewstep.objectives.dmd2 import DMD2, GanHead, share_frozen_copy
@@ -240,7 +241,7 @@ def assert_same_checkpoints(a, b, names):
 def test_owned_network_is_averaged_checkpointed_and_resumed_exactly(tmp_path):
     base = [*TOY, "objective=flow_matching", "objective._target_=test_dmd2.EmaAux", "teacher.decay=0.5",
             "trainer.checkpoint_every=4", "trainer.lr_schedule=constant"]  # fmt: skip
-    from fewstep.train import train
+    from fewstep.training.loop import train
 
     train(compose([*base, "trainer.max_steps=8"]), run_dir=tmp_path / "straight")
     train(compose([*base, "trainer.max_steps=4"]), run_dir=tmp_path / "split")
@@ -257,7 +258,7 @@ def test_owned_network_is_averaged_checkpointed_and_resumed_exactly(tmp_path):
 
 @pytest.fixture(scope="module")
 def flow_matching_run(tmp_path_factory):
-    from fewstep.train import train
+    from fewstep.training.loop import train
 
     run = tmp_path_factory.mktemp("fm") / "run"
     train(compose([*TOY, "objective=flow_matching", "trainer.max_steps=6"]), run_dir=run)
@@ -266,7 +267,7 @@ def flow_matching_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_dmd2_resumed_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path, flow_matching_run):
-    from fewstep.train import train
+    from fewstep.training.loop import train
 
     base = [*TOY, "objective=dmd2", f"trainer.init_from={flow_matching_run}", "objective.critic_steps=2",
             "objective.gan=true", "trainer.checkpoint_every=5", "trainer.lr_schedule=constant"]  # fmt: skip
@@ -290,7 +291,8 @@ def test_dmd2_resumed_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path, fl
 def test_every_network_follows_the_runs_lr_schedule_on_the_training_step(tmp_path, flow_matching_run):
     """The generator steps every 3rd step here: its cosine stopped at 2 of 6 steps (LR factor 0.78 where the run
     ends at 0.1) when its schedule advanced with its own updates. Now every schedule reads the training step."""
-    from fewstep.train import lr_factor, train
+    from fewstep.training.loop import train
+    from fewstep.training.trainables import lr_factor
 
     over = [*TOY, "objective=dmd2", f"trainer.init_from={flow_matching_run}", "objective.critic_steps=2",
             "trainer.max_steps=6", "trainer.checkpoint_every=6", "trainer.lr_schedule=cosine", "trainer.warmup_steps=0",
@@ -336,7 +338,7 @@ def test_each_step_applies_the_gradient_of_its_own_loss_only(tmp_path, flow_matc
     the gradients each optimizer steps with equal torch.autograd.grad of that step's loss (no clipping)."""
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-    from fewstep.train import train
+    from fewstep.training.loop import train
 
     def seen(optimizer, args, kwargs):  # what each optimizer.step uses
         applied = OwnGradientsDMD2.records[-1]["applied"]
@@ -365,7 +367,7 @@ def test_each_step_applies_the_gradient_of_its_own_loss_only(tmp_path, flow_matc
 def test_init_from_a_folder_without_checkpoints_names_init_from_not_resume(tmp_path):
     """The sweep/objectives preset's dmd2 point alone (job 0 is itself) gave "trainer.resume=...: no valid
     checkpoint found there", a key the user never set."""
-    from fewstep.checkpoint import CheckpointError, load_initial_weights
+    from fewstep.training.checkpoint import CheckpointError, load_initial_weights
 
     with pytest.raises(CheckpointError, match=r"^trainer.init_from=.*: no valid checkpoint found there"):
         load_initial_weights(tmp_path, torch.nn.Linear(1, 1))
@@ -373,8 +375,8 @@ def test_init_from_a_folder_without_checkpoints_names_init_from_not_resume(tmp_p
 
 @pytest.mark.slow
 def test_init_from_loads_the_runs_ema_weights(tmp_path, flow_matching_run):
-    from fewstep.checkpoint import CheckpointError, load_initial_weights
-    from fewstep.train import build_components
+    from fewstep.training.checkpoint import CheckpointError, load_initial_weights
+    from fewstep.training.trainables import build_components
 
     ckpt = final(flow_matching_run)
     _, _, model, _, _ = build_components(compose([*TOY, "objective=flow_matching"]))
@@ -414,7 +416,7 @@ def test_init_from_loads_the_runs_ema_weights(tmp_path, flow_matching_run):
     ],
 )
 def test_bad_dmd2_options_fail_in_one_line(override, message, tmp_path):
-    from fewstep.validate import ConfigError, validate
+    from fewstep.config.validate import ConfigError, validate
 
     with pytest.raises(ConfigError) as err:
         validate(compose(["objective=dmd2", f"trainer.init_from={tmp_path}", override]))
@@ -422,7 +424,7 @@ def test_bad_dmd2_options_fail_in_one_line(override, message, tmp_path):
 
 
 def test_dmd2_on_a_random_model_asks_for_init_from():
-    from fewstep.validate import ConfigError, validate
+    from fewstep.config.validate import ConfigError, validate
 
     with pytest.raises(ConfigError, match="objective=dmd2 needs a pretrained teacher.*trainer.init_from=RUN_DIR"):
         validate(compose(["objective=dmd2"]))
@@ -430,7 +432,7 @@ def test_dmd2_on_a_random_model_asks_for_init_from():
 
 @pytest.mark.slow
 def test_dmd2_trains_two_steps_on_digits_from_a_flow_matching_run(tmp_path):
-    from fewstep.train import train
+    from fewstep.training.loop import train
 
     digits = ["data.batch_size=16", "trainer.max_steps=2", *FAST]
     train(compose(["objective=flow_matching", *digits]), run_dir=tmp_path / "fm")
@@ -446,7 +448,7 @@ def test_dmd2_trains_two_steps_on_digits_from_a_flow_matching_run(tmp_path):
 def test_two_process_ddp_runs_the_owned_networks(tmp_path, flow_matching_run):
     """`accelerate launch --multi_gpu --num_processes 2` on CPU (gloo): DMD2's fake score + GAN head (prepared,
     stepped on their own steps) train without a reducer error. (MeanFlow's JVP on the unwrapped module under 2-process
-    DDP, once a case here, is the DDP run of tests/core/test_distributed.py::
+    DDP, once a case here, is the DDP run of tests/training/test_distributed.py::
     test_meanflow_with_grad_accumulation_under_two_process_fsdp_equals_ddp, with gradient accumulation besides.)"""
     import subprocess
     import sys
@@ -471,7 +473,7 @@ def test_fp16_loss_scaling_leaves_every_stepping_network_unchanged(tmp_path, flo
     import accelerate
     from accelerate.state import AcceleratorState
 
-    from fewstep.train import train
+    from fewstep.training.loop import train
 
     class ScaledAccelerator(accelerate.Accelerator):
         def __init__(self, *args, **kwargs):
@@ -486,7 +488,7 @@ def test_fp16_loss_scaling_leaves_every_stepping_network_unchanged(tmp_path, flo
             "objective.gan=true", "trainer.max_steps=3", "trainer.max_grad_norm=0"]  # fmt: skip
     train(compose(base), run_dir=tmp_path / "fp32")
     AcceleratorState._reset_state(True)
-    monkeypatch.setattr(accelerate, "Accelerator", ScaledAccelerator)
+    monkeypatch.setattr(fewstep.training.loop, "Accelerator", ScaledAccelerator)
     train(compose(base), run_dir=tmp_path / "scaled")
     AcceleratorState._reset_state(True)
     for name in ("model", "network_fake_score", "network_gan_head"):

@@ -321,7 +321,7 @@ def test_loss_gradient_holds_the_adaptive_weight_constant(p):
     ],
 )
 def test_bad_meanflow_options_fail_in_one_line(override, message):
-    from fewstep.validate import ConfigError, validate
+    from fewstep.config.validate import ConfigError, validate
 
     with pytest.raises(ConfigError) as err:
         validate(compose(["objective=meanflow", override]))
@@ -330,7 +330,7 @@ def test_bad_meanflow_options_fail_in_one_line(override, message):
 
 @pytest.mark.slow
 def test_meanflow_trains_two_steps_on_digits(tmp_path):
-    from fewstep.train import train
+    from fewstep.training.loop import train
 
     summary = train(compose(["objective=meanflow", "trainer.max_steps=2", "data.batch_size=16", *FAST,
                              "objective.guidance_scale=1.5", "objective.cond_dropout=0.1"]),

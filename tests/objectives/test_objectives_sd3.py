@@ -1,4 +1,4 @@
-"""Every JVP / multi-network objective trains two steps on a tiny SD3 LoRA (tests/tiny_sd3.py): attention
+"""Every JVP / multi-network objective trains two steps on a tiny SD3 LoRA (tests/helpers/tiny_sd3.py): attention
 runs under forward-mode AD on the CPU, LoRA weights move, nothing is non-finite."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ LATENT = (4, 16, 16)
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-    from tiny_sd3 import save_tiny_sd3_pipeline
+    from helpers.tiny_sd3 import save_tiny_sd3_pipeline
 
     return save_tiny_sd3_pipeline(tmp_path_factory.mktemp("sd3") / "pipe")
 

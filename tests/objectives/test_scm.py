@@ -91,7 +91,7 @@ def test_loss_gradient_is_the_normalised_tangent():
     ],
 )
 def test_bad_scm_options_fail_in_one_line(override, message):
-    from fewstep.validate import ConfigError, validate
+    from fewstep.config.validate import ConfigError, validate
 
     with pytest.raises(ConfigError) as err:
         validate(compose(["objective=scm", override]))
@@ -100,7 +100,7 @@ def test_bad_scm_options_fail_in_one_line(override, message):
 
 @pytest.mark.slow
 def test_scm_trains_two_steps_on_digits(tmp_path):
-    from fewstep.train import train
+    from fewstep.training.loop import train
 
     cfg = compose(["objective=scm", "trainer.max_steps=2", "data.batch_size=16", "objective.warmup_steps=1", *FAST])
     summary = train(cfg, run_dir=tmp_path / "run")

@@ -7,7 +7,7 @@ import csv
 
 import pytest
 
-from fewstep.schema import compose_config, when
+from fewstep.config.schema import compose_config, when
 
 from helpers import FAST, run_cli
 

@@ -224,7 +224,7 @@ def test_sampling_ema_warms_up_on_its_own_schedule_and_is_what_the_run_samples_w
 def test_sampling_ema_round_trips_through_a_checkpoint(tmp_path):
     """Saved as teacher_sampling_shadow.safetensors with its warm-up counter; a resumed teacher continues exactly
     as the uninterrupted one; a checkpoint without it refuses to resume a sampling_decay run."""
-    from fewstep.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from fewstep.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
     def fresh(sampling_decay=0.99):
         torch.manual_seed(0)

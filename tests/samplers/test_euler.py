@@ -125,8 +125,8 @@ def test_a_runs_guided_sampling_gets_the_null_condition(tmp_path):
     after the condition."""
     from types import SimpleNamespace
 
-    from fewstep.generate import final_outputs
-    from fewstep.train import _validation_grid
+    from fewstep.training.loop import _validation_grid
+    from fewstep.training.outputs import final_outputs
 
     class Data:
         shape, value_range = (2,), None

@@ -13,7 +13,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 from fewstep import TwinFlowScheduler  # noqa: E402
 from fewstep.samplers.ucgm import UCGMSampler  # noqa: E402
 
-from ..tiny_sd3 import build_tiny_sd3_pipeline  # noqa: E402
+from helpers.tiny_sd3 import build_tiny_sd3_pipeline  # noqa: E402
 
 PROMPT = "a red cat on a mat"
 MAX_SEQ = 32

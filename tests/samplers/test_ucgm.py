@@ -231,7 +231,7 @@ def test_seeded_sampling_is_deterministic():
 
 def test_stochastic_noise_comes_from_the_generator_whatever_the_state_device_and_dtype():
     """The noise of a stochastic step is the generator's float32 draw on the generator's device, then moved to
-    the state: a CPU generator (what fewstep.generate passes) gives the same noise for a state on any device.
+    the state: a CPU generator (what fewstep.training.outputs passes) gives the same noise for a state on any device.
     Without a GPU, the meta device (shapes, no values) stands in for another device: a sampler whose state
     lives there consumes exactly the CPU generator draws of the same sampler on the CPU."""
     reference = torch.randn(3, 5, generator=torch.Generator().manual_seed(7))  # float32 on the CPU

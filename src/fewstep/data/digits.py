@@ -6,6 +6,7 @@ import torch
 
 from fewstep.data.digits_split import NUM_CLASSES, SIDE, load_digits_split
 from fewstep.data.memory import InMemoryData
+from fewstep.eval.digits import DigitsEvaluator, eval_labels, eval_noise
 
 
 class DigitsData(InMemoryData):
@@ -29,13 +30,11 @@ class DigitsData(InMemoryData):
         return torch.arange(n) % NUM_CLASSES
 
     def evaluator(self):
-        from fewstep.eval.digits import DigitsEvaluator
 
         return DigitsEvaluator()
 
     def eval_inputs(self):
         """The evaluation protocol's labels (100 per class) and fixed noise."""
-        from fewstep.eval.digits import eval_labels, eval_noise
 
         labels = torch.as_tensor(eval_labels())
         return eval_noise(self.shape, len(labels)), labels

@@ -10,7 +10,7 @@ grids use the cached validation prompts. ``decode`` turns latents into images wi
 
 A prompt-only cache (``precompute prompts=FILE``, ``"prompt_only": true`` in the manifest) has shards of
 embeddings only: batches carry zero latents of the recorded shape, for ``objective.image_free=true``, which
-takes only their shape (``fewstep.validate`` refuses such a cache for any other objective).
+takes only their shape (``fewstep.config.validate`` refuses such a cache for any other objective).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch
 
 from fewstep.data.base import Batch
 from fewstep.errors import FewstepError
+from fewstep.models.family import family_for_pipeline, family_named, load_error, resolve_pretrained
 
 RUN_PRECOMPUTE = "python -m fewstep.precompute pretrained=... images=... out=DIR"
 
@@ -243,8 +244,6 @@ class LatentData:
         if self._vae is None:
             import diffusers
 
-            from fewstep.models.family import load_error, resolve_pretrained
-
             source, sub = resolve_pretrained(self.vae_source, "vae", key="data.vae (or the cache's pretrained)")
             try:
                 config = diffusers.AutoencoderKL.load_config(source, subfolder=sub)
@@ -259,7 +258,6 @@ class LatentData:
     @property
     def family(self):
         """The model family the cache was made for (:class:`fewstep.models.family.Family`)."""
-        from fewstep.models.family import family_for_pipeline, family_named
 
         name = self.manifest.get("family")
         return family_named(name) if name else family_for_pipeline(str(self.manifest.get("pipeline_class", "")))

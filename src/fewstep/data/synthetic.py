@@ -14,6 +14,7 @@ import torch
 
 from fewstep.data.base import Batch
 from fewstep.models import architectures
+from fewstep.models.family import families
 
 
 class SyntheticData:
@@ -44,7 +45,6 @@ class SyntheticData:
         drops before its transformer): for families whose prompts are padded to a length and masked."""
         if text_tokens is None:
             return None
-        from fewstep.models.family import families
 
         masked = [n for n in self.architecture.condition if n.endswith("mask")]
         length = families()[self.architecture.family].max_sequence_length

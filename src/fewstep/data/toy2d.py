@@ -7,6 +7,8 @@ from collections.abc import Iterator
 import torch
 
 from fewstep.data.base import Batch
+from fewstep.data.toy2d_dists import sample_toy2d
+from fewstep.eval.toy2d import Toy2DEvaluator
 
 
 class Toy2DData:
@@ -15,7 +17,6 @@ class Toy2DData:
     value_range = None  # the points are scored as sampled (moons spans about ±1.6): no clamp to [-1, 1]
 
     def __init__(self, batch_size: int = 256, name: str = "moons"):
-        from fewstep.data.toy2d_dists import sample_toy2d
 
         self.sample = sample_toy2d
         self.batch_size = int(batch_size)
@@ -40,7 +41,6 @@ class Toy2DData:
         return self.sample(self.name, n, torch.Generator().manual_seed(4321))
 
     def evaluator(self):
-        from fewstep.eval.toy2d import Toy2DEvaluator
 
         return Toy2DEvaluator(self.name)
 

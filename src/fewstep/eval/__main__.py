@@ -16,9 +16,9 @@ from omegaconf import OmegaConf
 
 from fewstep.cli import parse_kv
 from fewstep.errors import FewstepError
-from fewstep.generate import final_outputs
 from fewstep.models.family import bind_guidance
-from fewstep.runs import load_run
+from fewstep.training.outputs import final_outputs
+from fewstep.training.runs import load_run
 
 USAGE = (
     "usage: python -m fewstep.eval run_dir=DIR [nfe=[1,2,4]] [baseline_steps=50] [weights=ema|student] "

@@ -304,11 +304,31 @@ def merged_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return merged
 
 
+_EMPTY: list = []  # non-empty while a rank other than 0 of a sharded run builds its networks (building_empty)
+
+
+def builds_empty() -> bool:
+    """Whether networks built now are to stay on the ``meta`` device (no weights read, drawn or stored): true on a
+    rank other than 0 of a sharded run while it builds (:meth:`fewstep.training.distributed.Sharded.building`),
+    whose ``place`` then fills their shards from rank 0."""
+    return bool(_EMPTY)
+
+
+@contextlib.contextmanager
+def building_empty():
+    """Networks built inside stay on the ``meta`` device (:func:`builds_empty`)."""
+    _EMPTY[:] = [True]
+    try:
+        yield
+    finally:
+        _EMPTY.clear()
+
+
 def empty_transformer(cls, config: dict, dtype: torch.dtype) -> nn.Module:
     """``cls.from_config(config)`` with its parameters on the ``meta`` device in ``dtype`` (no storage), in eval mode
     like ``from_pretrained``; the buffers computed at construction (rotary tables) are real and keep their dtype,
     as a loaded model's do. Under ``trainer.distributed=fsdp`` the ranks other than 0 build this, and
-    :meth:`fewstep.distributed.Sharded.place` fills its shards with rank 0's weights."""
+    :meth:`fewstep.training.distributed.Sharded.place` fills its shards with rank 0's weights."""
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):
@@ -320,41 +340,18 @@ def empty_transformer(cls, config: dict, dtype: torch.dtype) -> nn.Module:
     return module.eval()
 
 
-# --------------------------------------------------------------------------- sharding units (trainer.distributed=fsdp)
-
-
-def shard_units(module: nn.Module) -> list[nn.Module]:
-    """The sub-modules sharded one by one under ``trainer.distributed=fsdp`` (each all-gathered for its own
-    forward and freed after it): instances of the classes a diffusers model names in ``_no_split_modules`` (its
-    transformer blocks), else the members of a ``ModuleList`` whose name ends in ``blocks``; outermost matches
-    only, in module order. Whatever no unit holds (embeddings, final norm and projection) is sharded with the root.
-    One rule for every family (SD3 ``JointTransformerBlock``, Qwen-Image ``QwenImageTransformerBlock``, ...)."""
-    names = set()
-    for sub in module.modules():
-        names.update(getattr(sub, "_no_split_modules", None) or ())
-    if names:
-        found = [sub for sub in module.modules() if type(sub).__name__ in names]
-    else:
-        found = [
-            block
-            for name, sub in module.named_modules()
-            if isinstance(sub, nn.ModuleList) and name.rsplit(".", 1)[-1].endswith("blocks")
-            for block in sub
-        ]
-    inner = {id(m) for unit in found for m in unit.modules() if m is not unit}
-    return [unit for unit in found if id(unit) not in inner]
-
-
 # --------------------------------------------------------------------------- chunked no-grad passes
 
 
 def chunked_no_grad(forward, chunk: int, x_t: torch.Tensor, t: torch.Tensor, tt: torch.Tensor, cond):
     """``forward(x_t, t, tt, cond)`` in row chunks of at most ``chunk`` when gradients are off (teacher,
     sampling and other no-grad passes), else in one call: the same rows, a lower activation peak."""
+    # here, not at the top: an export copies this module's top-level fewstep imports beside it (export/code.py)
+    from fewstep.data.base import cond_select
+
     n = x_t.shape[0]
     if chunk <= 0 or torch.is_grad_enabled() or n <= chunk:
         return forward(x_t, t, tt, cond)
-    from fewstep.data.base import cond_select
 
     outs = []
     for start in range(0, n, chunk):
@@ -467,10 +464,8 @@ class DiffusersFamilyModel(nn.Module):
     @classmethod
     def load_transformer(cls, pretrained: str, subfolder: str | None, revision: str | None, dtype: torch.dtype):
         """The pretrained transformer (resolved first); a fewstep export loads as the family's export class. Where
-        :func:`fewstep.distributed.builds_empty` (a rank other than 0 of a sharded run) only its config is read:
+        :func:`builds_empty` (a rank other than 0 of a sharded run) only its config is read:
         the same module on the ``meta`` device (:func:`empty_transformer`), whose shards rank 0 fills."""
-        from fewstep.distributed import builds_empty
-
         source, sub = resolve_pretrained(pretrained, "transformer", subfolder)
         try:
             config = cls.transformer_class.load_config(source, subfolder=sub, revision=revision)
@@ -487,7 +482,7 @@ class DiffusersFamilyModel(nn.Module):
     @classmethod
     def shipped_architecture(cls, architecture: str | None):
         """The shipped architecture ``model.architecture``, which must be this family's transformer class."""
-        from fewstep.models import architectures
+        from fewstep.models import architectures  # not at the top: an export would copy it (export/code.py)
 
         if not architecture:
             raise architectures.ArchitectureError(
@@ -506,11 +501,9 @@ class DiffusersFamilyModel(nn.Module):
         """``model.random_init=true``: the shipped architecture ``model.architecture`` (published config, random
         weights, no download; :mod:`fewstep.models.architectures`) at ``model.num_layers`` depth (None: all),
         materialised on the training device in ``dtype``. For step-time and memory measurements only."""
-        from fewstep.models import architectures
+        from fewstep.models import architectures  # not at the top: an export would copy it (export/code.py)
 
         arch = cls.shipped_architecture(architecture)
-        from fewstep.distributed import builds_empty
-
         if builds_empty():  # a rank other than 0 of a sharded run: rank 0 draws the weights
             return empty_transformer(cls.transformer_class, arch.with_layers(num_layers).config, dtype)
         return architectures.random_transformer(architecture, dtype, num_layers=num_layers, cls=cls.transformer_class)

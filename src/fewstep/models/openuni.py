@@ -19,7 +19,7 @@ their output per prompt and training never runs the LM. In fewstep:
 * :class:`OpenUniPipeline` (``tokenizer``, ``text_encoder`` = ``Qwen2Model``, ``conditioner``, ``transformer``,
   ``vae``, ``scheduler``): ``encode_prompt`` and a ``__call__`` that runs diffusers' ``SanaPipeline`` denoising
   loop on the embeddings, as the reference's ``generate`` does. ``import fewstep`` makes it
-  ``diffusers.OpenUniPipeline`` (:func:`fewstep.export_code.register_pipeline_classes`), so
+  ``diffusers.OpenUniPipeline`` (:func:`fewstep.export.code.register_pipeline_classes`), so
   ``DiffusionPipeline.from_pretrained`` resolves folders whose ``_class_name`` is ``OpenUniPipeline``;
 * :class:`OpenUniModel` (``model=openuni``, ``model=openuni_lora``) — the SANA family's model
   (:class:`fewstep.models.sana.SanaModel`, zero-initialised ``time_embed_2`` analogue) with OpenUni's LoRA targets;
@@ -40,7 +40,7 @@ from diffusers.loaders import SanaLoraLoaderMixin
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from fewstep.models.family import PretrainedNotFound
+from fewstep.models.family import PretrainedNotFound, TwinFlowTransformerMixin
 from fewstep.models.sana import SanaFamily, SanaModel
 
 PROMPT_TEMPLATE = "<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n<img>"
@@ -205,8 +205,6 @@ class OpenUniPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         samples with 4.5 over 20 DPM-Solver steps). ``num_inference_steps`` defaults to the scheduler's
         ``default_num_inference_steps`` (``TwinFlowScheduler``) or 20. Returns SANA's pipeline output."""
         from diffusers import SanaPipeline
-
-        from fewstep.models.family import TwinFlowTransformerMixin
 
         if prompt_embeds is None:
             if prompt is None:

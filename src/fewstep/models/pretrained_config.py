@@ -7,6 +7,8 @@ import json
 import os
 from pathlib import Path
 
+from fewstep.models.family import PretrainedNotFound, load_error, resolve_pretrained
+
 
 def _hub_reachable(endpoint: str) -> bool:
     """False when the hub's host does not even resolve (no network): fail at once instead of after
@@ -58,7 +60,6 @@ def _read_hub_config(repo: str, subfolder: str | None, revision: str | None) -> 
 def pretrained_config(model) -> dict:
     """The ``config.json`` of the model config's transformer (or UNet): a local file, or the hub's (cached, or
     fetched: a few kB). Raises PretrainedNotFound, one line naming ``model.pretrained``, when neither works."""
-    from fewstep.models.family import PretrainedNotFound, load_error, resolve_pretrained
 
     component = "unet" if str(model.get("_target_", "")).endswith("DiffusionUNetModel") else "transformer"
     source, sub = resolve_pretrained(str(model.pretrained), component, model.get("subfolder"))

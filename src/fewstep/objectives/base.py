@@ -10,11 +10,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
 from fewstep.data.base import Batch, cond_cat, cond_select
 from fewstep.objectives.jvp import unwrap
+from fewstep.training import distributed
 
 
 def wide_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -82,14 +84,14 @@ def sample_time(n: int, time_dist: list[float] | tuple[float, ...], like: torch.
 def call_rows(rows: torch.Tensor) -> torch.Tensor | None:
     """The rows to run a model call on a subset ``rows`` (bool mask) with, or None to skip the call: ``rows``, None
     when it is empty. Under FSDP every model call is a collective all processes make together
-    (:func:`fewstep.distributed.lockstep`): the call is skipped only when no process has a row, and a process without
+    (:func:`fewstep.training.distributed.lockstep`): the call is skipped only when no process has a row, and a
+    process without
     one runs it on a stand-in row (row 0) and drops the output: callers keep ``out[: int(rows.sum())]``."""
-    from fewstep.distributed import any_process, lockstep
 
     local = bool(rows.any())
-    if not lockstep():
+    if not distributed.lockstep():
         return rows if local else None
-    if not any_process(local):
+    if not distributed.any_process(local):
         return None
     if local:
         return rows
@@ -183,6 +185,9 @@ class Network:
     ema: bool = False
 
 
+_REGISTERED: dict[str, type] = {}  # name -> Objective subclass with a config_schema (registered())
+
+
 class Objective:
     """Base class: subclasses implement ``loss``. ``needs_time_pair`` says whether the
     model must take a target time and a time sign (TwinFlow/RCGM) or stays vanilla.
@@ -197,6 +202,33 @@ class Objective:
     #: "flow" objectives need a flow-matching model (or the diff2flow bridge).
     needs_flow_model: bool = True
     networks: dict[str, Network] = {}  # noqa: RUF012 - replaced per instance by setup()
+
+    # -- what the config layer knows of an objective (its schema and its checks live here, with it) ------------
+    #: The name of its typed schema, ``schema/objective/<name>`` (``conf/objective/<name>.yaml`` starts from it),
+    #: and of its bench variant (``python -m fewstep.bench variants=[flow_matching,<name>]``).
+    name: ClassVar[str] = ""
+    #: The typed schema of its YAML: a dataclass with ``_target_`` and every option (a misspelt or mistyped key
+    #: fails at compose time). None: not registered (a subclass that shares its parent's YAML group, e.g. RCGM).
+    config_schema: ClassVar[type | None] = None
+    #: Whether its runs sample with ``sampler.guidance_scale`` (CFG at sampling: flow matching); a few-step
+    #: objective bakes guidance into its target, and sampling forces the scale to 0 with a warning.
+    samples_with_guidance: ClassVar[bool] = False
+    #: Why it cannot train under ``trainer.distributed=fsdp`` (None: it can).
+    fsdp_problem: ClassVar[str | None] = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if vars(cls).get("config_schema") is not None:  # its own schema (RCGM shares TwinFlow's: not registered)
+            if not cls.name:
+                raise TypeError(f"{cls.__qualname__} declares config_schema without a name")
+            _REGISTERED[cls.name] = cls
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Refuse a bad value of this objective's options, or a bad combination with the rest of the run (``cfg``
+        is the whole composed config), with :class:`fewstep.config.checks.ConfigError`: one line naming the
+        fix. Runs in :func:`fewstep.config.validate.validate`, before any weight loads. Warn (``warnings.warn``)
+        where a run can go on."""
 
     def setup(self, student: torch.nn.Module, data=None) -> None:  # noqa: B027 - optional hook
         """Build ``self.networks`` (called once with the student and the data source, before wrapping and
@@ -218,3 +250,16 @@ class Objective:
 
     def loss(self, student, teacher, batch: Batch, step: int) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
+
+
+def registered() -> dict[str, type[Objective]]:
+    """Every objective class with a schema, by name: those of the modules of ``fewstep.objectives`` (imported here)
+    and any other subclass defined so far (a research project's own, imported before the config is composed)."""
+    import importlib
+    import pkgutil
+
+    import fewstep.objectives as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{package.__name__}.{info.name}")
+    return dict(sorted(_REGISTERED.items()))

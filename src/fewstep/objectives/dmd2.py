@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F_nn
 from torch import nn
 
+from fewstep.config.checks import ConfigError, check_range
 from fewstep.data.base import Batch, cond_cat
 from fewstep.objectives.base import EvalCounter, Network, Objective, sample_time, wide
 from fewstep.objectives.jvp import unwrap
@@ -63,11 +65,55 @@ def share_frozen_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
+@dataclass
+class DMD2Config:
+    _target_: str = "fewstep.objectives.dmd2.DMD2"
+    target_step_count: int = 1
+    critic_steps: int = 5
+    fake_lr: float | None = None
+    guidance_scale: float = 1.0
+    time_min: float = 0.02
+    time_max: float = 0.98
+    gan: bool = False
+    gan_weight: float = 1e-3
+    gan_critic_weight: float = 1e-2
+    allow_diff2flow: bool = False
+
+
 class DMD2(Objective):
     """DMD2 generator and fake-score losses (module docstring)."""
 
     needs_time_pair = False  # the generator is f(z, 1, 0): a vanilla model suffices
     name = "dmd2"
+    config_schema = DMD2Config
+    fsdp_problem = "its own networks (fake score, frozen real score) are not sharded"
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Ranges of the DMD2 options, and its pretrained teacher (SPEC §11)."""
+        obj = cfg.objective
+        if obj.target_step_count != 1:
+            raise ConfigError(
+                f"objective.target_step_count={obj.target_step_count}: DMD2 trains a one-step generator here "
+                "(multi-step backward simulation is not implemented); use 1"
+            )
+        hint = " (fake-score updates per generator update)"
+        check_range("objective.critic_steps", obj.critic_steps, 1, None, hint=hint)
+        if obj.fake_lr is not None:
+            check_range("objective.fake_lr", obj.fake_lr, 0, None, lo_open=True)
+        check_range("objective.guidance_scale", obj.guidance_scale, 1, None, hint=" (1 = no CFG on the real score)")
+        if not 0.0 <= obj.time_min < obj.time_max <= 1.0:
+            raise ConfigError(
+                f"objective.time_min={obj.time_min}, time_max={obj.time_max} must satisfy 0 <= min < max <= 1"
+            )
+        check_range("objective.gan_weight", obj.gan_weight, 0, None)
+        check_range("objective.gan_critic_weight", obj.gan_critic_weight, 0, None)
+        pretrained = cfg.model.get("pretrained") is not None and not cfg.model.get("random_init", False)
+        if not pretrained and not cfg.trainer.get("init_from"):
+            raise ConfigError(
+                "objective=dmd2 needs a pretrained teacher and this model starts from random weights: set "
+                "trainer.init_from=RUN_DIR (a finished run, e.g. objective=flow_matching on the same model and data)"
+            )
 
     def __init__(
         self,

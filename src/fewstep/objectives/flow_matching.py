@@ -8,16 +8,31 @@ same loss on the same inputs (a test pins it).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 
 from fewstep.data.base import Batch, cond_where
-from fewstep.objectives.base import EvalCounter, Objective, make_distance, sample_time, time_weight
+from fewstep.objectives.base import EvalCounter, LossConfig, Objective, make_distance, sample_time, time_weight
 from fewstep.path import interpolate
+
+
+@dataclass
+class FlowMatchingConfig:
+    _target_: str = "fewstep.objectives.flow_matching.FlowMatching"
+    target_step_count: int = 50
+    time_dist: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    loss: LossConfig = field(default_factory=lambda: LossConfig(type="l2"))
+    time_weighting: str = "none"
+    cond_dropout: float = 0.0
+    allow_diff2flow: bool = False
 
 
 class FlowMatching(Objective):
     needs_time_pair = False
+    name = "flow_matching"
+    config_schema = FlowMatchingConfig
+    samples_with_guidance = True  # a multi-step sampler applies sampler.guidance_scale (CFG)
 
     def __init__(
         self,

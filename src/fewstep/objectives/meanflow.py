@@ -9,8 +9,11 @@ the regression target is its right-hand side under stop-gradient.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
+from fewstep.config.checks import ConfigError, check_range
 from fewstep.data.base import Batch, cond_where
 from fewstep.objectives.base import EvalCounter, Objective, guidance_passes, has_active_dropout, wide, wide_dtype
 from fewstep.objectives.jvp import time_derivative, unwrap
@@ -35,6 +38,28 @@ def adaptive_weight(per_sample: torch.Tensor, p: float, c: float) -> torch.Tenso
     return 1.0 / (per_sample.detach() + c).pow(p)
 
 
+def check_time_options(obj) -> None:
+    """The ranges MeanFlow and sCM share (SPEC §11): the sampling step count and the logit-normal time spread."""
+    check_range("objective.target_step_count", obj.target_step_count, 1, 8, hint=" (1-4 recommended)")
+    check_range("objective.time_sigma", obj.time_sigma, 0, None, lo_open=True)
+
+
+@dataclass
+class MeanFlowConfig:
+    _target_: str = "fewstep.objectives.meanflow.MeanFlow"
+    target_step_count: int = 1
+    time_mu: float = -0.4
+    time_sigma: float = 1.0
+    equal_time_ratio: float = 0.75
+    adaptive_p: float = 1.0
+    adaptive_c: float = 1e-3
+    guidance_scale: float = 1.0
+    guidance_mix: float = 0.0
+    guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    cond_dropout: float = 0.0
+    allow_diff2flow: bool = False
+
+
 class MeanFlow(Objective):
     """MeanFlow loss ``w·‖f(x_t, t, tt, c) − sg(ṽ − (t − tt)·df/dt)‖²`` with ``w = 1/sg(L + c)^p``.
 
@@ -46,6 +71,27 @@ class MeanFlow(Objective):
 
     needs_time_pair = True
     name = "meanflow"
+    config_schema = MeanFlowConfig
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Ranges of the MeanFlow options; CFG-in-training needs condition dropout (SPEC §11)."""
+        obj = cfg.objective
+        check_time_options(obj)
+        check_range("objective.equal_time_ratio", obj.equal_time_ratio, 0, 1)
+        check_range("objective.adaptive_p", obj.adaptive_p, 0, None)
+        check_range("objective.adaptive_c", obj.adaptive_c, 0, None, lo_open=True)
+        hint = " (1 = no CFG-in-training)"
+        check_range("objective.guidance_scale", obj.guidance_scale, 0, None, lo_open=True, hint=hint)
+        check_range("objective.guidance_mix", obj.guidance_mix, 0, 1, hi_open=True)
+        interval = list(obj.guidance_interval)
+        if len(interval) != 2 or not 0.0 <= interval[0] < interval[1] <= 1.0:
+            raise ConfigError(f"objective.guidance_interval={interval} must be [lo, hi] with 0 <= lo < hi <= 1")
+        if (obj.guidance_scale != 1 or obj.guidance_mix != 0) and obj.cond_dropout <= 0:
+            raise ConfigError(
+                f"objective.guidance_scale={obj.guidance_scale} / guidance_mix={obj.guidance_mix} use the null "
+                "condition: set objective.cond_dropout > 0 (e.g. 0.1) so the network learns it"
+            )
 
     def __init__(
         self,

@@ -9,13 +9,17 @@ rectify fake/real) are single batched forwards.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 
+from fewstep.config.checks import ConfigError, choice
 from fewstep.data.base import Batch, cond_cat, cond_select, cond_where
 from fewstep.objectives.base import (
     EvalCounter,
+    LossConfig,
     Objective,
     call_rows,
     guidance_passes,
@@ -51,10 +55,109 @@ def partition_sizes(batch_size: int, probs: Mapping[str, float]) -> dict[str, in
     return {k: bounds[i + 1] - bounds[i] for i, k in enumerate(GROUPS)}
 
 
+@dataclass
+class ProbsConfig:
+    e2e: float = 1.0
+    mul: float = 1.0
+    any: float = 1.0
+    adv: float = 1.0
+
+
+@dataclass
+class TwinFlowConfig:
+    _target_: str = "fewstep.objectives.twinflow.TwinFlow"
+    target_step_count: int = 2
+    estimate_order: int = 2
+    enhanced_ratio: float = 0.5
+    enhanced_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    delta_t: float = 0.01
+    target_clamp: float = 1.0
+    consistency_ratio: float = 1.0
+    time_dist: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    probs: ProbsConfig = field(default_factory=ProbsConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    time_weighting: str = "tan"
+    dist_match_coef: float = 0.5
+    real_velocity: bool = False
+    real_velocity_weight: float = 1.0
+    adversarial: bool = True
+    null_condition: str = "null"
+    cond_dropout: float = 0.0
+    allow_diff2flow: bool = False
+    image_free: bool = False  # SPEC §10: data = the student's own one-step samples; needs a frozen teacher
+
+
 class TwinFlow(Objective):
     """TwinFlow / RCGM loss. Parameter names follow the seed minus ``twinflow_``."""
 
     needs_time_pair = True
+    name = "twinflow"  # objective=rcgm too: the same class and schema with the adversarial branch off
+    config_schema = TwinFlowConfig
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Ranges of the TwinFlow / RCGM options; image-free training's frozen teacher (SPEC §2, §10)."""
+        obj = cfg.objective
+        if obj.estimate_order < 1:
+            raise ConfigError(f"objective.estimate_order={obj.estimate_order} must be >= 1 (2 is the paper default)")
+        if not 0.0 < obj.delta_t <= 0.5:
+            raise ConfigError(f"objective.delta_t={obj.delta_t} must lie in (0, 0.5] (0.01 is the default)")
+        if obj.target_clamp <= 0:
+            raise ConfigError(f"objective.target_clamp={obj.target_clamp} must be > 0 (1.0 is the default)")
+        if not 1 <= obj.target_step_count <= 8:
+            raise ConfigError(
+                f"objective.target_step_count={obj.target_step_count} must lie in [1, 8] (1-4 recommended)"
+            )
+        probs = obj.probs
+        if any(v < 0 for v in probs.values()) or sum(probs.values()) <= 0:
+            raise ConfigError(
+                f"objective.probs={dict(probs)} "
+                "must be >= 0 with a positive sum, e.g. {e2e: 1, mul: 1, any: 1, adv: 1}"
+            )
+        lo, hi = obj.enhanced_range
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ConfigError(f"objective.enhanced_range={list(obj.enhanced_range)} must satisfy 0 <= lo < hi <= 1")
+        if len(obj.time_dist) != 3:
+            raise ConfigError(f"objective.time_dist={list(obj.time_dist)} must be [a, b, c] for t ~ Beta(a, b)*c")
+        a, b, c = obj.time_dist
+        if not (a > 0 and b > 0 and 0 < c <= 1):
+            raise ConfigError(
+                f"objective.time_dist={list(obj.time_dist)} must have a, b > 0 and 0 < c <= 1 "
+                "(t ~ Beta(a, b)*c must stay in [0, 1]; [1, 1, 1] is the default)"
+            )
+        if not 0.0 <= obj.consistency_ratio <= 1.0:
+            raise ConfigError(
+                f"objective.consistency_ratio={obj.consistency_ratio} must lie in [0, 1] "
+                "(tt = t - u*r*t must stay in [0, t]; 1.0 is the default)"
+            )
+        if obj.get("image_free", False):
+            cls.check_image_free(cfg)
+        active = sum(1 for k, v in probs.items() if v > 0 and (k != "adv" or obj.adversarial))
+        if 1 <= cfg.data.batch_size < active:  # (below 1: refused further down)
+            warnings.warn(
+                f"data.batch_size={cfg.data.batch_size} is smaller than the {active} active objective.probs groups: "
+                "some groups will be empty in every step",
+                stacklevel=3,
+            )
+
+    @classmethod
+    def check_image_free(cls, cfg) -> None:
+        """``objective.image_free=true`` (SPEC §10) allows exactly the frozen teachers: ``teacher=frozen`` or
+        ``teacher=ema teacher.decay=1.0`` (the reference pairs it with EMA 1.0). A moving teacher would chase the
+        student's own samples with no data behind them; the guided velocity needs ``enhanced_ratio != 0``."""
+        teacher = cfg.teacher
+        target = str(teacher.get("_target_", ""))
+        frozen = target.endswith("FrozenTeacher") or (target.endswith("EMATeacher") and teacher.get("decay") == 1.0)
+        if not frozen:
+            raise ConfigError(
+                f"objective.image_free=true needs a frozen teacher (got {choice(cfg, 'teacher')}): "
+                "use teacher=frozen or teacher=ema teacher.decay=1.0"
+            )
+        if cfg.objective.enhanced_ratio == 0:
+            raise ConfigError(
+                "objective.image_free=true needs objective.enhanced_ratio != 0: its target is the frozen teacher's "
+                "guided velocity f_T(null) + w*(f_T(c) - f_T(null)), w = enhanced_ratio (the reference uses 4.0)"
+            )
 
     def __init__(
         self,
@@ -255,7 +358,7 @@ class TwinFlow(Objective):
         paired = has_active_dropout(student)
         self.enhance_target(teacher_model, inp, target, rng, counter, paired=paired)
         if self.estimate_order >= 1 and self.consistency_ratio != 0:
-            # Image-free runs have a frozen teacher (checked in fewstep.validate); like the reference, whose
+            # Image-free runs have a frozen teacher (checked in fewstep.config.validate); like the reference, whose
             # EMA-1.0 runs roll out the live model, the RCGM rollout then uses the student's current weights.
             rollout_model = student if self.image_free else teacher_model
             rcgm = self.rcgm_target(rollout_model, F, inp, target, rng, counter, paired=paired)

@@ -32,7 +32,7 @@ Behaviour relative to the reference ``sampling_loop`` (inclusionAI/TwinFlow):
   corrects the last step when ``g1 == 0``);
 * noise is drawn in float32 from ``generator`` (on the generator's device; the CPU
   global RNG when ``generator`` is None), then moved to the state's device — so a
-  seeded CPU generator (what ``fewstep.generate`` passes) gives the same noise whatever
+  seeded CPU generator (what ``fewstep.training.outputs`` passes) gives the same noise whatever
   device and dtype the state has; samples on CPU and GPU then differ only by the model's
   arithmetic on each device. No noise is drawn when ``s == 0``.
 """

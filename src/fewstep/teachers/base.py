@@ -14,8 +14,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from fewstep.distributed import copy_full_, is_shard, is_sharded
 from fewstep.teachers.rng import RngState
+from fewstep.training.distributed import copy_full_, is_shard, is_sharded
 
 __all__ = ["Teacher", "EMATeacher", "StudentTeacher", "FrozenTeacher", "RngState", "trainable_parameters"]
 
@@ -75,7 +75,7 @@ class Teacher:
         own shard storage, which a swapped ``_parameters`` entry would not reach, so the shadow's shards are copied
         into the parameters' local shards for the call and the student's are copied back after it (this rank's
         1/N of the trainable weights, each way). Between forward passes every parameter is a shard
-        (``fewstep.distributed.Sharded.place``)."""
+        (``fewstep.training.distributed.Sharded.place``)."""
         student = self.student
 
         def call(*args, **kwargs):
@@ -155,7 +155,7 @@ class EMATeacher(Teacher):
     mantissa) loses most updates ``(1 − d)(p − ema)`` to rounding at d = 0.99–0.9999, so it barely moves or
     drifts (measured on a 64×64 bf16 weight drifting 20 % over 2,000 steps: 38 % / 81 % / 82 % relative error
     at d = 0.99 / 0.999 / 0.9999 against the exact average, where rounding the exact average to bf16 costs
-    0.9–1.2 %; ``tests/core/test_ema_precision.py``). Each bf16 entry of a moving average therefore keeps,
+    0.9–1.2 %; ``tests/teachers/test_ema_precision.py``). Each bf16 entry of a moving average therefore keeps,
     beside its bf16 shadow, an int16 buffer (``shadow_low``, ``sampling_shadow_low``) with the low 16 bits of a
     float32 average: the pair is a float32 master split in two (:func:`split_` / :func:`joined`), the bf16 half
     being the float32 average rounded to nearest, so the teacher still runs on bf16 weights in the model's own
@@ -166,7 +166,7 @@ class EMATeacher(Teacher):
     against the 11.8 % floor at d = 0.9999 on a slowly moving weight), an 8-bit remainder (1 byte, 23 % there)
     and stochastic rounding (0 bytes, 6–10 % where the floor is ~1 %). float32/float64 weights keep the plain
     average, bit-identical to before; float16 trainable weights are refused at launch
-    (:func:`fewstep.validate.check_weight_dtype`), so a float16 average never arises.
+    (:func:`fewstep.config.validate.check_weight_dtype`), so a float16 average never arises.
     """
 
     def __init__(self, decay: float = 0.99, sampling_decay: float | None = None):
@@ -278,7 +278,7 @@ class FrozenTeacher(EMATeacher):
 
 class StudentTeacher(Teacher):
     """The student's own current weights (no EMA). Needs ``allow_student_teacher=true``:
-    the seed's ``twinflow_require_ema`` guard, checked in ``fewstep.validate``."""
+    the seed's ``twinflow_require_ema`` guard, checked in ``fewstep.config.validate``."""
 
     def __init__(self, allow_student_teacher: bool = False):
         self.allow_student_teacher = bool(allow_student_teacher)

@@ -1,0 +1,95 @@
+"""Open a finished (or running) run directory: its composed config, components and last weights.
+
+Shared by ``fewstep.sample``, ``fewstep.eval`` and ``fewstep.export``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fewstep.errors import FewstepError
+from fewstep.training import checkpoint as ckpt_io
+from fewstep.training.trainables import build_components
+
+
+class RunDirError(FewstepError, FileNotFoundError):
+    """Not a usable run directory."""
+
+
+@dataclass
+class LoadedRun:
+    run_dir: Path
+    cfg: DictConfig
+    data: object
+    objective: object
+    student: torch.nn.Module
+    teacher: object
+    sampler: object
+    checkpoint: Path
+    step: int
+    device: torch.device
+
+    def model_fn(self, weights: str = "ema"):
+        """The weights to sample with: ``ema`` (the teacher's average where one is kept) or ``student``."""
+        if weights == "student":
+            return self.student
+        if weights != "ema":
+            raise RunDirError(f"weights={weights!r} must be 'ema' or 'student'")
+        return self.teacher.sampling_model
+
+
+def refuse_random_init(cfg: DictConfig, run_dir: str | Path, command: str) -> None:
+    """A ``model.random_init=true`` run trained random weights of a published architecture to measure speed
+    and memory: sampling, evaluating or exporting it as a trained model is refused with one line."""
+    if cfg.get("model") is not None and cfg.model.get("random_init", False):
+        raise RunDirError(
+            f"run_dir={run_dir} trained a random-weight architecture (model.random_init=true, for step time and "
+            f"memory only): fewstep.{command} refuses it; train from real weights (model.pretrained=...)"
+        )
+
+
+def read_run_config(run_dir: str | Path, command: str) -> DictConfig:
+    """The run's composed config (``.hydra/config.yaml``); a random-weight run is refused
+    (:func:`refuse_random_init`)."""
+    cfg_path = Path(run_dir) / ".hydra" / "config.yaml"
+    if not cfg_path.exists():
+        raise RunDirError(f"{run_dir} is not a fewstep run dir (no .hydra/config.yaml); pass run_dir=<a run dir>")
+    cfg = OmegaConf.load(cfg_path)
+    refuse_random_init(cfg, run_dir, command)
+    return cfg
+
+
+def find_checkpoint(run_dir: str | Path, checkpoint: str | None, warn=print) -> Path:
+    """``checkpoint`` (checked before any model is built), else the run's newest valid checkpoint."""
+    if checkpoint:
+        ckpt = Path(checkpoint)
+        if not (ckpt / "state.json").is_file():
+            what = "is incomplete (no state.json)" if ckpt.is_dir() else "does not exist"
+            raise RunDirError(
+                f"checkpoint={checkpoint} {what}; give a folder {run_dir}/checkpoints/step_* or leave checkpoint= "
+                "out for the newest valid one"
+            )
+        ckpt_io.verify(ckpt)
+        return ckpt
+    ckpt = ckpt_io.latest_valid(Path(run_dir) / "checkpoints", warn=warn)
+    if ckpt is None:
+        raise RunDirError(f"{run_dir}/checkpoints holds no valid checkpoint; train longer or pass checkpoint=")
+    return ckpt
+
+
+def load_run(
+    run_dir: str | Path, device: str | None = None, checkpoint: str | None = None, command: str = "sample"
+) -> LoadedRun:
+    """Rebuild a run's components from ``.hydra/config.yaml`` and load its newest valid checkpoint."""
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir, command)
+    ckpt = find_checkpoint(run_dir, checkpoint)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    data, objective, student, teacher, sampler = build_components(cfg, device=dev)
+    state = ckpt_io.load_checkpoint(ckpt, student, teacher, restore_rng=False)
+    student.eval()
+    return LoadedRun(run_dir, cfg, data, objective, student, teacher, sampler, ckpt, state["step"], dev)

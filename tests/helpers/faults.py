@@ -1,0 +1,61 @@
+"""Fault-injection targets for tests/training/test_reliability.py, used through
+``_target_=helpers.faults.<Name>`` overrides (a CLI subprocess needs ``tests/`` on PYTHONPATH:
+:func:`subprocess_env`)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fewstep.data.toy2d import Toy2DData
+from fewstep.objectives.twinflow import TwinFlow
+
+TESTS = Path(__file__).resolve().parents[1]  # tests/: the helpers package and the test modules
+STALL_ENV = "FEWSTEP_TEST_STALL_AT"
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path, **extra}
+
+
+class StallingToy2D(Toy2DData):
+    """``data=toy2d`` with the same batches, that blocks before yielding the batch at data position
+    ``$FEWSTEP_TEST_STALL_AT`` (unset: never), so a test can kill the run at a known point."""
+
+    def batches(self, seed, position=0, rank=0, world=1):
+        stall = int(os.environ.get(STALL_ENV, "-1"))
+        for batch in super().batches(seed, position, rank, world):
+            if position == stall:
+                print(f"stalling at data position {position}", file=sys.stderr, flush=True)
+                time.sleep(3600)
+            position += 1
+            yield batch
+
+
+class NaNLossTwinFlow(TwinFlow):
+    """TwinFlow whose loss (and so every gradient) is NaN at the steps in ``nan_steps``."""
+
+    nan_steps: set[int] = set()
+
+    def loss(self, student, teacher, batch, step):
+        loss, logs = super().loss(student, teacher, batch, step)
+        if step in self.nan_steps:
+            loss = loss * float("nan")
+        return loss, logs
+
+
+class PlainNet(nn.Module):
+    """A velocity model with no target-time / sign embedding (no ``time_pair`` attribute)."""
+
+    def __init__(self, data_shape, num_classes=1, **_ignored):
+        super().__init__()
+        self.net = nn.Linear(int(torch.tensor(data_shape).prod()) + 1, int(torch.tensor(data_shape).prod()))
+
+    def forward(self, x, t, tt=None, cond=None):
+        return self.net(torch.cat([x.flatten(1), t[:, None]], 1)).view_as(x)

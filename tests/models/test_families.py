@@ -507,6 +507,9 @@ def test_full_qwenimage_under_two_process_ddp_resumes_to_the_same_weights(family
     straight = request.getfixturevalue("qwen_ddp_run")
     split = resumed_at_step_2(straight, tmp_path / "split")
     launch_qwen(pretrained, cache, split, "trainer.max_steps=3", "trainer.resume=auto")
+    resumed = json.loads((split / "summary.json").read_text())
+    assert (resumed["start_step"], resumed["steps"], resumed["num_processes"]) == (2, 3, 2)  # 1 step from step 2
+    assert [json.loads(line)["step"] for line in (split / "metrics.jsonl").read_text().splitlines()] == [3]
     losses = [json.loads(line)["loss"] for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert (
         len(losses) == 3
@@ -557,6 +560,8 @@ def test_full_qwenimage_under_two_process_fsdp_is_sharded_matches_ddp_resumes_an
     replicated = request.getfixturevalue("qwen_ddp_run")  # the DDP test's run (checkpointing recomputes alike)
     split = resumed_at_step_2(sharded, tmp_path / "split")
     launch(split, "trainer.max_steps=3", "trainer.resume=auto", *fsdp)
+    resumed = json.loads((split / "summary.json").read_text())
+    assert (resumed["start_step"], resumed["steps"], resumed["distributed"]) == (2, 3, "fsdp")  # 1 step from step 2
 
     summary = json.loads((sharded / "summary.json").read_text())
     assert summary["distributed"] == "fsdp" and summary["params"] == 205_504
@@ -597,7 +602,9 @@ def test_full_qwenimage_under_two_process_fsdp_is_sharded_matches_ddp_resumes_an
     assert all(torch.equal(state[k], ema[k]) for k in ema)
     single = tmp_path / "single"
     resume = sharded / "checkpoints" / "step_0000002"
-    train_run(pretrained, cache, single, "qwenimage", "trainer.grad_accum=2", f"trainer.resume={resume}", *common)
+    alone = train_run(pretrained, cache, single, "qwenimage", "trainer.grad_accum=2", f"trainer.resume={resume}",
+                      *common)  # fmt: skip
+    assert (alone["start_step"], alone["steps"], alone["num_processes"]) == (2, 3, 1)
     assert worst(files(single, "model.safetensors"), files(sharded, "model.safetensors")) < 1e-6
     assert worst(files(single, "teacher.safetensors"), files(sharded, "teacher.safetensors")) < 1e-6
 
@@ -612,7 +619,9 @@ def test_a_resumed_lora_run_equals_an_uninterrupted_one(family, pretrained, cach
     straight, split = tmp_path / "straight", tmp_path / "split"
     train_run(pretrained, cache, straight, f"{family}_lora", "trainer.max_steps=4", *every)
     train_run(pretrained, cache, split, f"{family}_lora", "trainer.max_steps=2", *every)
-    train_run(pretrained, cache, split, f"{family}_lora", "trainer.max_steps=4", "trainer.resume=auto", *every)
+    resumed = train_run(pretrained, cache, split, f"{family}_lora", "trainer.max_steps=4", "trainer.resume=auto",
+                        *every)  # fmt: skip
+    assert (resumed["start_step"], resumed["steps"]) == (2, 4)  # went on from step 2: a fresh run would end alike
     a, b = (run / "checkpoints" / "step_0000004" for run in (straight, split))
     for name in ("model.safetensors", "teacher.safetensors"):
         wa, wb = load_file(str(a / name)), load_file(str(b / name))

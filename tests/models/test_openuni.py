@@ -624,7 +624,8 @@ def test_openuni_resumed_lora_run_equals_an_uninterrupted_one(pretrained, cache,
     straight, split = tmp_path / "straight", tmp_path / "split"
     train_run(pretrained, cache, straight, "openuni_lora", "trainer.max_steps=4", *every)
     train_run(pretrained, cache, split, "openuni_lora", "trainer.max_steps=2", *every)
-    train_run(pretrained, cache, split, "openuni_lora", "trainer.max_steps=4", "trainer.resume=auto", *every)
+    resumed = train_run(pretrained, cache, split, "openuni_lora", "trainer.max_steps=4", "trainer.resume=auto", *every)
+    assert (resumed["start_step"], resumed["steps"]) == (2, 4)  # went on from step 2: a fresh run would end alike
     a, b = (run / "checkpoints" / "step_0000004" for run in (straight, split))
     for name in ("model.safetensors", "teacher.safetensors"):
         wa, wb = load_file(str(a / name)), load_file(str(b / name))

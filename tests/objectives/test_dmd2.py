@@ -245,7 +245,8 @@ def test_owned_network_is_averaged_checkpointed_and_resumed_exactly(tmp_path):
 
     train(compose([*base, "trainer.max_steps=8"]), run_dir=tmp_path / "straight")
     train(compose([*base, "trainer.max_steps=4"]), run_dir=tmp_path / "split")
-    train(compose([*base, "trainer.max_steps=8", "trainer.resume=auto"]), run_dir=tmp_path / "split")
+    resumed = train(compose([*base, "trainer.max_steps=8", "trainer.resume=auto"]), run_dir=tmp_path / "split")
+    assert (resumed["start_step"], resumed["steps"]) == (4, 8)  # went on from step 4: a fresh run would end alike
     a, b = final(tmp_path / "straight"), final(tmp_path / "split")
     files = ["model.safetensors", "teacher.safetensors", "network_aux.safetensors", "network_aux_ema.safetensors"]
     assert_same_checkpoints(a, b, files)
@@ -273,7 +274,9 @@ def test_dmd2_resumed_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path, fl
             "objective.gan=true", "trainer.checkpoint_every=5", "trainer.lr_schedule=constant"]  # fmt: skip
     summary = train(compose([*base, "trainer.max_steps=9"]), run_dir=tmp_path / "straight")
     train(compose([*base, "trainer.max_steps=5"]), run_dir=tmp_path / "split")
-    train(compose([*base, "trainer.max_steps=9", "trainer.resume=auto"]), run_dir=tmp_path / "split")
+    resumed = train(compose([*base, "trainer.max_steps=9", "trainer.resume=auto"]), run_dir=tmp_path / "split")
+    assert (resumed["start_step"], resumed["steps"]) == (5, 9)  # went on from step 5: a fresh run would end alike
+    assert json.loads((tmp_path / "split" / "summary.json").read_text())["start_step"] == 5
     a, b = final(tmp_path / "straight"), final(tmp_path / "split")
     assert a.name == b.name == "step_0000009"
     files = ["model.safetensors", "teacher.safetensors", "network_fake_score.safetensors",
@@ -284,7 +287,7 @@ def test_dmd2_resumed_from_a_checkpoint_equals_an_uninterrupted_run(tmp_path, fl
     gen, fake = load_file(str(a / "model.safetensors")), load_file(str(a / "network_fake_score.safetensors"))
     assert any(not torch.equal(gen[k], start[k]) for k in start)
     assert any(not torch.equal(fake[k], gen[k]) for k in fake)
-    assert summary["steps"] == 9
+    assert (summary["start_step"], summary["steps"]) == (0, 9)
 
 
 @pytest.mark.slow

@@ -211,7 +211,11 @@ def test_resume_is_bit_identical(tmp_path):
     train(compose([*base, "trainer.max_steps=16"]), run_dir=straight)
     split = tmp_path / "split"
     train(compose([*base, "trainer.max_steps=8"]), run_dir=split)
-    train(compose([*base, "trainer.max_steps=16", "trainer.resume=auto"]), run_dir=split)
+    resumed = train(compose([*base, "trainer.max_steps=16", "trainer.resume=auto"]), run_dir=split)
+    # it went on from the step-8 checkpoint and ran the 8 steps left (a fresh 16-step run would end alike)
+    assert (resumed["start_step"], resumed["steps"]) == (8, 16)
+    written = json.loads((split / "summary.json").read_text())
+    assert (written["start_step"], written["steps"]) == (8, 16)
     a, b = final_ckpt(straight), final_ckpt(split)
     assert a.name == b.name == "step_0000016"
     for name in ("model.safetensors", "teacher.safetensors"):
@@ -468,6 +472,8 @@ def test_fp16_resume_restores_the_loss_scale(tmp_path, monkeypatch, fresh_accele
     AcceleratorState._reset_state(True)
     resumed = train(compose([*base, "trainer.max_steps=6", "trainer.resume=auto"]), run_dir=tmp_path / "split")
     assert straight["nonfinite_skipped"] == resumed["nonfinite_skipped"] == 1
+    assert (straight["start_step"], straight["steps"]) == (0, 6)
+    assert (resumed["start_step"], resumed["steps"]) == (3, 6)  # went on from the step-3 checkpoint: 3 steps ran
     a = load_file(str(final_ckpt(tmp_path / "straight") / "model.safetensors"))
     b = load_file(str(final_ckpt(tmp_path / "split") / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)

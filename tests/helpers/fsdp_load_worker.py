@@ -6,6 +6,8 @@ pass and one AdamW step, and saves what the test compares to ``OUT/rank{r}.pt``.
 ``safetensors.torch.load_file`` (diffusers' weight reader) is recorded. ``resume`` (:func:`resume`): checkpoint a
 sharded model, EMA teacher and AdamW after one step, load it into fresh ones and record what each rank read;
 ``resume_bf16`` the same with bfloat16 weights, an EMA of decay 0.9 and three steps (the EMA's low bits).
+``policy`` (:func:`policy`): what ``Sharded`` makes of the model: its FSDP modules, the dtypes inside a forward under
+``trainer.mixed_precision`` no and bf16, and the reduce-scatters of a backward inside and after ``Sharded.no_sync``.
 ``MODE`` may list several modes (``rank0,every,resume``): they run in turn in the one process group (one launch),
 each writing to ``OUT/<mode>/``."""
 
@@ -128,6 +130,89 @@ def resume(pretrained: str, out: str, dtype: str = "float32", steps: int = 1, de
     )  # fmt: skip
 
 
+def policy(pretrained: str, out: str) -> None:
+    """Rank ``r`` saves ``OUT/rank{r}.pt``: per ``trainer.mixed_precision`` (``no``, ``bf16``) of a sharded tiny
+    Qwen-Image model, ``fsdp_modules`` (the names of its FSDP modules), ``inside`` (a Linear's weight, input and
+    output dtypes during the forward: in the first shard unit, ``block``, and outside every unit, ``root``),
+    ``param_dtypes`` / ``shards`` (the parameters between forwards: dtypes, whether all are DTensor shards),
+    ``grad_dtypes`` and ``reduce_dtypes`` (the sharded gradients' dtypes and those of the reduce-scatter inputs);
+    ``reduces``: the reduce-scatter calls made by a backward inside ``Sharded.no_sync`` (micro-batch 1, rows 0-1)
+    and by the next one after it (micro-batch 2, rows 2-3); ``grads_inside`` (sharded gradients set by the first
+    backward) and ``grads`` (the gathered gradients after both: the sum of the two micro-batches')."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from fewstep.models.qwenimage import QwenImageModel
+    from fewstep.training.distributed import Sharded, gathered, is_shard, shard_units
+
+    rank = dist.get_rank()
+    calls: list = []
+    originals = {name: getattr(dist, name) for name in ("reduce_scatter_single", "reduce_scatter_tensor")
+                 if hasattr(dist, name)}  # fmt: skip
+
+    def counted(original):
+        def reduce_scatter(*args, **kwargs):
+            calls.append((kwargs["input"] if "input" in kwargs else args[1]).dtype)
+            return original(*args, **kwargs)
+
+        return reduce_scatter
+
+    x, t, tt, cond = inputs()
+    micro = [(x[rows], t[rows], tt[rows], {k: v[rows] for k, v in cond.items()}) for rows in (slice(0, 2), slice(2, 4))]
+    record = {}
+    for precision in ("no", "bf16"):
+        accelerator = types.SimpleNamespace(process_index=rank, num_processes=2, device=torch.device("cpu"))
+        strategy = Sharded(accelerator, precision)
+        with strategy.building():
+            model = QwenImageModel(pretrained=pretrained, time_pair=True, data_shape=[4, 6, 4])
+        units = shard_units(model)  # by class name: FSDP renames the classes it wraps
+        strategy.place(model)
+        in_units = {id(m) for unit in units for m in unit.modules()}
+        linears = {
+            "block": next(m for m in units[0].modules() if isinstance(m, torch.nn.Linear)),
+            "root": next(m for m in model.modules() if isinstance(m, torch.nn.Linear) and id(m) not in in_units),
+        }
+        inside = {}
+
+        def spy(where, inside=inside):
+            def hook(module, args, output):  # returns None: the output stays as it is
+                inside.setdefault(where, (module.weight.dtype, args[0].dtype, output.dtype))
+
+            return hook
+
+        for where, linear in linears.items():
+            linear.register_forward_hook(spy(where))
+        for name, original in originals.items():
+            setattr(dist, name, counted(original))
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")  # as the loop's
+        try:
+            with strategy.no_sync(model):
+                with autocast:
+                    loss = model(*micro[0]).float().square().mean()
+                loss.backward()
+            reduces = [len(calls)]
+            grads_inside = [p.grad is not None for p in model.parameters()]
+            with autocast:
+                loss = model(*micro[1]).float().square().mean()
+            loss.backward()
+            reduces.append(len(calls))
+        finally:
+            for name, original in originals.items():
+                setattr(dist, name, original)
+        record[precision] = {
+            "fsdp_modules": [name for name, m in model.named_modules() if isinstance(m, FSDPModule)],
+            "inside": inside,
+            "param_dtypes": {p.dtype for p in model.parameters()},
+            "shards": all(is_shard(p) for p in model.parameters()),
+            "grad_dtypes": {p.grad.dtype for p in model.parameters() if p.grad is not None},
+            "reduce_dtypes": set(calls),
+            "reduces": reduces,
+            "grads_inside": grads_inside,
+            "grads": gathered({k: p.grad for k, p in model.named_parameters() if p.grad is not None}),
+        }
+        calls.clear()
+    torch.save(record, Path(out) / f"rank{rank}.pt")
+
+
 READS: list[str] = []  # the weight files read by safetensors.torch.load_file in the current mode
 _load_file = safetensors.torch.load_file
 
@@ -145,6 +230,8 @@ def main(pretrained: str, out: str, modes: str) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         if mode in ("resume", "resume_bf16"):
             resume(pretrained, str(folder), *(("bfloat16", 3, 0.9) if mode == "resume_bf16" else ()))
+        elif mode == "policy":
+            policy(pretrained, str(folder))
         else:
             load(pretrained, folder, mode)
         dist.barrier()

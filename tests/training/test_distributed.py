@@ -109,6 +109,14 @@ def test_twinflow_with_one_row_per_process_under_fsdp_does_not_deadlock_and_equa
     for name in ("model.safetensors", "teacher.safetensors"):
         a, b = (load_file(str(c / name)) for c in ckpts)
         assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6, name
+    # sharded, not a silent fallback to replicas (which would equal DDP as well): each process holds its half
+    sharded, replicated = (json.loads((runs[m] / "summary.json").read_text()) for m in ("fsdp", "ddp"))
+    assert (sharded["distributed"], sharded["num_processes"], replicated["distributed"]) == ("fsdp", 2, "ddp")
+    whole, per_process = sharded["params"], sharded["params_per_process"]
+    assert len(per_process) == 2 and sum(per_process) == whole == replicated["params"]
+    assert all(0.45 * whole < n < 0.55 * whole for n in per_process), per_process
+    assert per_process == [43_488, 43_456]  # of 86,944: rows that do not divide leave rank 0 the extra one
+    assert replicated["params_per_process"] == [whole, whole]
 
 
 @pytest.mark.slow

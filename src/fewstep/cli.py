@@ -1,4 +1,6 @@
-"""``key=value`` arguments of fewstep's tools (precompute, export, sample, eval, bench, convert_openuni).
+"""The command line of fewstep's tools (precompute, export, sample, eval, bench, report, convert_openuni): their
+``key=value`` arguments (:func:`parse_kv`) and their entry point (:func:`run_cli`: a user error becomes one
+``error:`` line and exit status 2; what makes an error a user's is :mod:`fewstep.errors`).
 
 One parser for all of them: OmegaConf dotlist syntax (lists as ``nfe=[1,2,4]``) merged over the tool's typed
 defaults. Every mistake exits with one ``error:`` line that names the fix (an unknown key gets the closest known
@@ -10,7 +12,7 @@ from __future__ import annotations
 import difflib
 import sys
 
-from fewstep.errors import describe
+from fewstep.errors import describe, user_error
 
 
 def _one_line(text: str) -> str:
@@ -56,3 +58,21 @@ def parse_kv(argv: list[str] | None, defaults: dict, usage: str):
                     f"error: {key}={given}: give a list of positive integers, e.g. {key}=[{example}]; {usage_line}"
                 )
     return args
+
+
+def run_cli(main, *args, **kwargs):
+    """Call a command's ``main``; a FewstepError (also one raised inside Hydra's ``instantiate``) becomes
+    ``error: <message>`` on stderr and exit status 2, as does a tool's ``SystemExit("error: ...")``."""
+    try:
+        return main(*args, **kwargs)
+    except SystemExit as done:  # a tool's own one-line refusal (``SystemExit("error: ...")``): status 2 as well
+        if isinstance(done.code, str) and done.code.startswith("error:"):
+            print(done.code, file=sys.stderr)
+            raise SystemExit(2) from None
+        raise
+    except Exception as err:
+        found = user_error(err)
+        if found is None:
+            raise
+        print(f"error: {found}", file=sys.stderr)
+        raise SystemExit(2) from None

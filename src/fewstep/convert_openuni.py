@@ -508,6 +508,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from fewstep.errors import run_cli
+    from fewstep.cli import run_cli
 
     run_cli(main)

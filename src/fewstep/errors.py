@@ -1,7 +1,7 @@
 """The base class of every error a user can fix by changing a setting, a path or a file.
 
-The command-line entry points print such an error as one line (``error: ...``) and exit with
-status 2, instead of a traceback; anything else is a bug and keeps its traceback.
+The command-line entry points (:func:`fewstep.cli.run_cli`) print such an error as one line (``error: ...``) and
+exit with status 2, instead of a traceback; anything else is a bug and keeps its traceback.
 """
 
 
@@ -37,23 +37,3 @@ def user_error(err: BaseException) -> FewstepError | None:
         seen.add(id(err))
         err = err.__cause__
     return None
-
-
-def run_cli(main, *args, **kwargs):
-    """Call a command's ``main``; a FewstepError (also one raised inside Hydra's ``instantiate``) becomes
-    ``error: <message>`` on stderr and exit status 2, as does a tool's ``SystemExit("error: ...")``."""
-    import sys
-
-    try:
-        return main(*args, **kwargs)
-    except SystemExit as done:  # a tool's own one-line refusal (``SystemExit("error: ...")``): status 2 as well
-        if isinstance(done.code, str) and done.code.startswith("error:"):
-            print(done.code, file=sys.stderr)
-            raise SystemExit(2) from None
-        raise
-    except Exception as err:
-        found = user_error(err)
-        if found is None:
-            raise
-        print(f"error: {found}", file=sys.stderr)
-        raise SystemExit(2) from None

@@ -600,6 +600,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from fewstep.errors import run_cli
+    from fewstep.cli import run_cli
 
     raise SystemExit(run_cli(main))

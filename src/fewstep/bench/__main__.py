@@ -1,6 +1,6 @@
 """``python -m fewstep.bench``: see :mod:`fewstep.bench.command`."""
 
 from fewstep.bench.command import main
-from fewstep.errors import run_cli
+from fewstep.cli import run_cli
 
 run_cli(main)

@@ -96,6 +96,6 @@ def _sampler(cfg):
 
 
 if __name__ == "__main__":
-    from fewstep.errors import run_cli
+    from fewstep.cli import run_cli
 
     run_cli(main)

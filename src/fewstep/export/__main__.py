@@ -1,6 +1,6 @@
 """``python -m fewstep.export``: see :mod:`fewstep.export.command`."""
 
-from fewstep.errors import run_cli
+from fewstep.cli import run_cli
 from fewstep.export.command import main
 
 run_cli(main)

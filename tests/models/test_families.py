@@ -548,6 +548,8 @@ def test_full_qwenimage_under_two_process_fsdp_is_sharded_matches_ddp_resumes_an
     from fewstep.export.pipeline import load_run_model
     from test_precompute_export import train_run
 
+    from helpers.moments import assert_moments_close
+
     if family != "qwenimage":
         pytest.skip("one family: Qwen-Image full is the run that needs sharding")
     common = ["trainer.lr=1e-2", "trainer.lr_schedule=constant", "trainer.checkpoint_every=2"]
@@ -585,7 +587,7 @@ def test_full_qwenimage_under_two_process_fsdp_is_sharded_matches_ddp_resumes_an
     optim = [torch.load(run / "checkpoints" / "step_0000003" / "optim.pt", weights_only=True)["optimizer"]["state"]
              for run in (sharded, replicated, split)]  # fmt: skip
     assert optim[0].keys() == optim[1].keys() and len(optim[0]) == 76  # 82 tensors, 6 never get a gradient
-    assert max((optim[0][i]["exp_avg"] - optim[1][i]["exp_avg"]).abs().max().item() for i in optim[0]) < 1e-6
+    assert_moments_close(optim[0], optim[1])  # relative to their size: median and largest gap
     for name in ("model.safetensors", "teacher.safetensors"):  # (c)
         a, b = files(sharded, name), files(split, name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

@@ -218,6 +218,35 @@ def test_export_writes_the_card_and_pushes_the_lora(tiny_lora_run, tmp_path, mon
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
+def test_export_of_a_guided_flow_matching_run_writes_its_guidance_into_the_card(tiny_lora_run, tmp_path):
+    """A flow-matching run sampled with CFG (sampler=euler, sampler.guidance_scale=3): the export's card says
+    guidance 3, counts two network evaluations per step, and its loading code passes the pipeline guidance_scale=3.0
+    (as the run's grids were sampled), which fewstep_export.json records. Without it the card's code samples
+    unguided images unlike the run's."""
+    from fewstep.export.command import main as export_main
+    from fewstep.training.loop import train
+
+    pipe, lora_run = tiny_lora_run
+    cfg = compose(["objective=flow_matching", "objective.target_step_count=4", "sampler=euler",
+                   "sampler.guidance_scale=3.0", "model=sd35_lora", f"model.pretrained={pipe}", "model.lora.rank=4",
+                   "model.lora.alpha=8", "data=latents", f"data.path={lora_run.parent / 'cache'}", "data.batch_size=2",
+                   "trainer.max_steps=1", "trainer.final_nfe=[]", *FAST])  # fmt: skip
+    run = tmp_path / "run"
+    train(cfg, run_dir=run)
+    (run / ".hydra").mkdir(exist_ok=True)
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+    out = tmp_path / "export"
+    info = export_main([f"run_dir={run}", f"out={out}"])
+    card = (out / "README.md").read_text()
+    assert info["guidance"] == {"guidance_scale": 3.0}
+    assert json.loads((out / "fewstep_export.json").read_text())["guidance"] == {"guidance_scale": 3.0}
+    assert "A 4-step (guidance 3) text-to-image model trained with fewstep" in card and "FlowMatching" in card
+    assert "- **NFE**: 8 network evaluations per image (`num_inference_steps=4`, `guidance_scale=3.0`: a " in card
+    assert "num_inference_steps=4, guidance_scale=3.0).images[0]" in card  # the loading code
+    assert "guidance_scale=0" not in card
+
+
 NO_FEWSTEP = """
 import sys, torch
 try:

@@ -336,9 +336,10 @@ def test_train_export_and_generate_in_two_steps(family, pretrained, cache, tmp_p
     import diffusers
 
     from fewstep.export.command import main as export_main
-    from fewstep.export.pipeline import load_lora_pipeline, load_run_model
+    from fewstep.export.pipeline import load_lora_pipeline
     from fewstep.models.family import family_named
     from fewstep.samplers.ucgm import UCGMSampler
+    from fewstep.training.runs import load_run
     from test_precompute_export import train_run  # the same 3-step TwinFlow run as the SD3 test
 
     model_name = f"{family}_lora" if lora else family
@@ -369,7 +370,9 @@ def test_train_export_and_generate_in_two_steps(family, pretrained, cache, tmp_p
     generated = pipeline_latents(family, exported, latents, "a red cat")
     assert torch.isfinite(generated).all() and (generated - latents).abs().max() > 1e-3
 
-    _, ema_model, *_ = load_run_model(run, None, "ema")
+    # the native sampler on the weights fewstep.eval / fewstep.sample load (the run's teacher, built and restored
+    # by the training code), not on fewstep.export's own loader, which would agree with the export by construction
+    ema_model = load_run(run, device="cpu", command="eval").model_fn("ema")
     cond = encode(family, exported, ["a red cat"])
     torch.manual_seed(1234)
     sampler = UCGMSampler(style="few", stochast_ratio=1.0)

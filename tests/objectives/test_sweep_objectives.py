@@ -4,6 +4,7 @@ flow-matching run, and the report table."""
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 
@@ -33,6 +34,11 @@ def test_objectives_sweep_runs_and_reports(tmp_path):
         rows = list(csv.DictReader(fh))
     assert [r["objective"] for r in rows] == OBJECTIVES
     assert all(r["status"] == "ok" and float(r["nfe/per_step"]) >= 1 for r in rows)
-    dmd2 = (sweep / "5" / ".hydra" / "config.yaml").read_text()
-    assert "init_from" in dmd2
+    # each point's final checkpoint records the init_from it started from (resolved): dmd2 the sweep's own
+    # flow-matching run (job 0), the others nothing
+    started = []
+    for job in range(len(OBJECTIVES)):
+        final = sorted((sweep / str(job) / "checkpoints").glob("step_*"))[-1]
+        started.append(json.loads((final / "state.json").read_text())["init_from"])
+    assert started == [None] * 5 + [str((sweep / "0").resolve())]
     assert "DMD2" in (sweep / "5" / "summary.json").read_text()

@@ -37,7 +37,9 @@ def test_bench_writes_json_and_markdown(tmp_path):
     objs = result["objectives"]
     assert set(objs) == {"flow_matching", "rcgm", "twinflow", "twinflow_no_enhance"}
     for r in objs.values():
-        assert r["step_time_s"] > 0 and r["peak_memory_mb"] >= 0 and r["timed_steps"] == 4
+        assert r["step_time_s"] > 0 and r["timed_steps"] == 4
+        # a step's growth over the resident model at batch 32 (measured 0.7-1.3 MB; the process's RSS is ~500 MB)
+        assert 0.25 < r["peak_memory_mb"] < 8, r["peak_memory_mb"]
         assert len(r["ratio_run_medians"]) == 2
         assert r["ratio_range"][0] <= r["ratio_quartiles"][0] <= r["ratio_vs_flow_matching"] <= r["ratio_range"][1]
     assert objs["flow_matching"]["evals_per_step"] == 1.0
@@ -206,12 +208,15 @@ def test_timing_leaves_no_runner_alive():
 @pytest.mark.slow  # subprocesses
 def test_memory_is_measured_with_nothing_else_resident():
     """measure_variant_memory runs the variant in a fresh process: a model and 64 MiB held here are not
-    resident there. Measured in this process, they would be, and variant_memory_here refuses."""
+    resident there. Measured in this process, they would be, and variant_memory_here refuses. What it measures is
+    the step's own memory, which grows with the batch: a TwinFlow step of tiny_toy takes ~19 KB a row (measured
+    19.6 MB at batch 1024, 77.6 MB at 4096, ~1 MB at 32), not the ~500 MB the process holds."""
     held = (StepRunner([*TOY, *VARIANTS["twinflow"]], CPU, "no"), torch.ones(16, 2**20))
     assert live_tensor_bytes() >= 64 * 2**20
-    result = measure_variant_memory([*TOY, *VARIANTS["twinflow"]], "no", CPU)
+    rows_1024 = ["model=tiny_toy", "data=toy2d", "data.batch_size=1024"]
+    result = measure_variant_memory([*rows_1024, *VARIANTS["twinflow"]], "no", CPU)
     assert result["resident_before_mb"] < 1.0
-    assert result["peak_memory_mb"] >= 0
+    assert 12 < result["peak_memory_mb"] < 30, result
     with pytest.raises(RuntimeError, match="resident"):
         variant_memory_here([*TOY, *VARIANTS["twinflow"]], "no", CPU)
     del held

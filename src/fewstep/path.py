@@ -22,11 +22,6 @@ def interpolate(x: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tens
     return tb * z + (1 - tb) * x
 
 
-def velocity(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """Flow-matching velocity target ``v = z − x``."""
-    return z - x
-
-
 def reconstruct(x_t: torch.Tensor, F: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Data and noise estimates from a velocity: ``x̂ = x_t − |t|·F``, ``ẑ = x_t + (1 − |t|)·F``."""
     tb = expand_like(t.abs(), x_t)

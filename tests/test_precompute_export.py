@@ -137,12 +137,18 @@ def test_precompute_resumes_finished_shards(pretrained, images, tmp_path, caplog
     first = run_precompute(pretrained, images, out, "shard_size=2")
     assert first["summary"]["shards"] == 3 and first["summary"]["shards_resumed"] == 0
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.safetensors")}
+    shard = out / "shards" / "shard_00001.safetensors"
+    encoded = load_file(str(shard))
+    save_file({k: torch.zeros_like(v) for k, v in encoded.items()}, str(shard))  # stale tensors: must be redone
+    stamps[shard.name] = shard.stat().st_mtime_ns
     (out / "shards" / "shard_00001.json").unlink()  # as if interrupted while writing shard 1
     (out / "manifest.json").unlink()
     again = run_precompute(pretrained, images, out, "shard_size=2")
     assert again["summary"]["shards_resumed"] == 2 and again["summary"]["encoded"] == 6
     now = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.safetensors")}
     assert [k for k in stamps if stamps[k] != now[k]] == ["shard_00001.safetensors"]
+    redone = load_file(str(shard))  # encoded again, identical to the first encoding
+    assert redone.keys() == encoded.keys() and all(torch.equal(redone[k], encoded[k]) for k in encoded)
     assert again["skipped"] == first["skipped"]
 
 

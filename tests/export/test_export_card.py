@@ -111,7 +111,9 @@ def test_model_card_without_a_base_card_or_grid(fake_run, tmp_path):
 
 
 class FakeHub:
-    """Records HfApi.create_repo / upload_folder calls (the real ones need the network)."""
+    """Records HfApi.create_repo / upload_folder calls (the real ones need the network). Each fake takes the
+    arguments of the real method (its ``inspect.signature``): a keyword the installed huggingface_hub rejects raises
+    TypeError here as it would there."""
 
     def __init__(self, monkeypatch, fail: Exception | None = None):
         import huggingface_hub
@@ -119,19 +121,53 @@ class FakeHub:
         self.calls = []
         self.fail = fail
 
-        def create_repo(api, repo_id, repo_type=None, private=False, exist_ok=False, **kw):
-            self.calls.append(("create_repo", repo_id, repo_type, private, exist_ok))
+        def create_repo(a):
+            self.calls.append(("create_repo", a["repo_id"], a["repo_type"], a["private"], a["exist_ok"]))
             if self.fail is not None:
                 raise self.fail
-            return f"https://huggingface.co/{repo_id}"
+            return f"https://huggingface.co/{a['repo_id']}"
 
-        def upload_folder(api, repo_id, folder_path, repo_type=None, commit_message=None, **kw):
-            files = sorted(p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*"))
-            self.calls.append(("upload_folder", repo_id, folder_path, repo_type, commit_message, files))
+        def upload_folder(a):
+            folder = a["folder_path"]
+            files = sorted(p.relative_to(folder).as_posix() for p in Path(folder).rglob("*"))
+            self.calls.append(("upload_folder", a["repo_id"], folder, a["repo_type"], a["commit_message"], files))
             return "commit-1"
 
-        monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
-        monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+        for record in (create_repo, upload_folder):
+            monkeypatch.setattr(huggingface_hub.HfApi, record.__name__, _as_real(record))
+
+
+def _as_real(record):
+    """A stand-in for the HfApi method of ``record``'s name: its arguments are bound to the real method's
+    signature (defaults applied) and passed to ``record`` by name."""
+    import inspect
+
+    import huggingface_hub
+
+    signature = inspect.signature(getattr(huggingface_hub.HfApi, record.__name__))
+
+    def method(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)  # TypeError: an argument the real method does not take
+        bound.apply_defaults()
+        return record(bound.arguments)
+
+    return method
+
+
+def test_the_fake_hub_takes_only_what_the_real_hfapi_takes(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    hub = FakeHub(monkeypatch)
+    api = huggingface_hub.HfApi()
+    with pytest.raises(TypeError, match="multi_commits"):  # a keyword of older huggingface_hub releases
+        api.upload_folder(repo_id="me/x", folder_path=str(tmp_path), multi_commits=True)
+    with pytest.raises(TypeError):  # keyword-only there
+        api.upload_folder("me/x", str(tmp_path))
+    with pytest.raises(TypeError, match="is_private"):
+        api.create_repo("me/x", is_private=True)
+    assert hub.calls == []
+    api.create_repo("me/x", exist_ok=True)
+    assert hub.calls == [("create_repo", "me/x", None, None, True)]  # the real defaults
 
 
 def test_push_uploads_the_pipeline_or_the_lora(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -34,6 +35,33 @@ class StallingToy2D(Toy2DData):
             if position == stall:
                 print(f"stalling at data position {position}", file=sys.stderr, flush=True)
                 time.sleep(3600)
+            position += 1
+            yield batch
+
+
+SIGNAL_ENV = "FEWSTEP_TEST_SIGNAL_AT"  # "RANK:POSITION": that rank signals itself (SIGUSR1) reading that batch
+SLOW_START_ENV = "FEWSTEP_TEST_SLOW_START"  # "RANK:SECONDS": that rank opens its data streams that much later
+
+
+class SignalledToy2D(Toy2DData):
+    """``data=toy2d`` with the same batches; the rank (``$RANK``, 0 alone) named in ``$FEWSTEP_TEST_SIGNAL_AT``
+    sends itself SIGUSR1 as it reads the batch at that data position, and the rank named in
+    ``$FEWSTEP_TEST_SLOW_START`` opens its streams that many seconds late (its training clock starts later than the
+    others': each rank alone would reach ``trainer.time_limit_s`` at another step)."""
+
+    def batches(self, seed, position=0, rank=0, world=1):
+        me = os.environ.get("RANK", "0")
+        slow_rank, _, seconds = os.environ.get(SLOW_START_ENV, ":").partition(":")
+        if slow_rank == me:
+            time.sleep(float(seconds))
+        return self._signalling(super().batches(seed, position, rank, world), position, me)
+
+    @staticmethod
+    def _signalling(stream, position, me):
+        signal_rank, _, at = os.environ.get(SIGNAL_ENV, ":-1").partition(":")
+        for batch in stream:
+            if signal_rank == me and position == int(at):
+                os.kill(os.getpid(), signal.SIGUSR1)
             position += 1
             yield batch
 

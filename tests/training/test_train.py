@@ -317,6 +317,11 @@ def test_two_processes_equal_one_process_at_the_same_global_batch(tmp_path):
 
     single = tmp_path / "single"
     train(compose([*common, "trainer.grad_accum=2"]), run_dir=single)
+    # the logged loss is the global batch's (mean over ranks), as the 1-process run's mean over its 2 micro-batches
+    logged = {r["step"]: r for r in rows(single)}
+    for row in rows(ddp):
+        for key in ("loss", "loss/main", "grad_norm"):
+            assert row[key] == pytest.approx(logged[row["step"]][key], rel=1e-4), (key, row["step"])
     for name in ("model.safetensors", "teacher.safetensors"):
         a, b = load_file(final_ckpt(ddp) / name), load_file(final_ckpt(single) / name)
         assert a.keys() == b.keys()
@@ -338,6 +343,12 @@ def test_wandb_logger_runs_offline_without_an_account(tmp_path, monkeypatch):
     offline = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(offline) == 1
     assert [r["step"] for r in rows(tmp_path / "run")] == [5, 6]  # metrics.jsonl is written as well
+    run_id = (tmp_path / "run" / "wandb_run_id.txt").read_text().strip()
+    assert offline[0].name.endswith(f"-{run_id}")
+    # a resume logs into the same W&B run (one id per run dir), not a new one
+    train(compose([*over, "logger=wandb", "trainer.max_steps=8"]), run_dir=tmp_path / "run")
+    ids = {p.name.rsplit("-", 1)[-1] for p in (tmp_path / "run" / "wandb").glob("offline-run-*")}
+    assert ids == {run_id}
 
 
 def schedule(kind: str, warmup: int, max_steps: int, min_ratio: float):

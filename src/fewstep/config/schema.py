@@ -222,6 +222,8 @@ class TrainerConfig:
     init_from_ema: bool = True  # with init_from: use that run's EMA teacher weights (what it sampled with)
     max_nonfinite: int = 20  # abort after this many non-finite steps in a row
     time_limit_s: float = 0.0  # stop early after this many seconds of training (0 = no limit)
+    # checkpoint and exit (128 + signal number) on these; SLURM sends SIGUSR1 ahead of the time limit (--signal)
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGINT", "SIGTERM", "SIGUSR1"])
     final_nfe: list[int] = field(default_factory=lambda: [1, 2, 4])
     baseline_steps: int = 50  # multi-step Euler baseline sampled and evaluated at the end (0 = skip)
     evaluate: bool = True

@@ -6,6 +6,7 @@ Each failure is one line that names the setting to change.
 from __future__ import annotations
 
 import os
+import signal
 import warnings
 from pathlib import Path
 
@@ -257,6 +258,13 @@ def validate(cfg: DictConfig) -> DictConfig:
     if tr.get("init_from") and not Path(tr.init_from).is_dir():
         raise ConfigError(
             f"trainer.init_from={tr.init_from}: no such run or checkpoint folder; give a finished run's directory"
+        )
+    catchable = sorted(n for n in signal.Signals.__members__ if n not in ("SIGKILL", "SIGSTOP"))
+    unknown = [str(n) for n in tr.stop_signals if str(n) not in catchable]
+    if unknown:
+        raise ConfigError(
+            f"trainer.stop_signals: {', '.join(unknown)} is not a signal a process can catch; give names such as "
+            "SIGINT, SIGTERM, SIGUSR1"
         )
     if cfg.logger.kind not in ("jsonl", "wandb", "none"):
         raise ConfigError(f"logger.kind={cfg.logger.kind!r} must be jsonl, wandb or none")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
 from pathlib import Path
 
 import torch
@@ -18,6 +19,20 @@ TRAJECTORY_ROWS = 64  # (t, tt) pairs recorded per logged step
 
 def to_float(v) -> float:
     return float(v.item()) if isinstance(v, torch.Tensor) else float(v)
+
+
+WANDB_ID_FILE = "wandb_run_id.txt"
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The run dir's W&B run id (``wandb_run_id.txt``, made on its first start): every resume of the run logs into
+    the one W&B run instead of starting a new one."""
+    path = Path(run_dir) / WANDB_ID_FILE
+    if path.exists() and path.read_text().strip():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:16]
+    path.write_text(run_id + "\n")
+    return run_id
 
 
 class MetricsWriter:
@@ -54,6 +69,7 @@ class MetricsWriter:
                 mode=cfg.logger.mode,
                 dir=str(self.run_dir),
                 config=OmegaConf.to_container(cfg, resolve=True),
+                id=wandb_run_id(self.run_dir),
                 resume="allow",
             )
         elif cfg.logger.kind not in ("jsonl", "none"):

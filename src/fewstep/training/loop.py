@@ -95,14 +95,16 @@ def slot_seed(seed: int, step: int, slot: int, n_slots: int) -> int:
 
 
 class _StopRequest:
-    """SIGINT/SIGTERM: finish the current step, write a checkpoint, exit."""
+    """``trainer.stop_signals`` (default SIGINT, SIGTERM and SLURM's requeue warning SIGUSR1): finish the current
+    step, write a checkpoint, exit with status 128 + the signal's number (130, 143, 138)."""
 
-    def __init__(self):
+    def __init__(self, names=("SIGINT", "SIGTERM", "SIGUSR1")):
         self.signal = None
         self._old = {}
+        self._signals = [signal.Signals[name] for name in names]
 
     def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in self._signals:
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread
@@ -301,16 +303,36 @@ class Trainer:
                 self.sample_grid()
             if self.step % tr.checkpoint_every == 0 and self.step < tr.max_steps:
                 self.save_checkpoint()
-            if stop.signal is not None:
-                self.stopped_by = signal.Signals(stop.signal).name
+            timed_out = tr.time_limit_s > 0 and time.perf_counter() - self.t_start >= tr.time_limit_s
+            signum, timed_out = self._agree_to_stop(stop.signal or 0, timed_out)
+            if signum:
+                self.stopped_by = signal.Signals(signum).name
                 break
-            if tr.time_limit_s > 0 and time.perf_counter() - self.t_start >= tr.time_limit_s:
+            if timed_out:
                 log.info("trainer.time_limit_s=%s reached at step %d", tr.time_limit_s, self.step)
                 self.time_limited = True
                 break
         self.wall = time.perf_counter() - self.t_start
         if progress is not None:
             progress.close()
+
+    def _agree_to_stop(self, signum: int, timed_out: bool) -> tuple[int, bool]:
+        """A stop signal or the time limit on any rank stops every rank after this same step (one all-reduce of two
+        integers; a rank leaving alone would wait in the next step's collective until the timeout)."""
+        if self.accelerator.num_processes == 1:
+            return signum, timed_out
+        flags = torch.tensor([signum, int(timed_out)], device=self.device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        return int(flags[0]), bool(flags[1])
+
+    def _rank_mean(self, terms: dict) -> dict:
+        """Each logged term's mean over the ranks that have it (every rank calls it at the same step): the loss of
+        the global batch, not rank 0's share of it."""
+        if self.accelerator.num_processes == 1:
+            return terms
+        ranks = gather_object([terms])
+        keys = dict.fromkeys(k for r in ranks for k in r)
+        return {k: sum(r[k] for r in ranks if k in r) / sum(1 for r in ranks if k in r) for k in keys}
 
     def train_step(self) -> StepResult:
         """One optimizer step over ``trainer.grad_accum`` micro-batches: the stepping networks' averages, the
@@ -393,7 +415,7 @@ class Trainer:
         if not (self.step % self.tr.log_every == 0 or self.step == self.tr.max_steps):
             return None
         now = time.perf_counter()
-        row = self.window.means()
+        row = self._rank_mean(self.window.means())
         row.update(
             lr=self.trainables[STUDENT].scheduler.get_last_lr()[0],
             steps_per_s=(self.window.steps or 1) / max(now - self.window.started, 1e-9),
@@ -442,9 +464,10 @@ class Trainer:
     # -- the end --------------------------------------------------------------------------------------------
     def finish(self) -> dict:
         """The last checkpoint, the final grids and evaluation (not after a stop request), ``summary.json``;
-        a stopped run then exits with 130 (SIGINT) or 143 (SIGTERM)."""
+        a stopped run then exits with 128 + the signal's number (130 SIGINT, 143 SIGTERM, 138 SIGUSR1)."""
         self.save_checkpoint()
         summary = self._summary()
+        open_terms = self._rank_mean(self.window.means()) if self.window.steps > 0 else None
         if self.stopped_by is None and (self.main or self.strategy.every_rank_samples):
             self.student.eval()
             summary["eval"] = final_outputs(
@@ -453,10 +476,10 @@ class Trainer:
                 autocast=self.accelerator.autocast, log=log.info, write=self.main,
             )  # fmt: skip
         if self.main:
-            self._write_summary(summary)
+            self._write_summary(summary, open_terms)
         self.accelerator.wait_for_everyone()
         if self.stopped_by is not None:
-            raise SystemExit(130 if self.stopped_by == "SIGINT" else 143)
+            raise SystemExit(128 + signal.Signals[self.stopped_by].value)  # 130 SIGINT, 143 SIGTERM, 138 SIGUSR1
         return summary
 
     def _summary(self) -> dict:
@@ -487,10 +510,10 @@ class Trainer:
             summary["time_limit_s"] = self.tr.time_limit_s
         return summary
 
-    def _write_summary(self, summary: dict) -> None:
+    def _write_summary(self, summary: dict, open_terms: dict | None) -> None:
         last = _last_metrics(self.run_dir)
-        if self.window.steps > 0:  # stopped between log steps (time limit, signal): the final terms are the window's
-            last = self.window.means()
+        if open_terms is not None:  # stopped between log steps (time limit, signal): the final terms are the window's
+            last = open_terms
         summary.update({k: last[k] for k in last if k.startswith(("loss", "nfe/"))})
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.writer.finish(summary)
@@ -504,7 +527,7 @@ class Trainer:
 def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     """Train the composed config ``cfg`` into ``run_dir`` (default: Hydra's output dir); returns the summary."""
     trainer = Trainer(cfg, run_dir)
-    with _StopRequest() as stop:
+    with _StopRequest(trainer.tr.stop_signals) as stop:
         trainer.fit(stop)
     return trainer.finish()
 

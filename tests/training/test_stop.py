@@ -83,3 +83,31 @@ def test_one_ranks_time_limit_stops_every_rank_at_the_same_step(tmp_path):
     assert summary["time_limit_s"] == 6 and summary["num_processes"] == 2
     assert state(run)["step"] == summary["steps"] > 0
     assert len(list((run / "checkpoints").glob("step_*"))) >= 1
+
+
+def test_dist_timeout_s_sets_the_process_groups_timeout(tmp_path, monkeypatch, fresh_accelerator_state):
+    """trainer.dist_timeout_s reaches Accelerate's process-group kwargs (torch's NCCL default, 600 s, is shorter than
+    a whole-state checkpoint of a 20 B model takes to write); 0 or less is refused before anything is built."""
+    from datetime import timedelta
+
+    import accelerate
+    from accelerate.utils import InitProcessGroupKwargs
+
+    import fewstep.training.loop
+    from fewstep.training.loop import train
+
+    seen = []
+
+    class Recording(accelerate.Accelerator):
+        def __init__(self, *args, kwargs_handlers=(), **kwargs):
+            seen.extend(kwargs_handlers)
+            super().__init__(*args, kwargs_handlers=kwargs_handlers, **kwargs)
+
+    monkeypatch.setattr(fewstep.training.loop, "Accelerator", Recording)
+    over = [*SIGNALLED, "trainer.max_steps=1", "trainer.final_nfe=[]", "trainer.baseline_steps=0"]
+    train(compose([*over, "trainer.dist_timeout_s=123"]), run_dir=tmp_path / "run")
+    timeouts = [h.timeout for h in seen if isinstance(h, InitProcessGroupKwargs)]
+    assert timeouts == [timedelta(seconds=123)]
+    assert validate(compose(SIGNALLED)).trainer.dist_timeout_s == 3600
+    with pytest.raises(ConfigError, match=r"trainer.dist_timeout_s=0.0 must be > 0"):
+        validate(compose([*SIGNALLED, "trainer.dist_timeout_s=0"]))

@@ -401,16 +401,6 @@ def test_grad_accum_updates_the_ema_once_per_optimizer_step_and_logs_the_schedul
     assert [r["lr"] for r in rows(tmp_path / "run")] == pytest.approx([1e-3, 1e-3, 0.55e-3, 0.1e-3], rel=1e-9)
 
 
-@pytest.fixture
-def fresh_accelerator_state():
-    """Accelerate keeps one process-wide state: a run in another precision needs it reset (before and after)."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-
-
 @pytest.mark.slow
 def test_bf16_training_on_the_cpu_matches_fp32(tmp_path, fresh_accelerator_state):
     """trainer.mixed_precision=bf16 on the CPU (autocast): 8 digits steps, finite losses within 5e-3 relative of

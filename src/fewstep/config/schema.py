@@ -224,6 +224,9 @@ class TrainerConfig:
     time_limit_s: float = 0.0  # stop early after this many seconds of training (0 = no limit)
     # checkpoint and exit (128 + signal number) on these; SLURM sends SIGUSR1 ahead of the time limit (--signal)
     stop_signals: list[str] = field(default_factory=lambda: ["SIGINT", "SIGTERM", "SIGUSR1"])
+    # seconds a rank waits in a collective (torch's default: 600 for NCCL): covers rank 0 writing a whole-state
+    # checkpoint (245 GB for a full Qwen-Image at 100 MB/s: 2,450 s) and its final evaluation
+    dist_timeout_s: float = 3600.0
     final_nfe: list[int] = field(default_factory=lambda: [1, 2, 4])
     baseline_steps: int = 50  # multi-step Euler baseline sampled and evaluated at the end (0 = skip)
     evaluate: bool = True

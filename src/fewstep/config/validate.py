@@ -259,6 +259,10 @@ def validate(cfg: DictConfig) -> DictConfig:
         raise ConfigError(
             f"trainer.init_from={tr.init_from}: no such run or checkpoint folder; give a finished run's directory"
         )
+    if tr.dist_timeout_s <= 0:
+        raise ConfigError(
+            f"trainer.dist_timeout_s={tr.dist_timeout_s} must be > 0 (seconds a rank waits for the others)"
+        )
     catchable = sorted(n for n in signal.Signals.__members__ if n not in ("SIGKILL", "SIGSTOP"))
     unknown = [str(n) for n in tr.stop_signals if str(n) not in catchable]
     if unknown:

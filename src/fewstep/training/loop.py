@@ -25,6 +25,7 @@ import signal
 import time
 import warnings
 from contextlib import ExitStack
+from datetime import timedelta
 from pathlib import Path
 from typing import NamedTuple
 
@@ -32,6 +33,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import (
     DistributedDataParallelKwargs,
+    InitProcessGroupKwargs,
     broadcast_object_list,
     gather_object,
     set_seed,
@@ -196,6 +198,8 @@ class Trainer:
         # DDP's unused-parameter search, else the second step stops with "Expected to have finished reduction".
         unused = getattr(get_class(self.cfg.model._target_), "ddp_find_unused_parameters", False)
         handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if unused else []
+        # how long a rank waits in a collective for the others (a checkpoint rank 0 writes, its evaluation)
+        handlers.append(InitProcessGroupKwargs(timeout=timedelta(seconds=self.tr.dist_timeout_s)))
         gpu = torch.cuda.is_available()
         return Accelerator(mixed_precision=self.tr.mixed_precision, cpu=not gpu, kwargs_handlers=handlers)
 

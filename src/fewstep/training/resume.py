@@ -77,7 +77,8 @@ class FinishedRunCheck(Callback):
 
 # How long and how a run goes, not what it trains: changed on a resume without a warning.
 RUN_LENGTH_KEYS = (
-    "trainer.max_steps", "trainer.time_limit_s", "trainer.stop_signals", "trainer.resume", "trainer.torch_threads",
+    "trainer.max_steps", "trainer.time_limit_s", "trainer.stop_signals", "trainer.dist_timeout_s",
+    "trainer.resume", "trainer.torch_threads",
     "trainer.checkpoint_every", "trainer.sample_every", "trainer.log_every", "trainer.keep_last", "trainer.evaluate",
     "trainer.final_nfe", "trainer.baseline_steps", "trainer.init_from", "logger.", "trainer.grid_size",
     "trainer.max_nonfinite",

@@ -11,6 +11,7 @@ equivalent.txt: one mutant a line, ``<mutant name>  <why no test can tell it fro
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from collections import Counter, defaultdict
@@ -25,6 +26,13 @@ def mutmut(*args: str) -> str:
     if proc.returncode != 0:
         raise SystemExit(f"error: mutmut {' '.join(args)} failed: {proc.stderr.strip()[-500:]}")
     return proc.stdout
+
+
+def diff_of(mutant: str) -> str:
+    """The mutant's diff (``mutmut show``, in this process: one interpreter for hundreds of mutants)."""
+    from mutmut.mutation.diff_apply import find_mutant, get_diff_for_mutant
+
+    return get_diff_for_mutant(mutant, path=find_mutant(mutant).path).strip()
 
 
 def source_file(mutant: str) -> str:
@@ -45,6 +53,7 @@ def equivalents() -> dict[str, str]:
 
 
 def main() -> None:
+    os.chdir(ROOT)  # mutmut reads pyproject.toml and mutants/ from here
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "docs" / "raw" / "mutation" / "report.md"))
     args = parser.parse_args()
@@ -68,21 +77,26 @@ def main() -> None:
             survivors[path].append(name)
         if status == "no tests":
             untested[path].add(name.rsplit("__mutmut_", 1)[0].rsplit(".", 1)[-1])
+    from importlib.metadata import version
+
     lines = [
         "# Mutation testing (mutmut): the last `make mutate`",
+        "",
+        f"mutmut {version('mutmut')}; made by `make mutate` (`mutmut run`, then `python scripts/mutation_report.py`);"
+        " the files and tests are `[tool.mutmut]` in pyproject.toml. `not checked`: the run was stopped before it.",
         "",
         "Score = (killed + timeout) / (killed + timeout + survived + no tests): equivalent mutants left out, a mutant"
         " no fast test reaches (`no tests`) counted as not killed.",
         "",
-        "| file | killed | timeout | survived | equivalent | no tests | score |",
-        "|---|---|---|---|---|---|---|",
+        "| file | killed | timeout | survived | equivalent | no tests | not checked | score |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for path, c in sorted(by_file.items()):
         ran = c["killed"] + c["timeout"] + c["survived"] + c["no tests"]
         score = (c["killed"] + c["timeout"]) / ran if ran else float("nan")
         lines.append(
             f"| {path} | {c['killed']} | {c['timeout']} | {c['survived']} | {c['equivalent']} | {c['no tests']} | "
-            f"{100 * score:.1f} % |"
+            f"{c['not checked']} | {100 * score:.1f} % |"
         )
     for path in sorted(untested):
         lines += ["", f"No fast test reaches these functions of {path}: {', '.join(sorted(untested[path]))}"]
@@ -91,10 +105,10 @@ def main() -> None:
         for name in survivors[path]:
             why = known.get(name)
             lines.append(f"### {name}" + (f" (equivalent: {why})" if why else ""))
-            lines += ["", "```diff", mutmut("show", name).strip(), "```", ""]
+            lines += ["", "```diff", diff_of(name), "```", ""]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[: 6 + len(by_file)]))
+    print("\n".join(lines[: 8 + len(by_file)]))
 
 
 if __name__ == "__main__":

@@ -482,6 +482,10 @@ class Trainer:
         if self.main:
             self._write_summary(summary, open_terms)
         self.accelerator.wait_for_everyone()
+        if self.accelerator.num_processes > 1 and torch.distributed.is_initialized():
+            # every rank leaves the group together: a process exiting with gloo's threads alive can abort
+            # ("terminate called without an active exception", seen once in a 2-process CPU run)
+            torch.distributed.destroy_process_group()
         if self.stopped_by is not None:
             raise SystemExit(128 + signal.Signals[self.stopped_by].value)  # 130 SIGINT, 143 SIGTERM, 138 SIGUSR1
         return summary

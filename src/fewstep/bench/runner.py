@@ -40,13 +40,15 @@ class StepRunner:
     it (:func:`build_trainables`) on one process. ``evals`` records every step's network evaluations (forward
     rows / batch)."""
 
-    def __init__(self, overrides: list[str], device: torch.device, mixed_precision: str):
-        cfg = compose(overrides)
+    def __init__(self, overrides, device: torch.device, mixed_precision: str):
+        """``overrides``: the command-line overrides of the variant, or its composed config (a DictConfig)."""
+        cfg = compose(overrides) if isinstance(overrides, list | tuple) else overrides
         apply_threads(cfg)
         torch.manual_seed(0)
-        self.data, self.objective, model, self.teacher, self.sampler = build_components(
-            cfg, device=device, bind_teacher=False
-        )
+        with Local(device).building():  # pretrained weights straight onto the device
+            self.data, self.objective, model, self.teacher, self.sampler = build_components(
+                cfg, device=device, bind_teacher=False
+            )
         self.objective.setup(model, self.data)  # networks an objective owns (DMD2's fake score), as the loop
         self.trainables = build_trainables(cfg, self.objective, model, self.teacher, Local(device), _fixed_lr_optimizer)
         self.model = self.trainables[STUDENT].module

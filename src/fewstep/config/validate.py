@@ -20,7 +20,7 @@ from fewstep.config.searchpath import config_dirs, given_search_path
 from fewstep.data.latents import cached_latent_shapes, read_manifest
 from fewstep.errors import FewstepError
 from fewstep.models import architectures
-from fewstep.models.family import family_for_pipeline, family_of_model_class
+from fewstep.models.family import family_for_pipeline, family_of_model_class, weight_dtype_name
 from fewstep.models.pretrained_config import max_latent_side, pretrained_config
 from fewstep.objectives.base import Objective
 
@@ -89,8 +89,9 @@ def check_weight_dtype(cfg: DictConfig) -> None:
     and epsilon (1e-8) underflow in float16, an EMA in float16 loses most of its updates to rounding, and the fp16
     loss scaler refuses float16 gradients ("Attempting to unscale FP16 gradients") at the first step, after the
     model has loaded. LoRA keeps its trainable weights in float32, so a float16 frozen base is fine."""
-    dtype = str(cfg.model.get("dtype", "float32"))
     lora = cfg.model.get("lora") or {}
+    dtype = weight_dtype_name(cfg.model.get("dtype", "float32"), bool(lora.get("enabled", False)),
+                              str(cfg.trainer.get("mixed_precision", "no")))  # fmt: skip
     if dtype in ("float16", "fp16") and not lora.get("enabled", False):
         raise ConfigError(
             f"model.dtype={dtype} with full fine-tuning trains float16 weights (AdamW and the EMA underflow, the fp16 "
@@ -262,6 +263,10 @@ def validate(cfg: DictConfig) -> DictConfig:
     if tr.dist_timeout_s <= 0:
         raise ConfigError(
             f"trainer.dist_timeout_s={tr.dist_timeout_s} must be > 0 (seconds a rank waits for the others)"
+        )
+    if tr.peak_tflops is not None and tr.peak_tflops <= 0:
+        raise ConfigError(
+            f"trainer.peak_tflops={tr.peak_tflops} must be > 0 (the GPU's dense bf16 TFLOP/s) or null (a known GPU's)"
         )
     catchable = sorted(n for n in signal.Signals.__members__ if n not in ("SIGKILL", "SIGSTOP"))
     unknown = [str(n) for n in tr.stop_signals if str(n) not in catchable]

@@ -54,7 +54,20 @@ def parse_dtype(name: str | torch.dtype, key: str = "model.dtype") -> torch.dtyp
     try:
         return _DTYPES[str(name).lower()]
     except KeyError:
-        raise ValueError(f"{key}={name!r} is unknown; use float32, bfloat16 or float16") from None
+        raise ValueError(f"{key}={name!r} is unknown; use float32, bfloat16, float16 or auto") from None
+
+
+COMPUTE_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}  # trainer.mixed_precision -> its compute dtype
+
+
+def weight_dtype_name(dtype: str, lora: bool, mixed_precision: str) -> str:
+    """``model.dtype``, with ``auto`` resolved: a LoRA model's frozen base in the compute dtype of
+    ``trainer.mixed_precision`` (bfloat16 under bf16, as the reference loads Qwen-Image; float32 without mixed
+    precision), full fine-tuning's trainable weights in float32. LoRA weights and the time embeddings are float32
+    either way."""
+    if str(dtype) != "auto":
+        return str(dtype)
+    return COMPUTE_DTYPES.get(str(mixed_precision), "float32") if lora else "float32"
 
 
 def dtype_kwargs(dtype: torch.dtype) -> dict:
@@ -324,6 +337,32 @@ def building_empty():
         _EMPTY.clear()
 
 
+_LOAD_DEVICE: list = []  # the device pretrained weights load onto while networks are built (loading_onto)
+
+
+@contextlib.contextmanager
+def loading_onto(device: torch.device | str | None):
+    """Pretrained transformers loaded inside go straight to ``device`` when it is an accelerator
+    (``from_pretrained(device_map=device)``: tensor by tensor from the memory-mapped safetensors files, so a process
+    never holds the whole model in host memory; 8 DDP ranks of Qwen-Image would otherwise hold 8 × 41 GB at once).
+    On the CPU, or with ``None``, loading is unchanged."""
+    device = torch.device(device) if device is not None else None
+    _LOAD_DEVICE[:] = [device] if device is not None and device.type != "cpu" else []
+    try:
+        yield
+    finally:
+        _LOAD_DEVICE.clear()
+
+
+def load_kwargs(dtype: torch.dtype) -> dict:
+    """``from_pretrained`` arguments of a transformer load: its dtype and, inside :func:`loading_onto` an
+    accelerator, the ``device_map`` that loads it there directly."""
+    kwargs = dtype_kwargs(dtype)
+    if _LOAD_DEVICE:
+        kwargs["device_map"] = _LOAD_DEVICE[0]
+    return kwargs
+
+
 def empty_transformer(cls, config: dict, dtype: torch.dtype) -> nn.Module:
     """``cls.from_config(config)`` with its parameters on the ``meta`` device in ``dtype`` (no storage), in eval mode
     like ``from_pretrained``; the buffers computed at construction (rotary tables) are real and keep their dtype,
@@ -473,7 +512,7 @@ class DiffusersFamilyModel(nn.Module):
             target = cls.export_class if exported else cls.transformer_class
             if builds_empty():
                 return empty_transformer(target, config, dtype)
-            return target.from_pretrained(source, subfolder=sub, revision=revision, **dtype_kwargs(dtype))
+            return target.from_pretrained(source, subfolder=sub, revision=revision, **load_kwargs(dtype))
         except PretrainedNotFound:
             raise
         except (OSError, ValueError) as err:

@@ -28,7 +28,7 @@ import logging
 import torch
 from torch import nn
 
-from fewstep.models.family import building_empty
+from fewstep.models.family import building_empty, loading_onto
 
 log = logging.getLogger("fewstep")
 
@@ -196,14 +196,14 @@ class Replicated:
     """``trainer.distributed=ddp``: Accelerate's wrapping (DDP across processes, the module itself in one)."""
 
     name = "ddp"
-    every_rank_samples = False  # a forward pass is local: rank 0 samples and evaluates alone
 
     def __init__(self, accelerator):
         self.accelerator = accelerator
 
     def building(self):
-        """Around building the networks: every process builds them whole (each reads the pretrained weights)."""
-        return contextlib.nullcontext()
+        """Around building the networks: every process builds them whole (each reads the pretrained weights, straight
+        onto its GPU: :func:`fewstep.models.family.loading_onto`)."""
+        return loading_onto(self.accelerator.device)
 
     def place(self, module: nn.Module) -> nn.Module:
         """Lay ``module`` out before its optimizer is built (nothing to do for replicas)."""
@@ -235,6 +235,9 @@ class Local(Replicated):
     def __init__(self, device: torch.device):
         self.device = device
 
+    def building(self):
+        return loading_onto(self.device)
+
     def place(self, module: nn.Module) -> nn.Module:
         return module.to(self.device)
 
@@ -255,7 +258,6 @@ class Sharded(Replicated):
     """``trainer.distributed=fsdp``: torch FSDP2 over all processes (module docstring)."""
 
     name = "fsdp"
-    every_rank_samples = True  # a forward pass all-gathers the weights: every rank takes part, rank 0 writes
 
     def __init__(self, accelerator, mixed_precision: str = "no"):
         from torch.distributed.device_mesh import init_device_mesh

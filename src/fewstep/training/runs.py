@@ -12,6 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fewstep.errors import FewstepError
+from fewstep.models.family import loading_onto
 from fewstep.training import checkpoint as ckpt_io
 from fewstep.training.trainables import build_components
 
@@ -89,7 +90,8 @@ def load_run(
     cfg = read_run_config(run_dir, command)
     ckpt = find_checkpoint(run_dir, checkpoint)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    data, objective, student, teacher, sampler = build_components(cfg, device=dev)
+    with loading_onto(dev):  # pretrained weights straight onto the device
+        data, objective, student, teacher, sampler = build_components(cfg, device=dev)
     state = ckpt_io.load_checkpoint(ckpt, student, teacher, restore_rng=False)
     student.eval()
     return LoadedRun(run_dir, cfg, data, objective, student, teacher, sampler, ckpt, state["step"], dev)

@@ -11,10 +11,10 @@ from typing import Any, NamedTuple
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from fewstep.models import build_model
-from fewstep.models.family import bind_guidance
+from fewstep.models.family import bind_guidance, weight_dtype_name
 
 STUDENT = "student"  # the student's name among the trainables (``Objective.stepping`` names it so)
 
@@ -25,6 +25,7 @@ def build_components(cfg: DictConfig, device=None, bind_teacher: bool = True):
     copies every trainable weight, a second whole model in host memory while the networks are built."""
     data = instantiate(cfg.data)
     objective = instantiate(cfg.objective, _convert_="all")
+    resolve_weight_dtype(cfg)
     model = build_model(cfg.model, data, objective)
     if device is not None:
         model.to(device)
@@ -38,6 +39,16 @@ def build_components(cfg: DictConfig, device=None, bind_teacher: bool = True):
     sampler = instantiate(cfg.sampler, _convert_="all")
     bind_guidance(sampler, model)
     return data, objective, model, teacher, sampler
+
+
+def resolve_weight_dtype(cfg: DictConfig) -> None:
+    """``model.dtype=auto`` (the ``model=*_lora`` default) becomes the dtype it stands for, in place
+    (:func:`fewstep.models.family.weight_dtype_name`)."""
+    if str(cfg.model.get("dtype", "float32")) != "auto":
+        return
+    lora = bool((cfg.model.get("lora") or {}).get("enabled", False))
+    with open_dict(cfg):
+        cfg.model.dtype = weight_dtype_name("auto", lora, str(cfg.trainer.mixed_precision))
 
 
 def make_optimizer(params, **kwargs) -> torch.optim.AdamW:

@@ -87,3 +87,34 @@ class PlainNet(nn.Module):
 
     def forward(self, x, t, tt=None, cond=None):
         return self.net(torch.cat([x.flatten(1), t[:, None]], 1)).view_as(x)
+
+
+SLOW_SAMPLING_ENV = "FEWSTEP_TEST_SLOW_SAMPLING"  # seconds each sampled row costs per step (grids, evaluation)
+
+
+class SlowSampler:
+    """``sampler._target_=helpers.faults.SlowSampler``: the run's UCGM sampler, sleeping ``$FEWSTEP_TEST_SLOW_SAMPLING``
+    seconds per row and step before it samples, as a large model's sampling would take (a 2-process test then shows
+    that no rank waits out the collective timeout while another samples)."""
+
+    def __new__(cls, *args, **kwargs):
+        from fewstep.samplers.ucgm import UCGMSampler
+
+        class Slow(UCGMSampler):
+            def sample(self, model_fn, x, cond, steps, **kw):
+                time.sleep(float(os.environ.get(SLOW_SAMPLING_ENV, "0")) * x.shape[0] * steps)
+                return super().sample(model_fn, x, cond, steps, **kw)
+
+        return Slow(*args, **kwargs)
+
+
+DATA_SLEEP_ENV = "FEWSTEP_TEST_DATA_SLEEP"  # seconds each batch takes to arrive
+
+
+class SlowToy2D(Toy2DData):
+    """``data=toy2d`` with the same batches, each arriving ``$FEWSTEP_TEST_DATA_SLEEP`` seconds late (a slow reader)."""
+
+    def batches(self, seed, position=0, rank=0, world=1):
+        for batch in super().batches(seed, position, rank, world):
+            time.sleep(float(os.environ.get(DATA_SLEEP_ENV, "0")))
+            yield batch

@@ -126,7 +126,7 @@ def test_a_runs_guided_sampling_gets_the_null_condition(tmp_path):
     from types import SimpleNamespace
 
     from fewstep.training.loop import _validation_grid
-    from fewstep.training.outputs import final_outputs
+    from fewstep.training.outputs import Share, final_outputs
 
     class Data:
         shape, value_range = (2,), None
@@ -151,5 +151,6 @@ def test_a_runs_guided_sampling_gets_the_null_condition(tmp_path):
     assert seen == [[0, 0, 0, 1, 1, 1], [2, 2, 1, 1]] and (tmp_path / "samples" / "nfe_1.npz").exists()
     seen.clear()
     run = SimpleNamespace(target_step_count=1), SimpleNamespace(autocast=None)
-    _validation_grid(tmp_path, 2, run[0], sampler, model, Data(), "cpu", run[1], None, write=False)
+    writer = SimpleNamespace(log_images=lambda *_: None)
+    _validation_grid(tmp_path, 2, run[0], sampler, model, Data(), "cpu", run[1], writer, Share())
     assert seen == [[0] * 50 + [1] * 50]

@@ -23,6 +23,7 @@ from fewstep.config.validate import ConfigError
 from fewstep.training import checkpoint as ck
 from fewstep.training.checkpoint import CheckpointError, latest_valid, list_checkpoints, load_checkpoint, prune, verify
 from fewstep.training.loop import TrainingAborted, train
+from fewstep.training.throughput import WALL_CLOCK_KEYS
 from fewstep.training.trainables import build_components
 
 from helpers import FAST, compose, faults, torch_threads
@@ -434,7 +435,7 @@ def test_sigkill_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     assert ja["teacher"] == jb["teacher"]
 
     def strip(r):
-        return {k: v for k, v in r.items() if k != "steps_per_s"}
+        return {k: v for k, v in r.items() if k not in WALL_CLOCK_KEYS}
 
     assert [strip(r) for r in rows(straight)] == [strip(r) for r in rows(killed)]
     assert rows(killed)[-1]["step"] == 20

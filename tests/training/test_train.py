@@ -17,6 +17,7 @@ import fewstep.training.loop
 from fewstep.training import checkpoint as ckpt_io
 from fewstep.training.loop import RunFinished, TrainingAborted, train
 from fewstep.training.resume import GLOBAL_BATCH, changed_settings, finished_problem, run_settings, with_global_batch
+from fewstep.training.throughput import WALL_CLOCK_KEYS
 from fewstep.training.trainables import lr_factor
 
 from helpers import FAST, compose, run_cli, torch_threads
@@ -168,6 +169,7 @@ def test_toy2d_scatters_draw_the_data_behind_the_samples(tmp_path, monkeypatch):
 
     import fewstep.training.outputs as generate
     from fewstep.training.loop import _validation_grid
+    from fewstep.training.outputs import Share
     from fewstep.training.trainables import build_components
 
     drawn = []
@@ -186,7 +188,7 @@ def test_toy2d_scatters_draw_the_data_behind_the_samples(tmp_path, monkeypatch):
     class Acc:
         autocast = __import__("contextlib").nullcontext
 
-    _validation_grid(tmp_path, 1, objective, sampler, teacher.sampling_model, data, "cpu", Acc(), Writer())
+    _validation_grid(tmp_path, 1, objective, sampler, teacher.sampling_model, data, "cpu", Acc(), Writer(), Share())
     assert drawn[2:] == [("data", 1000), ("samples", 50)]
 
 
@@ -228,7 +230,7 @@ def test_resume_is_bit_identical(tmp_path):
     assert sa["data_position"] == sb["data_position"] == 16
 
     def strip(r):
-        return {k: v for k, v in r.items() if k != "steps_per_s"}
+        return {k: v for k, v in r.items() if k not in WALL_CLOCK_KEYS}
 
     assert [strip(r) for r in rows(straight)] == [strip(r) for r in rows(split)]
 
@@ -484,7 +486,7 @@ def test_validation_grids_sample_in_eval_mode(tmp_path, monkeypatch):
     """The grids drawn during training (trainer.sample_every) sample the model as final_outputs does, in eval mode:
     with model.dropout=0.5 two calls on the same input agree. Before the fix the student stayed in training mode
     and they differed (by 0.02-0.03); training resumes in training mode afterwards."""
-    import fewstep.training.loop as train_mod
+    import fewstep.training.outputs as train_mod
 
     seen = []
     real = train_mod.sample_in_chunks
@@ -498,7 +500,7 @@ def test_validation_grids_sample_in_eval_mode(tmp_path, monkeypatch):
     monkeypatch.setattr(train_mod, "sample_in_chunks", probe)
     modes = []
     over = [*TOY, "model.dropout=0.5", "teacher.decay=0", "trainer.max_steps=3", "trainer.sample_every=1"]
-    over += ["trainer.final_nfe=[]"]
+    over += ["trainer.final_nfe=[]", "trainer.baseline_steps=0"]
     from fewstep.objectives.twinflow import TwinFlow
 
     real_tf_loss = TwinFlow.loss

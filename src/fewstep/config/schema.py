@@ -92,7 +92,8 @@ class SD35ModelConfig:
     pretrained: str = "stabilityai/stable-diffusion-3.5-medium"  # hub id, pipeline folder or transformer folder
     subfolder: str | None = None  # None: transformer/ for a pipeline, the folder itself for a bare transformer
     revision: str | None = None
-    dtype: str = "float32"  # weights: float32 | bfloat16 | float16 (LoRA trainables stay float32)
+    # weights: float32 | bfloat16 | float16 | auto (models/family.py weight_dtype_name); LoRA trainables: float32
+    dtype: str = "float32"
     gradient_checkpointing: bool = False
     prediction_type: str = "flow"
     lora: LoraModelConfig = field(default_factory=LoraModelConfig)
@@ -227,6 +228,8 @@ class TrainerConfig:
     # seconds a rank waits in a collective (torch's default: 600 for NCCL): covers rank 0 writing a whole-state
     # checkpoint (245 GB for a full Qwen-Image at 100 MB/s: 2,450 s) and its final evaluation
     dist_timeout_s: float = 3600.0
+    # the GPU's dense bf16/fp16 TFLOP/s for the logged MFU; null: the published figure of a known GPU (H100, A100, ...)
+    peak_tflops: float | None = None
     final_nfe: list[int] = field(default_factory=lambda: [1, 2, 4])
     baseline_steps: int = 50  # multi-step Euler baseline sampled and evaluated at the end (0 = skip)
     evaluate: bool = True

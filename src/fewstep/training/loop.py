@@ -49,7 +49,7 @@ from fewstep.logging.writers import MetricsWriter, to_float
 from fewstep.training import checkpoint as ckpt_io
 from fewstep.training.distributed import local_numel, strategy_for
 from fewstep.training.memory import peak_host_memory_mb, peak_memory_mb, reset_peak_memory
-from fewstep.training.outputs import final_outputs, guidance_null, sample_in_chunks, to_images
+from fewstep.training.outputs import Share, final_outputs, guidance_null, to_images
 from fewstep.training.resume import (
     RunFinished,
     finished_problem,
@@ -58,6 +58,7 @@ from fewstep.training.resume import (
     run_settings,
     with_global_batch,
 )
+from fewstep.training.throughput import Throughput, device_peak_tflops
 from fewstep.training.trainables import STUDENT, build_components, build_trainables, lr_factor, trainer_optimizer
 
 log = logging.getLogger("fewstep")
@@ -184,6 +185,8 @@ class Trainer:
         set_seed(tr.seed + self.accelerator.process_index)
         self.step = self.start_step = self.data_position = self.nonfinite_total = self.consecutive_bad = 0
         self.window = MetricsWindow()
+        samples = int(cfg.data.get("batch_size", 0)) * self.accelerator.num_processes * tr.grad_accum
+        self.throughput = Throughput(samples, device_peak_tflops(self.device, tr.peak_tflops), not tr.compile)
         if self.resume_from is not None:
             self.restore(self.resume_from)
         self._open_run_dir()
@@ -250,6 +253,9 @@ class Trainer:
         self.data_position = state["data_position"]
         self.nonfinite_total = state.get("nonfinite_total", 0)
         self.window = MetricsWindow(state.get("log_window", {}), state.get("log_window_n", 0))
+        # the step's FLOPs as counted when the run started (counting one again would run that step under torch's
+        # FlopCounterMode, whose dispatch differs in the last bits: the resumed run would no longer be bit-exact)
+        self.throughput.step_tflop = state.get("tflop_per_step")
         scaler = self.accelerator.scaler
         if scaler is not None and state.get("grad_scaler"):  # fp16: the loss scale reached so far
             scaler.load_state_dict(state["grad_scaler"])
@@ -346,7 +352,8 @@ class Trainer:
         for t in stepping:
             if t.average is not None:
                 t.average.update(t.module, step)
-        loss, logs = self._accumulate_gradients()
+        with self.throughput.counting_step():  # the forward and backward passes' FLOPs, once
+            loss, logs = self._accumulate_gradients()
         max_norm = tr.max_grad_norm if tr.max_grad_norm > 0 else math.inf
         grad_norm = self.strategy.clip_grad_norm_([p for t in stepping for p in t.params], max_norm)
         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
@@ -381,7 +388,8 @@ class Trainer:
         logs: dict = {}
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(grad_accum):
-            batch = next(self.streams[micro]).to(self.device)
+            with self.throughput.waiting_for_data():
+                batch = next(self.streams[micro]).to(self.device)
             torch.manual_seed(slot_seed(tr.seed, step, self.slots[micro], n_slots))
             sync = ExitStack()  # spans the backward too: FSDP reads the sync flag there
             if micro < grad_accum - 1:
@@ -424,6 +432,7 @@ class Trainer:
             lr=self.trainables[STUDENT].scheduler.get_last_lr()[0],
             steps_per_s=(self.window.steps or 1) / max(now - self.window.started, 1e-9),
             nonfinite_skipped=self.nonfinite_total,
+            **self.throughput.row(self.window.steps or 1, now - self.window.started),
         )
         row = self.writer.log(self.step, row, result.logs.get("times"))
         self.window = MetricsWindow()
@@ -432,17 +441,19 @@ class Trainer:
 
     def sample_grid(self) -> None:
         """A validation grid (rank 0; every rank of a sharded run takes part in the forward passes)."""
-        if not (self.main or self.strategy.every_rank_samples):
-            return
         self.student.eval()  # sample as final_outputs does (no dropout), then back to training
         _validation_grid(
             self.run_dir, self.step, self.objective, self.sampler, self.teacher.sampling_model, self.data,
-            self.device, self.accelerator, self.writer, write=self.main,
+            self.device, self.accelerator, self.writer, Share.of(self.accelerator),
         )  # fmt: skip
         self.student.train()
 
     def save_checkpoint(self) -> None:
         """A checkpoint at the current step (every rank takes part: sharded state is gathered; rank 0 writes)."""
+        with self.throughput.saving():
+            self._save_checkpoint()
+
+    def _save_checkpoint(self) -> None:
         accelerator, tr = self.accelerator, self.tr
         rng_states = [ckpt_io.rng_state()]
         if accelerator.num_processes > 1:
@@ -454,6 +465,7 @@ class Trainer:
             "lr_factor": lr_factor(self.step, tr),
             "settings": self.settings,
             "init_from": init_source(tr),
+            "tflop_per_step": self.throughput.step_tflop,
             **({"grad_scaler": accelerator.scaler.state_dict()} if accelerator.scaler is not None else {}),
         }
         ckpt_io.save_checkpoint(
@@ -472,13 +484,16 @@ class Trainer:
         self.save_checkpoint()
         summary = self._summary()
         open_terms = self._rank_mean(self.window.means()) if self.window.steps > 0 else None
-        if self.stopped_by is None and (self.main or self.strategy.every_rank_samples):
+        if self.stopped_by is None:  # every process samples its share of the rows (fewstep.training.outputs)
             self.student.eval()
+            share = Share.of(self.accelerator)
             summary["eval"] = final_outputs(
                 self.run_dir, self.teacher.sampling_model, self.sampler, self.data, self.tr.final_nfe,
                 self.tr.baseline_steps, self.device, evaluate=self.tr.evaluate, grid_size=self.tr.grid_size,
-                autocast=self.accelerator.autocast, log=log.info, write=self.main,
+                autocast=self.accelerator.autocast, log=log.info, share=share,
             )  # fmt: skip
+            rows = [share.evaluated_rows]
+            summary["final_eval_rows_per_process"] = gather_object(rows) if self.accelerator.num_processes > 1 else rows
         if self.main:
             self._write_summary(summary, open_terms)
         self.accelerator.wait_for_everyone()
@@ -506,6 +521,7 @@ class Trainer:
             "trainable_params": self.n_train,
             "params_per_process": params_per_process,  # elements each process holds: all of them unless sharded
             "peak_host_memory_mb": host_mb,  # each process's peak RSS up to the last checkpoint (rank order)
+            "checkpoint_s_total": self.throughput.checkpoint_s_total,  # this call's saves, the last one included
             "distributed": self.strategy.name,
             "num_processes": self.accelerator.num_processes,
             "device": str(self.device),
@@ -540,15 +556,15 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     return trainer.finish()
 
 
-def _validation_grid(run_dir, step, objective, sampler, model_fn, data, device, accelerator, writer, write=True):
-    """Samples at the objective's ``target_step_count`` steps with the run's sampler, saved as a grid (when
-    ``write``: the other ranks of a sharded run take part in the forward passes only)."""
+def _validation_grid(run_dir, step, objective, sampler, model_fn, data, device, accelerator, writer, share):
+    """Samples at the objective's ``target_step_count`` steps with the run's sampler, saved as a grid by rank 0
+    (every process samples its ``share`` of the rows)."""
     n = 50
     noise = torch.randn(n, *data.shape, generator=torch.Generator().manual_seed(0)).to(device)
     cond = cond_to(data.grid_conds(n), device)
     steps, null = objective.target_step_count, guidance_null(sampler, data, n, device)
-    x = sample_in_chunks(sampler, model_fn, noise, cond, steps, null_cond=null, autocast=accelerator.autocast)
-    if not write:
+    x = share.sample(sampler, model_fn, noise, cond, steps, null_cond=null, autocast=accelerator.autocast)
+    if not share.main:
         return
     image = to_images(data, x, device)
     path = save_samples(

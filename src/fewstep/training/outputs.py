@@ -1,8 +1,18 @@
 """Sampling a trained model for grids, raw samples and evaluation (shared by the loop,
-``fewstep.sample`` and ``fewstep.eval``)."""
+``fewstep.sample`` and ``fewstep.eval``).
+
+In a run of several processes the rows of a grid or an evaluation set are split across them (:class:`Share`):
+each process samples its contiguous share of the rows, rank 0 gathers the samples, decodes and writes them. The
+final outputs of a Qwen-Image run at 1024² (100 rows × 1 + 2 + 4 NFE, about 700 network evaluations of a batch
+row, and 5,000 more with the 50-step baseline) then cost each of 8 GPUs an eighth, and no process waits in a
+collective while another samples alone. The samples are the same at any process count for a deterministic sampler
+(each row's noise is drawn for the whole set first); a stochastic sampler's own draws follow the split.
+"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +42,60 @@ def sample_in_chunks(
     return torch.cat(outs)
 
 
+@dataclass
+class Share:
+    """This process's share of the rows sampled for grids and evaluation: rows ``[start, stop)`` of ``n`` for rank
+    ``rank`` of ``world``, as contiguous blocks of ``ceil(n / world)`` rows. Every process samples the same number
+    of rows (its block padded with copies of its last row, or of row 0 when it has none): under FSDP each forward
+    pass is a collective that every rank makes with the same shapes."""
+
+    rank: int = 0
+    world: int = 1
+    evaluated_rows: int = 0  # rows this process passed through the network so far (padding included)
+
+    @classmethod
+    def of(cls, accelerator) -> Share:
+        return cls(accelerator.process_index, accelerator.num_processes)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def block(self, n: int) -> tuple[int, int, int]:
+        """``(start, stop, per)``: this rank's rows and the padded size every rank samples."""
+        per = math.ceil(n / self.world) if n else 0
+        start = min(self.rank * per, n)
+        return start, min(start + per, n), per
+
+    def sample(self, sampler, model_fn, noise, cond, steps, null_cond=None, autocast=None, seed: int = 0):
+        """This rank's rows of ``sample_in_chunks`` over all of ``noise``/``cond``; rank 0 returns all rows (CPU,
+        float32, in order), the others None. One process: ``sample_in_chunks`` itself."""
+        model_fn = self._counted(model_fn)
+        if self.world == 1:
+            return sample_in_chunks(sampler, model_fn, noise, cond, steps, null_cond=null_cond, autocast=autocast,
+                                    seed=seed)  # fmt: skip
+        n = noise.shape[0]
+        start, stop, per = self.block(n)
+        rows = list(range(start, stop))
+        rows += [rows[-1] if rows else 0] * (per - len(rows))
+        idx = torch.tensor(rows, dtype=torch.long)
+        mine = sample_in_chunks(
+            sampler, model_fn, noise[idx.to(noise.device)], cond_select(cond, idx.to(noise.device)), steps,
+            null_cond=cond_select(null_cond, idx.to(noise.device)) if null_cond is not None else None,
+            autocast=autocast, seed=seed + self.rank,
+        )[: stop - start]  # fmt: skip
+        parts = [None] * self.world if self.main else None  # a CPU gather: the samples, never a GPU's worth
+        torch.distributed.gather_object(mine, parts, dst=0)
+        return torch.cat(parts) if self.main else None
+
+    def _counted(self, model_fn):
+        def call(x, *args, **kwargs):
+            self.evaluated_rows += int(x.shape[0])
+            return model_fn(x, *args, **kwargs)
+
+        return call
+
+
 def guidance_null(sampler, data, n: int, device):
     """The unconditional condition of ``n`` samples when ``sampler`` guides (``guidance_scale > 0``: classifier-free
     guidance needs it), else None."""
@@ -40,10 +104,15 @@ def guidance_null(sampler, data, n: int, device):
     return cond_to(data.null_cond(n), device)
 
 
-def to_images(data, x: torch.Tensor, device) -> torch.Tensor:
-    """Grid images from samples: latent data decodes them with its VAE (``data.decode``)."""
+DECODE_CHUNK = 8  # rows a VAE decodes at once: a 1024² decode's activations stay a few GB whatever the grid's size
+
+
+def to_images(data, x: torch.Tensor, device, chunk: int = DECODE_CHUNK) -> torch.Tensor:
+    """Grid images from samples: latent data decodes them with its VAE (``data.decode``), ``chunk`` rows at a time."""
     decode = getattr(data, "decode", None)
-    return x if decode is None else decode(x.to(device)).float().cpu()
+    if decode is None:
+        return x
+    return torch.cat([decode(x[i : i + chunk].to(device)).float().cpu() for i in range(0, x.shape[0], chunk)])
 
 
 def sample_methods(sampler, nfes, baseline_steps: int) -> list[tuple[str, object, int]]:
@@ -70,16 +139,17 @@ def final_outputs(
     log=print,
     raw: bool | None = None,
     samples_dir: Path | None = None,
-    write: bool = True,
+    share: Share | None = None,
 ) -> dict:
     """Grids (``samples/<method>.png``), the evaluation protocol's raw samples (``samples/<method>.npz``,
     arrays ``x`` and ``y``; ``raw`` defaults to ``evaluate``) and, with ``evaluate``, metrics keyed by method.
-    ``write=False``: the same sampling passes and nothing else (the other ranks of a sharded run, whose forward
-    passes are collectives); returns {}."""
+    ``share``: this process's share of the rows in a run of several processes (every process calls this; rank 0
+    gathers, decodes, evaluates and writes, the others return {})."""
+    share = share or Share()
     run_dir = Path(run_dir)
     samples_dir = Path(samples_dir) if samples_dir is not None else run_dir / "samples"
     evaluated = evaluate and hasattr(data, "evaluator")
-    evaluator = data.evaluator() if evaluated and write else None
+    evaluator = data.evaluator() if evaluated and share.main else None
     raw = evaluate if raw is None else raw
     protocol = (raw or evaluated) and hasattr(data, "eval_inputs")
     grid_gen = torch.Generator().manual_seed(0)
@@ -91,11 +161,12 @@ def final_outputs(
     results = {}
     for name, smp, steps in sample_methods(sampler, nfes, baseline_steps):
         grid_null = guidance_null(smp, data, grid_size, device)
-        grid = sample_in_chunks(smp, model_fn, grid_noise, grid_cond, steps, null_cond=grid_null, autocast=autocast)
-        eval_null = guidance_null(smp, data, eval_noise.shape[0], device) if protocol else None
-        if not write:
-            if protocol:
-                sample_in_chunks(smp, model_fn, eval_noise, eval_cond, steps, null_cond=eval_null, autocast=autocast)
+        grid = share.sample(smp, model_fn, grid_noise, grid_cond, steps, null_cond=grid_null, autocast=autocast)
+        x = None
+        if protocol:
+            eval_null = guidance_null(smp, data, eval_noise.shape[0], device)
+            x = share.sample(smp, model_fn, eval_noise, eval_cond, steps, null_cond=eval_null, autocast=autocast)
+        if not share.main:
             continue
         image = to_images(data, grid, device)
         title = f"{name} ({steps} step{'' if steps == 1 else 's'})"
@@ -103,7 +174,6 @@ def final_outputs(
         if not protocol:
             log(f"wrote {png}")
             continue
-        x = sample_in_chunks(smp, model_fn, eval_noise, eval_cond, steps, null_cond=eval_null, autocast=autocast)
         x = to_images(data, x, device)
         value_range = getattr(data, "value_range", (-1.0, 1.0))  # images: [-1, 1]; 2-D points: unbounded
         if value_range is not None:

@@ -40,14 +40,15 @@ class StallingToy2D(Toy2DData):
 
 
 SIGNAL_ENV = "FEWSTEP_TEST_SIGNAL_AT"  # "RANK:POSITION": that rank signals itself (SIGUSR1) reading that batch
+SIGNAL_NAME_ENV = "FEWSTEP_TEST_SIGNAL_NAME"  # the signal it sends (default SIGUSR1)
 SLOW_START_ENV = "FEWSTEP_TEST_SLOW_START"  # "RANK:SECONDS": that rank opens its data streams that much later
 
 
 class SignalledToy2D(Toy2DData):
     """``data=toy2d`` with the same batches; the rank (``$RANK``, 0 alone) named in ``$FEWSTEP_TEST_SIGNAL_AT``
-    sends itself SIGUSR1 as it reads the batch at that data position, and the rank named in
-    ``$FEWSTEP_TEST_SLOW_START`` opens its streams that many seconds late (its training clock starts later than the
-    others': each rank alone would reach ``trainer.time_limit_s`` at another step)."""
+    sends itself SIGUSR1 (or ``$FEWSTEP_TEST_SIGNAL_NAME``) as it reads the batch at that data position, and the
+    rank named in ``$FEWSTEP_TEST_SLOW_START`` opens its streams that many seconds late (its training clock starts
+    later than the others': each rank alone would reach ``trainer.time_limit_s`` at another step)."""
 
     def batches(self, seed, position=0, rank=0, world=1):
         me = os.environ.get("RANK", "0")
@@ -61,7 +62,7 @@ class SignalledToy2D(Toy2DData):
         signal_rank, _, at = os.environ.get(SIGNAL_ENV, ":-1").partition(":")
         for batch in stream:
             if signal_rank == me and position == int(at):
-                os.kill(os.getpid(), signal.SIGUSR1)
+                os.kill(os.getpid(), signal.Signals[os.environ.get(SIGNAL_NAME_ENV, "SIGUSR1")])
             position += 1
             yield batch
 

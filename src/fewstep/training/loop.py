@@ -58,6 +58,8 @@ from fewstep.training.resume import (
     run_settings,
     with_global_batch,
 )
+from fewstep.training.signals import StopRequest as _StopRequest
+from fewstep.training.signals import handover_signals
 from fewstep.training.throughput import Throughput, device_peak_tflops
 from fewstep.training.trainables import STUDENT, build_components, build_trainables, lr_factor, trainer_optimizer
 
@@ -95,34 +97,6 @@ def sharding_problem(fsdp_requested: bool) -> str | None:
 def slot_seed(seed: int, step: int, slot: int, n_slots: int) -> int:
     """The RNG seed of one micro-batch: a function of the run seed and the slot's global index only."""
     return (seed * 1_000_003 + step * n_slots + slot) % (2**63)
-
-
-class _StopRequest:
-    """``trainer.stop_signals`` (default SIGINT, SIGTERM and SLURM's requeue warning SIGUSR1): finish the current
-    step, write a checkpoint, exit with status 128 + the signal's number (130, 143, 138)."""
-
-    def __init__(self, names=("SIGINT", "SIGTERM", "SIGUSR1")):
-        self.signal = None
-        self._old = {}
-        self._signals = [signal.Signals[name] for name in names]
-
-    def __enter__(self):
-        for sig in self._signals:
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signal is not None:  # second Ctrl-C: give up at once
-            raise KeyboardInterrupt
-        self.signal = signum
-        log.warning("received %s: finishing this step and writing a checkpoint", signal.Signals(signum).name)
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 class StepResult(NamedTuple):
@@ -551,9 +525,13 @@ class Trainer:
 def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     """Train the composed config ``cfg`` into ``run_dir`` (default: Hydra's output dir); returns the summary."""
     trainer = Trainer(cfg, run_dir)
-    with _StopRequest(trainer.tr.stop_signals) as stop:
+    with _StopRequest(trainer.tr.stop_signals, handover=handover_signals()) as stop:
         trainer.fit(stop)
-    return trainer.finish()
+    try:
+        return trainer.finish()
+    except SystemExit:  # stopped and checkpointed: submitit's signal goes on to submitit's handler (its requeue)
+        stop.hand_over(trainer.stopped_by)
+        raise
 
 
 def _validation_grid(run_dir, step, objective, sampler, model_fn, data, device, accelerator, writer, share):

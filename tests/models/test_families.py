@@ -560,8 +560,8 @@ def test_full_qwenimage_under_two_process_fsdp_is_sharded_matches_ddp_resumes_an
     def launch(run, *extra):
         return launch_qwen(pretrained, cache, run, "model.gradient_checkpointing=true", *extra)
 
-    fsdp = ["trainer.distributed=fsdp"]
-    sharded = launch(tmp_path / "fsdp", "trainer.max_steps=3", *fsdp)
+    fsdp = ["trainer.distributed=fsdp", "trainer.checkpoint_format=full"]  # whole tensors (the sharded format:
+    sharded = launch(tmp_path / "fsdp", "trainer.max_steps=3", *fsdp)  # tests/training/test_sharded_checkpoint.py)
     replicated = request.getfixturevalue("qwen_ddp_run")  # the DDP test's run (checkpointing recomputes alike)
     split = resumed_at_step_2(sharded, tmp_path / "split")
     launch(split, "trainer.max_steps=3", "trainer.resume=auto", *fsdp)

@@ -139,7 +139,7 @@ def test_meanflow_with_grad_accumulation_under_two_process_fsdp_equals_ddp(tmp_p
         assert proc.returncode == 0, proc.stderr[-3000:]
         return run
 
-    sharded = launch(tmp_path / "fsdp", "trainer.distributed=fsdp")
+    sharded = launch(tmp_path / "fsdp", "trainer.distributed=fsdp", "trainer.checkpoint_format=full")  # safetensors
     replicated = launch(tmp_path / "ddp")
     summary = json.loads((sharded / "summary.json").read_text())
     per_process = summary["params_per_process"]

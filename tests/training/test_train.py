@@ -614,6 +614,8 @@ def test_resuming_a_checkpoint_of_other_settings_names_them(tmp_path, caplog):
     how = [
         "trainer.compile=true",
         "trainer.distributed=fsdp",
+        "trainer.checkpoint_format=full",
+        "trainer.peak_tflops=989",
         "model.no_grad_chunk=2",
         "launch.num_processes=8",
         "model.gradient_checkpointing=false",

@@ -237,8 +237,11 @@ class TrainerConfig:
     compile: bool = False  # torch.compile the model's forward (student, teacher and sampling passes)
     grid_size: int = 100
     # ddp: Accelerate's DDP replicas across processes | fsdp: the student sharded over the processes (torch FSDP2,
-    # per transformer block; full-state checkpoints). Launch both with accelerate launch --multi_gpu --num_processes N
+    # per transformer block). Launch both with accelerate launch --multi_gpu --num_processes N
     distributed: str = "ddp"
+    # auto: sharded under fsdp (each rank writes its shards, torch.distributed.checkpoint), full otherwise | full:
+    # whole tensors gathered on rank 0 (safetensors) | sharded (fsdp only). Either format resumes, exports and samples
+    checkpoint_format: str = "auto"
 
 
 @dataclass

@@ -51,6 +51,13 @@ def check_distributed(cfg: DictConfig, objective: type[Objective] | None) -> Non
     tr = cfg.trainer
     if tr.distributed not in ("ddp", "fsdp"):
         raise ConfigError(f"trainer.distributed={tr.distributed!r} must be ddp or fsdp")
+    if tr.checkpoint_format not in ("auto", "full", "sharded"):
+        raise ConfigError(f"trainer.checkpoint_format={tr.checkpoint_format!r} must be auto, full or sharded")
+    if tr.checkpoint_format == "sharded" and tr.distributed != "fsdp":
+        raise ConfigError(
+            "trainer.checkpoint_format=sharded needs trainer.distributed=fsdp (unsharded weights have no shards to "
+            "write apart); use trainer.checkpoint_format=auto or full"
+        )
     if tr.distributed != "fsdp":
         return
     lora = cfg.model.get("lora") or {}

@@ -21,6 +21,7 @@ from fewstep.samplers.euler import EulerSampler
 from fewstep.samplers.scheduler import TwinFlowScheduler
 from fewstep.samplers.ucgm import UCGMSampler
 from fewstep.training import checkpoint as ckpt_io
+from fewstep.training import sharded_checkpoint
 from fewstep.training.runs import find_checkpoint, read_run_config
 
 log = logging.getLogger("fewstep.export")
@@ -97,6 +98,22 @@ def scheduler_for_run(cfg, sampler=None):
     )
 
 
+def _load_sharded_shadow(ckpt: Path, key: str, model) -> None:
+    """The teacher's ``key`` average of a sharded checkpoint, read straight into the model's parameters (in their
+    dtype, one tensor at a time)."""
+    names = sharded_checkpoint.stored(ckpt, f"teacher.{key}")
+    if not names:
+        raise ExportError(f"{ckpt} holds no teacher {key} (the run's sampling weights); export weights=student")
+    params = dict(model.named_parameters())
+    unknown = sorted(set(names) - set(params))
+    if unknown:
+        raise ExportError(
+            f"{ckpt}'s teacher {key} does not match the model (e.g. {unknown[0]}); export weights=student"
+        )
+    with torch.no_grad():
+        sharded_checkpoint.load_into(ckpt, f"teacher.{key}", {k: params[k].data for k in names})
+
+
 def load_run_model(run_dir: Path, checkpoint: str | None, weights: str):
     """The run's model with the chosen weights loaded; returns (cfg, model, checkpoint, step, weights used). The
     model alone (no data, objective or teacher is built), from the run dir :mod:`fewstep.training.runs` reads."""
@@ -123,7 +140,10 @@ def load_run_model(run_dir: Path, checkpoint: str | None, weights: str):
         # teacher.sampling_decay, else the teacher EMA), read from its file without building the teacher
         key = instantiate(cfg.teacher).sampling_key
         shadow_file = ckpt / ckpt_io.teacher_file(key) if key is not None else None
-        if shadow_file is not None:
+        if shadow_file is not None and sharded_checkpoint.is_sharded_checkpoint(state):
+            _load_sharded_shadow(ckpt, key, model)
+            used = "ema"
+        elif shadow_file is not None:
             if not shadow_file.exists():
                 raise ExportError(f"{ckpt} has no {shadow_file.name} (the run's {key}); export weights=student")
             shadow = load_file(str(shadow_file))

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from fewstep.errors import FewstepError
 from fewstep.models.family import builds_empty
+from fewstep.training import sharded_checkpoint
 from fewstep.training.distributed import (
     full_optimizer_state,
     gathered,
@@ -119,6 +120,7 @@ def save_checkpoint(
     rng_states: list[dict] | None = None,
     networks: dict | None = None,
     write: bool = True,
+    sharded: bool = False,
 ) -> Path:
     """Write a checkpoint atomically. ``rng_states`` holds one RNG state per process (rank order);
     by default this process's state alone. ``networks``: name → ``(module, optimizer, scheduler, average)``
@@ -127,7 +129,8 @@ def save_checkpoint(
 
     Every process calls it; ``write`` is true on the one that writes (rank 0). Sharded weights, EMA and optimizer
     state (FSDP) are gathered to whole tensors on the way (collectives, in the same order on every rank), so the
-    files are those of an unsharded run; without shards the other ranks copy nothing."""
+    files are those of an unsharded run; without shards the other ranks copy nothing. ``sharded``: every rank
+    writes its own shards instead (:mod:`fewstep.training.sharded_checkpoint`), into rank 0's temporary folder."""
     ckpt_root = Path(ckpt_root)
     final = ckpt_root / f"{PREFIX}{step:07d}"
     tmp = ckpt_root / f".tmp_{PREFIX}{step:07d}_{os.getpid()}"
@@ -139,34 +142,21 @@ def save_checkpoint(
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir()
-        folder.put("model.safetensors", student_state(student, keep=write))
-        tstate = teacher.state_dict()
-        for key in [k for k, v in tstate.items() if isinstance(v, dict) or v is None]:
-            tensors = tstate.pop(key)
-            if tensors is not None:  # the teacher's weight averages: teacher.safetensors, teacher_<key>.safetensors
-                folder.put(teacher_file(key), gathered(tensors, keep=write))
-        optim = {"optimizer": full_optimizer_state(optimizer, keep=write), "scheduler": scheduler.state_dict()}
-        net_states = {}
-        for name, (module, net_opt, net_sched, average) in (networks or {}).items():
-            folder.put(f"network_{name}.safetensors", student_state(module, keep=write))
-            net_optim = {"optimizer": full_optimizer_state(net_opt, keep=write), "scheduler": net_sched.state_dict()}
-            optim.setdefault("networks", {})[name] = net_optim
-            if average is not None:
-                avg = average.state_dict()
-                for key in [k for k, v in avg.items() if isinstance(v, dict) or v is None]:
-                    tensors = avg.pop(key)
-                    if tensors is not None:  # network_<name>_ema.safetensors, network_<name>_ema_<key>.safetensors
-                        folder.put(network_ema_file(name, key), gathered(tensors, keep=write))
-                net_states[name] = {k: v for k, v in avg.items() if not isinstance(v, dict)}
+        if sharded:
+            tmp = _shared_path(tmp)  # rank 0's folder, once it exists
+            optim, net_states, tstate = _put_sharded(tmp, student, teacher, optimizer, scheduler, networks)
+        else:
+            optim, net_states, tstate = _put_full(folder, student, teacher, optimizer, scheduler, networks, write)
         folder.put("optim.pt", obj=optim)
         folder.put("rng.pt", obj={"ranks": rng_states or [rng_state()]})
         if not write:
             return final
         if folder.error is not None:
             raise folder.error
-        files = {p.name: p.stat().st_size for p in tmp.iterdir()}
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         state = {
             "format_version": FORMAT_VERSION,
+            **({"format": sharded_checkpoint.FORMAT} if sharded else {}),
             "step": step,
             "data_position": data_position,
             "teacher": tstate,
@@ -192,6 +182,54 @@ def save_checkpoint(
             ) from err
         raise
     return final
+
+
+def _put_full(folder: _Folder, student, teacher, optimizer, scheduler, networks, write: bool):
+    """The tensors as whole ones (shards gathered on the way): ``model.safetensors``, ``teacher*.safetensors``, the
+    objective's networks; returns ``(optim.pt's content, the networks' EMA counters, the teacher's counters)``."""
+    folder.put("model.safetensors", student_state(student, keep=write))
+    tstate = teacher.state_dict()
+    for key in [k for k, v in tstate.items() if isinstance(v, dict) or v is None]:
+        tensors = tstate.pop(key)
+        if tensors is not None:  # the teacher's weight averages: teacher.safetensors, teacher_<key>.safetensors
+            folder.put(teacher_file(key), gathered(tensors, keep=write))
+    optim = {"optimizer": full_optimizer_state(optimizer, keep=write), "scheduler": scheduler.state_dict()}
+    net_states = {}
+    for name, (module, net_opt, net_sched, average) in (networks or {}).items():
+        folder.put(f"network_{name}.safetensors", student_state(module, keep=write))
+        net_optim = {"optimizer": full_optimizer_state(net_opt, keep=write), "scheduler": net_sched.state_dict()}
+        optim.setdefault("networks", {})[name] = net_optim
+        if average is not None:
+            avg = average.state_dict()
+            for key in [k for k, v in avg.items() if isinstance(v, dict) or v is None]:
+                tensors = avg.pop(key)
+                if tensors is not None:  # network_<name>_ema.safetensors, network_<name>_ema_<key>.safetensors
+                    folder.put(network_ema_file(name, key), gathered(tensors, keep=write))
+            net_states[name] = {k: v for k, v in avg.items() if not isinstance(v, dict)}
+    return optim, net_states, tstate
+
+
+def _put_sharded(tmp: Path, student, teacher, optimizer, scheduler, networks):
+    """Every rank's shards into ``tmp/dcp`` (:mod:`fewstep.training.sharded_checkpoint`); the same returns as
+    :func:`_put_full`, with no tensor in ``optim.pt``."""
+    sharded_checkpoint.save(tmp, sharded_checkpoint.tensor_state(student, teacher, optimizer, networks))
+    tstate = {k: v for k, v in teacher.state_dict().items() if not isinstance(v, dict) and v is not None}
+    optim = {"scheduler": scheduler.state_dict()}
+    net_states = {}
+    for name, (_module, _opt, net_sched, average) in (networks or {}).items():
+        optim.setdefault("networks", {})[name] = {"scheduler": net_sched.state_dict()}
+        if average is not None:
+            net_states[name] = {k: v for k, v in average.state_dict().items() if not isinstance(v, dict)}
+    return optim, net_states, tstate
+
+
+def _shared_path(path: Path) -> Path:
+    """Rank 0's ``path`` on every rank (a broadcast; after rank 0 made it, so the others may write into it)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return path
+    shared = [str(path)]
+    torch.distributed.broadcast_object_list(shared, src=0)
+    return Path(shared[0])
 
 
 def _commit(tmp: Path, final: Path) -> None:
@@ -420,48 +458,73 @@ def load_checkpoint(
     state = verify(ckpt)
     ckpt = Path(ckpt)
     try:
-        _load_module(ckpt / "model.safetensors", student, ckpt)
-        opt = None
-        for name, (module, net_opt, net_sched, average) in (networks or {}).items():
-            path = ckpt / f"network_{name}.safetensors"
-            if not path.exists():
-                raise CheckpointError(
-                    f"checkpoint {ckpt} has no network {name!r}: it was written by another objective; resume "
-                    "with the run's own objective or set trainer.resume=none"
-                )
-            _load_module(path, module, ckpt, what=f"the objective's network {name!r}")
-            if average is not None:
-                keys = [k for k, v in average.state_dict().items() if isinstance(v, dict) or v is None]
-                with contextlib.ExitStack() as files:
-                    paths = {key: ckpt / network_ema_file(name, key) for key in keys}
-                    tensors = {key: files.enter_context(_tensors(path, is_sharded(module))) if path.exists() else None
-                               for key, path in paths.items()}  # fmt: skip
-                    average.load_state_dict({**state["networks"][name], **tensors})
-            if net_opt is not None:
-                opt = opt or _load_optim(ckpt, net_opt)
-                load_optimizer_state(net_opt, opt["networks"][name]["optimizer"])
-                net_sched.load_state_dict(opt["networks"][name]["scheduler"])
-        if teacher is not None:
-            tstate = dict(state["teacher"])
-            with contextlib.ExitStack() as files:
-                for p in ckpt.glob("teacher*.safetensors"):
-                    key = "shadow" if p.name == "teacher.safetensors" else p.stem[len("teacher_") :]
-                    tstate[key] = files.enter_context(_tensors(p, is_sharded(student)))
-                teacher.load_state_dict(tstate)
-        if optimizer is not None:
-            opt = _load_optim(ckpt, optimizer)
-            load_optimizer_state(optimizer, opt["optimizer"])
-            if scheduler is not None:
-                scheduler.load_state_dict(opt["scheduler"])
+        if sharded_checkpoint.is_sharded_checkpoint(state):
+            _load_sharded(ckpt, state, student, teacher, optimizer, scheduler, networks)
+        else:
+            _load_full(ckpt, state, student, teacher, optimizer, scheduler, networks)
         if restore_rng:
             ranks = torch.load(ckpt / "rng.pt", map_location="cpu", weights_only=True)["ranks"]
             set_rng_state(ranks[rank % len(ranks)])
     except CheckpointError:
         raise
-    except Exception as err:  # safetensors / pickle errors on a damaged file
+    except Exception as err:  # safetensors / pickle / DCP errors on a damaged file
         detail = " ".join(str(err).split())[:300]
         raise CheckpointError(f"checkpoint {ckpt} could not be read ({type(err).__name__}: {detail}); {_FIX}") from err
     return state
+
+
+def _load_sharded(ckpt: Path, state: dict, student, teacher, optimizer, scheduler, networks) -> None:
+    """A sharded (DCP) checkpoint into this run, resharded to its layout; then the schedulers and counters."""
+    sharded_checkpoint.load(ckpt, student, teacher, optimizer, networks)
+    opt = torch.load(ckpt / "optim.pt", map_location="cpu", weights_only=True)
+    if teacher is not None:
+        tensors = {k: v for k, v in teacher.state_dict().items() if isinstance(v, dict)}  # filled in place
+        teacher.load_state_dict({**state["teacher"], **tensors})
+    for name, (_module, net_opt, net_sched, average) in (networks or {}).items():
+        if average is not None:
+            tensors = {k: v for k, v in average.state_dict().items() if isinstance(v, dict)}
+            average.load_state_dict({**state.get("networks", {}).get(name, {}), **tensors})
+        if net_opt is not None:
+            net_sched.load_state_dict(opt["networks"][name]["scheduler"])
+    if optimizer is not None and scheduler is not None:
+        scheduler.load_state_dict(opt["scheduler"])
+
+
+def _load_full(ckpt: Path, state: dict, student, teacher, optimizer, scheduler, networks) -> None:
+    """A full-state checkpoint into this run (each rank reading only its slices under FSDP)."""
+    _load_module(ckpt / "model.safetensors", student, ckpt)
+    opt = None
+    for name, (module, net_opt, net_sched, average) in (networks or {}).items():
+        path = ckpt / f"network_{name}.safetensors"
+        if not path.exists():
+            raise CheckpointError(
+                f"checkpoint {ckpt} has no network {name!r}: it was written by another objective; resume "
+                "with the run's own objective or set trainer.resume=none"
+            )
+        _load_module(path, module, ckpt, what=f"the objective's network {name!r}")
+        if average is not None:
+            keys = [k for k, v in average.state_dict().items() if isinstance(v, dict) or v is None]
+            with contextlib.ExitStack() as files:
+                paths = {key: ckpt / network_ema_file(name, key) for key in keys}
+                tensors = {key: files.enter_context(_tensors(path, is_sharded(module))) if path.exists() else None
+                           for key, path in paths.items()}  # fmt: skip
+                average.load_state_dict({**state["networks"][name], **tensors})
+        if net_opt is not None:
+            opt = opt or _load_optim(ckpt, net_opt)
+            load_optimizer_state(net_opt, opt["networks"][name]["optimizer"])
+            net_sched.load_state_dict(opt["networks"][name]["scheduler"])
+    if teacher is not None:
+        tstate = dict(state["teacher"])
+        with contextlib.ExitStack() as files:
+            for p in ckpt.glob("teacher*.safetensors"):
+                key = "shadow" if p.name == "teacher.safetensors" else p.stem[len("teacher_") :]
+                tstate[key] = files.enter_context(_tensors(p, is_sharded(student)))
+            teacher.load_state_dict(tstate)
+    if optimizer is not None:
+        opt = _load_optim(ckpt, optimizer)
+        load_optimizer_state(optimizer, opt["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(opt["scheduler"])
 
 
 def prune(ckpt_root: Path, keep_last: int) -> None:
@@ -497,10 +560,15 @@ def load_initial_weights(source: str | Path, student, use_ema: bool = True) -> P
         raise CheckpointError(f"trainer.init_from={source}: no valid checkpoint there; give a finished run dir")
     if builds_empty():  # a rank other than 0 of a sharded run: rank 0's weights reach its shards
         return ckpt
-    weights = load_file(str(ckpt / "model.safetensors"))
-    ema = ckpt / "teacher.safetensors"
-    if use_ema and ema.exists():
-        weights.update(load_file(str(ema)))
+    if sharded_checkpoint.is_sharded_checkpoint(verify(ckpt)):
+        weights = sharded_checkpoint.whole_tensors(ckpt, "model")
+        if use_ema:
+            weights.update(sharded_checkpoint.whole_tensors(ckpt, "teacher.shadow"))
+    else:
+        weights = load_file(str(ckpt / "model.safetensors"))
+        ema = ckpt / "teacher.safetensors"
+        if use_ema and ema.exists():
+            weights.update(load_file(str(ema)))
     adapt = getattr(student, "adapt_initial_weights", None)  # e.g. a vanilla run into a time-pair model
     if adapt is not None:
         weights = adapt(weights)

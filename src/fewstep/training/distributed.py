@@ -98,7 +98,13 @@ def shard_like(whole, like: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def copy_full_(dst: torch.Tensor, whole) -> None:
     """Copy a whole tensor (or a stored one, see :func:`local_part`) into ``dst`` (into its local shard when ``dst``
-    is a shard: only that part is read)."""
+    is a shard: only that part is read). A shard laid out as ``dst`` (a sharded checkpoint's, loaded in place) copies
+    shard to shard."""
+    if whole is dst:
+        return
+    if is_shard(dst) and is_shard(whole) and whole.placements == dst.placements and whole.shape == dst.shape:
+        dst.to_local().copy_(whole.to_local())
+        return
     if is_shard(dst):
         dst.to_local().copy_(whole[local_index(dst)])
     else:

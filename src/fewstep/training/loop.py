@@ -147,6 +147,8 @@ class Trainer:
         self.settings = with_global_batch(settings, self.accelerator.num_processes)
         reset_peak_memory()  # after the Accelerator set this rank's GPU: before, every rank made a context on GPU 0
         self.strategy = strategy_for(self.accelerator, tr.distributed, tr.mixed_precision)
+        # each rank writes its own shards (torch.distributed.checkpoint) instead of rank 0 the gathered whole
+        self.sharded_checkpoints = tr.distributed == "fsdp" and tr.checkpoint_format != "full"
         self.main = self.accelerator.is_main_process
         self.device = self.accelerator.device
         self.run_dir = self._run_dir(run_dir)
@@ -445,7 +447,7 @@ class Trainer:
         ckpt_io.save_checkpoint(
             self.run_dir / "checkpoints", self.step, self.student, self.teacher, student.optimizer, student.scheduler,
             self.data_position, extra=extra, rng_states=rng_states, networks=self._checkpointed_networks(),
-            write=self.main,
+            write=self.main, sharded=self.sharded_checkpoints,
         )  # fmt: skip
         if self.main:
             ckpt_io.prune(self.run_dir / "checkpoints", tr.keep_last)
@@ -481,8 +483,10 @@ class Trainer:
 
     def _summary(self) -> dict:
         params_per_process, host_mb = [local_numel(self.student)], [round(peak_host_memory_mb(), 1)]
+        save_mb = [round(self.throughput.checkpoint_host_growth_mb, 1)]
         if self.accelerator.num_processes > 1:
             params_per_process, host_mb = gather_object(params_per_process), gather_object(host_mb)
+            save_mb = gather_object(save_mb)
         step, start = self.step, self.start_step
         summary = {
             "steps": step,
@@ -496,6 +500,7 @@ class Trainer:
             "params_per_process": params_per_process,  # elements each process holds: all of them unless sharded
             "peak_host_memory_mb": host_mb,  # each process's peak RSS up to the last checkpoint (rank order)
             "checkpoint_s_total": self.throughput.checkpoint_s_total,  # this call's saves, the last one included
+            "checkpoint_host_growth_mb": save_mb,  # per process: the most a save raised its RSS (rank order)
             "distributed": self.strategy.name,
             "num_processes": self.accelerator.num_processes,
             "device": str(self.device),

@@ -20,6 +20,8 @@ import time
 
 import torch
 
+from fewstep.training.memory import host_peak_during
+
 # metrics-row keys that follow the wall clock (or which step was counted), not the training: a resumed run logs
 # the same rows as a straight one but for these
 WALL_CLOCK_KEYS = frozenset(
@@ -52,6 +54,7 @@ class Throughput:
         self.data_wait_s = 0.0
         self.checkpoint_s = 0.0
         self.checkpoint_s_total = 0.0
+        self.checkpoint_host_growth_mb = 0.0  # the most a save raised this process's RSS above its level before
 
     @contextlib.contextmanager
     def waiting_for_data(self):
@@ -63,13 +66,18 @@ class Throughput:
 
     @contextlib.contextmanager
     def saving(self):
+        """Around a checkpoint save: its seconds, and how far the process's host memory rose above where it was
+        (a full-state save gathers the whole state on rank 0; a sharded one writes each rank's shards as they are)."""
         t0 = time.perf_counter()
         try:
-            yield
+            with host_peak_during() as host:
+                yield
         finally:
             spent = time.perf_counter() - t0
             self.checkpoint_s += spent
             self.checkpoint_s_total += spent
+            if host.growth_mb is not None:
+                self.checkpoint_host_growth_mb = max(self.checkpoint_host_growth_mb, host.growth_mb)
 
     @contextlib.contextmanager
     def counting_step(self):

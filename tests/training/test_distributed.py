@@ -305,3 +305,20 @@ def test_fsdp_shards_each_block_gathers_bf16_reduces_fp32_and_does_not_reduce_in
         assert grads.keys() == reference.keys() and len(grads) == 76  # 82 tensors, 6 never get a gradient
         worst = max(((grads[k] - reference[k]).abs().max() / reference[k].abs().max()).item() for k in grads)
         assert worst < 1e-5, worst
+
+
+def test_checkpoint_format_and_background_saves_are_checked_before_anything_is_built():
+    from fewstep.config.checks import ConfigError
+    from fewstep.config.validate import validate
+
+    with pytest.raises(ConfigError, match=r"trainer.checkpoint_format='zip' must be auto, full or sharded"):
+        validate(compose(["trainer.checkpoint_format=zip"]))
+    with pytest.raises(ConfigError, match=r"checkpoint_format=sharded needs trainer.distributed=fsdp"):
+        validate(compose(["trainer.checkpoint_format=sharded"]))
+    with pytest.raises(ConfigError, match=r"async_checkpoint=true writes sharded checkpoints in the background"):
+        validate(compose(["trainer.async_checkpoint=true"]))
+    with pytest.raises(ConfigError, match=r"async_checkpoint=true"):
+        validate(
+            compose(["trainer.distributed=fsdp", "trainer.checkpoint_format=full", "trainer.async_checkpoint=true"])
+        )
+    validate(compose(["trainer.distributed=fsdp", "trainer.async_checkpoint=true"]))

@@ -157,6 +157,15 @@ def test_export_and_sampling_read_the_shards_as_an_unsharded_run_would(qwen, tmp
     print(f"state {state_mb:.1f} MB; RSS rise during saves per rank (MB): {rise}")
     # (measured: state 74 MB; full: rank 0 +35.2 MB, the AdamW moments it gathers at once; sharded: +2.5 and +1.7)
     assert rise["full"][0] > 0.4 * state_mb and max(rise["sharded"]) < 0.1 * state_mb
+    # a background save (trainer.async_checkpoint) snapshots the step it was asked for while training goes on
+    background = launch(qwen, tmp_path / "async", "trainer.max_steps=4", "trainer.async_checkpoint=true")
+    a, b = weights(step_dir(background, 2)), weights(step_dir(sharded, 2))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(
+        torch.equal(x, y)
+        for x, y in zip(moments(step_dir(background, 2)).values(), moments(step_dir(sharded, 2)).values())
+    )
+    assert ckpt_io.latest_valid(background / "checkpoints") == step_dir(background, 4)
     for run in (sharded, full):
         _, model, *_ = load_run_model(run, None, "ema")
         state = model.state_dict()

@@ -66,6 +66,7 @@ class RowFit:
     host_peak_gb: float  # host memory one process needs while loading the weights (see the module docstring)
     params: int
     trainable_params: int
+    checkpoint_gb: float  # what a checkpoint holds: trainable weights, AdamW moments and the EMA, fp32 (GiB)
     depth_estimates: dict  # blocks -> {"peak_gb", "resident_gb"} of the (fp32 / the row's) estimates
 
     @property
@@ -76,8 +77,20 @@ class RowFit:
     def fits(self) -> bool:
         return self.headroom >= HEADROOM
 
+    @property
+    def checkpoint_gb_per_rank(self) -> float:
+        """What each rank writes: its shards under ``fsdp`` (sharded checkpoints), everything on rank 0 otherwise."""
+        return self.checkpoint_gb / self.processes if self.distributed == "fsdp" else self.checkpoint_gb
+
+    def save_seconds(self, gb_per_s: float = 1.0, sharded: bool = True) -> float:
+        """Seconds to write a checkpoint at ``gb_per_s`` per writing rank: the ranks in parallel when ``sharded``
+        (fsdp), else rank 0 alone (a full-state checkpoint, after gathering)."""
+        sharded = sharded and self.distributed == "fsdp"
+        return (self.checkpoint_gb_per_rank if sharded else self.checkpoint_gb) * GIB / 1e9 / gb_per_s
+
     def as_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "headroom": self.headroom, "fits": self.fits}
+        return {**dataclasses.asdict(self), "headroom": self.headroom, "fits": self.fits,
+                "checkpoint_gb_per_rank": self.checkpoint_gb_per_rank}  # fmt: skip
 
 
 def hardware_gb(hardware: str) -> tuple[int, float]:
@@ -172,6 +185,8 @@ def row_fit(row: str, overrides: list[str] | tuple = (), steps: int = 3) -> RowF
         host = params * weight_bytes / GIB  # only rank 0 reads; it loads the whole model before sharding
     else:
         host = min(params * weight_bytes / GIB, SAFETENSORS_FILE_GB * 1e9 / GIB)
+    ema = float(cfg.teacher.get("decay", 0.0) or 0.0) > 0.0  # decay 0: the student is the teacher, no copy
+    checkpoint = trainable * (4 + 8 + (4 if ema else 0)) / GIB  # fp32 weights, two AdamW moments, the EMA
     return RowFit(
         row=row,
         architecture=arch.name,
@@ -183,6 +198,7 @@ def row_fit(row: str, overrides: list[str] | tuple = (), steps: int = 3) -> RowF
         host_peak_gb=host,
         params=params,
         trainable_params=trainable,
+        checkpoint_gb=checkpoint,
         depth_estimates=depth,
     )
 
@@ -191,14 +207,14 @@ def fit_table(fits: list[RowFit]) -> str:
     """A markdown table of row estimates (docs/reproducing.md)."""
     lines = [
         "| row | architecture | distributed | GPU peak (GiB) | GPU (GiB) | headroom | host peak per process (GiB) |"
-        " trainable |",
-        "|---|---|---|---|---|---|---|---|",
+        " trainable | checkpoint (GiB) | written per rank (GiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for f in fits:
         lines.append(
             f"| {f.row} | {f.architecture} | {f.distributed} × {f.processes} | {f.gpu_peak_gb:.1f} | {f.gpu_gb:.1f} "
             f"| {100 * f.headroom:.0f} %{'' if f.fits else ' (does not fit)'} | {f.host_peak_gb:.1f} "
-            f"| {f.trainable_params / 1e6:,.0f} M |"
+            f"| {f.trainable_params / 1e6:,.0f} M | {f.checkpoint_gb:.1f} | {f.checkpoint_gb_per_rank:.1f} |"
         )
     return "\n".join(lines)
 

@@ -242,6 +242,9 @@ class TrainerConfig:
     # auto: sharded under fsdp (each rank writes its shards, torch.distributed.checkpoint), full otherwise | full:
     # whole tensors gathered on rank 0 (safetensors) | sharded (fsdp only). Either format resumes, exports and samples
     checkpoint_format: str = "auto"
+    # sharded checkpoints only: each rank copies its shards to host memory and a thread writes them while training
+    # goes on (the checkpoint is committed before the next save; the last save of a run waits)
+    async_checkpoint: bool = False
 
 
 @dataclass

@@ -53,6 +53,11 @@ def check_distributed(cfg: DictConfig, objective: type[Objective] | None) -> Non
         raise ConfigError(f"trainer.distributed={tr.distributed!r} must be ddp or fsdp")
     if tr.checkpoint_format not in ("auto", "full", "sharded"):
         raise ConfigError(f"trainer.checkpoint_format={tr.checkpoint_format!r} must be auto, full or sharded")
+    if tr.async_checkpoint and (tr.distributed != "fsdp" or tr.checkpoint_format == "full"):
+        raise ConfigError(
+            "trainer.async_checkpoint=true writes sharded checkpoints in the background: it needs "
+            "trainer.distributed=fsdp with trainer.checkpoint_format=auto or sharded"
+        )
     if tr.checkpoint_format == "sharded" and tr.distributed != "fsdp":
         raise ConfigError(
             "trainer.checkpoint_format=sharded needs trainer.distributed=fsdp (unsharded weights have no shards to "

@@ -121,7 +121,8 @@ def save_checkpoint(
     networks: dict | None = None,
     write: bool = True,
     sharded: bool = False,
-) -> Path:
+    background: bool = False,
+) -> Path | PendingCheckpoint:
     """Write a checkpoint atomically. ``rng_states`` holds one RNG state per process (rank order);
     by default this process's state alone. ``networks``: name → ``(module, optimizer, scheduler, average)``
     of an objective's own networks (``network_<name>.safetensors``, ``network_<name>_ema.safetensors``,
@@ -130,7 +131,9 @@ def save_checkpoint(
     Every process calls it; ``write`` is true on the one that writes (rank 0). Sharded weights, EMA and optimizer
     state (FSDP) are gathered to whole tensors on the way (collectives, in the same order on every rank), so the
     files are those of an unsharded run; without shards the other ranks copy nothing. ``sharded``: every rank
-    writes its own shards instead (:mod:`fewstep.training.sharded_checkpoint`), into rank 0's temporary folder."""
+    writes its own shards instead (:mod:`fewstep.training.sharded_checkpoint`), into rank 0's temporary folder;
+    with ``background`` too, the shards are copied (staged) and written while training goes on: the checkpoint is
+    committed by :meth:`PendingCheckpoint.complete`, which every rank calls before the next save."""
     ckpt_root = Path(ckpt_root)
     final = ckpt_root / f"{PREFIX}{step:07d}"
     tmp = ckpt_root / f".tmp_{PREFIX}{step:07d}_{os.getpid()}"
@@ -142,18 +145,18 @@ def save_checkpoint(
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir()
+        writing = None
         if sharded:
             tmp = _shared_path(tmp)  # rank 0's folder, once it exists
-            optim, net_states, tstate = _put_sharded(tmp, student, teacher, optimizer, scheduler, networks)
+            optim, net_states, tstate, writing = _put_sharded(
+                tmp, student, teacher, optimizer, scheduler, networks, background
+            )
         else:
             optim, net_states, tstate = _put_full(folder, student, teacher, optimizer, scheduler, networks, write)
         folder.put("optim.pt", obj=optim)
         folder.put("rng.pt", obj={"ranks": rng_states or [rng_state()]})
-        if not write:
-            return final
-        if folder.error is not None:
+        if write and folder.error is not None:
             raise folder.error
-        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         state = {
             "format_version": FORMAT_VERSION,
             **({"format": sharded_checkpoint.FORMAT} if sharded else {}),
@@ -161,14 +164,13 @@ def save_checkpoint(
             "data_position": data_position,
             "teacher": tstate,
             **({"networks": net_states} if net_states else {}),
-            "files": files,
             **(extra or {}),
         }
-        with (tmp / "state.json").open("w") as fh:
-            json.dump(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        _commit(tmp, final)
+        if writing is not None:
+            return PendingCheckpoint(final, tmp, writing, state, write)
+        if not write:
+            return final
+        _write_state_and_commit(tmp, final, state)
     except BaseException as err:
         if not write:
             raise
@@ -209,10 +211,48 @@ def _put_full(folder: _Folder, student, teacher, optimizer, scheduler, networks,
     return optim, net_states, tstate
 
 
-def _put_sharded(tmp: Path, student, teacher, optimizer, scheduler, networks):
+def _write_state_and_commit(tmp: Path, final: Path, state: dict) -> None:
+    """``state.json`` (every file of ``tmp`` with its size), fsynced, then the rename that commits the checkpoint."""
+    files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+    with (tmp / "state.json").open("w") as fh:
+        json.dump({**state, "files": files}, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    _commit(tmp, final)
+
+
+class PendingCheckpoint:
+    """A sharded checkpoint whose shards are being written in the background (``trainer.async_checkpoint``).
+    :meth:`complete` (every rank) waits for this rank's writes, then rank 0 writes ``state.json`` and commits; until
+    then the folder is a ``.tmp_*`` one, so a kill leaves the previous checkpoint as the newest valid one."""
+
+    def __init__(self, final: Path, tmp: Path, writing, state: dict, write: bool):
+        self.final, self.tmp, self.writing, self.state, self.write = final, tmp, writing, state, write
+
+    def complete(self) -> Path:
+        try:
+            self.writing.result()
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.barrier()  # every rank's shards are on disk
+            if self.write:
+                _write_state_and_commit(self.tmp, self.final, self.state)
+        except Exception as err:
+            if self.write:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            detail = " ".join(str(err).split())[:300]
+            raise CheckpointError(
+                f"writing checkpoint {self.final} in the background failed ({type(err).__name__}: {detail}); earlier "
+                "checkpoints are intact: free space or set trainer.async_checkpoint=false, then restart with "
+                "trainer.resume=auto"
+            ) from err
+        return self.final
+
+
+def _put_sharded(tmp: Path, student, teacher, optimizer, scheduler, networks, background: bool = False):
     """Every rank's shards into ``tmp/dcp`` (:mod:`fewstep.training.sharded_checkpoint`); the same returns as
-    :func:`_put_full`, with no tensor in ``optim.pt``."""
-    sharded_checkpoint.save(tmp, sharded_checkpoint.tensor_state(student, teacher, optimizer, networks))
+    :func:`_put_full`, with no tensor in ``optim.pt``, and the background write (None when written already)."""
+    state = sharded_checkpoint.tensor_state(student, teacher, optimizer, networks)
+    writing = sharded_checkpoint.save(tmp, state, background=background)
     tstate = {k: v for k, v in teacher.state_dict().items() if not isinstance(v, dict) and v is not None}
     optim = {"scheduler": scheduler.state_dict()}
     net_states = {}
@@ -220,7 +260,7 @@ def _put_sharded(tmp: Path, student, teacher, optimizer, scheduler, networks):
         optim.setdefault("networks", {})[name] = {"scheduler": net_sched.state_dict()}
         if average is not None:
             net_states[name] = {k: v for k, v in average.state_dict().items() if not isinstance(v, dict)}
-    return optim, net_states, tstate
+    return optim, net_states, tstate, writing
 
 
 def _shared_path(path: Path) -> Path:

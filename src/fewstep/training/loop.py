@@ -149,6 +149,7 @@ class Trainer:
         self.strategy = strategy_for(self.accelerator, tr.distributed, tr.mixed_precision)
         # each rank writes its own shards (torch.distributed.checkpoint) instead of rank 0 the gathered whole
         self.sharded_checkpoints = tr.distributed == "fsdp" and tr.checkpoint_format != "full"
+        self.pending_save = None  # a background save not committed yet (trainer.async_checkpoint)
         self.main = self.accelerator.is_main_process
         self.device = self.accelerator.device
         self.run_dir = self._run_dir(run_dir)
@@ -424,12 +425,23 @@ class Trainer:
         )  # fmt: skip
         self.student.train()
 
-    def save_checkpoint(self) -> None:
-        """A checkpoint at the current step (every rank takes part: sharded state is gathered; rank 0 writes)."""
+    def save_checkpoint(self, background: bool = True) -> None:
+        """A checkpoint at the current step (every rank takes part: sharded state is gathered, or each rank writes its
+        shards; rank 0 commits). With ``trainer.async_checkpoint`` (and ``background``) the shards are written while
+        training goes on; the previous background save is committed first."""
         with self.throughput.saving():
-            self._save_checkpoint()
+            self._complete_pending_save()
+            self._save_checkpoint(background and self.tr.async_checkpoint)
 
-    def _save_checkpoint(self) -> None:
+    def _complete_pending_save(self) -> None:
+        if self.pending_save is None:
+            return
+        self.pending_save.complete()
+        self.pending_save = None
+        if self.main:
+            ckpt_io.prune(self.run_dir / "checkpoints", self.tr.keep_last)
+
+    def _save_checkpoint(self, background: bool) -> None:
         accelerator, tr = self.accelerator, self.tr
         rng_states = [ckpt_io.rng_state()]
         if accelerator.num_processes > 1:
@@ -444,11 +456,14 @@ class Trainer:
             "tflop_per_step": self.throughput.step_tflop,
             **({"grad_scaler": accelerator.scaler.state_dict()} if accelerator.scaler is not None else {}),
         }
-        ckpt_io.save_checkpoint(
+        saved = ckpt_io.save_checkpoint(
             self.run_dir / "checkpoints", self.step, self.student, self.teacher, student.optimizer, student.scheduler,
             self.data_position, extra=extra, rng_states=rng_states, networks=self._checkpointed_networks(),
-            write=self.main, sharded=self.sharded_checkpoints,
+            write=self.main, sharded=self.sharded_checkpoints, background=background,
         )  # fmt: skip
+        if isinstance(saved, ckpt_io.PendingCheckpoint):
+            self.pending_save = saved  # committed before the next save (or the last one, which waits)
+            return
         if self.main:
             ckpt_io.prune(self.run_dir / "checkpoints", tr.keep_last)
         accelerator.wait_for_everyone()
@@ -457,7 +472,7 @@ class Trainer:
     def finish(self) -> dict:
         """The last checkpoint, the final grids and evaluation (not after a stop request), ``summary.json``;
         a stopped run then exits with 128 + the signal's number (130 SIGINT, 143 SIGTERM, 138 SIGUSR1)."""
-        self.save_checkpoint()
+        self.save_checkpoint(background=False)  # the last one is on disk before the run reports
         summary = self._summary()
         open_terms = self._rank_mean(self.window.means()) if self.window.steps > 0 else None
         if self.stopped_by is None:  # every process samples its share of the rows (fewstep.training.outputs)

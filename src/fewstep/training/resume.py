@@ -82,6 +82,7 @@ RUN_LENGTH_KEYS = (
     "trainer.checkpoint_every", "trainer.sample_every", "trainer.log_every", "trainer.keep_last", "trainer.evaluate",
     "trainer.final_nfe", "trainer.baseline_steps", "trainer.init_from", "logger.", "trainer.grid_size",
     "trainer.max_nonfinite", "trainer.peak_tflops", "trainer.checkpoint_format",
+    "trainer.async_checkpoint",
     # speed, memory and sharding (the same weights): a resume may change them to fit or speed up a run
     "trainer.compile", "trainer.distributed", "model.gradient_checkpointing", "model.no_grad_chunk",
     "data.decode_device", "launch.", "optimize_metric",  # launch.*: documentation; a sweeper's return value

@@ -79,11 +79,23 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def save(folder: Path, state: dict) -> None:
-    """Every rank writes its shards of ``state`` into ``folder/dcp`` (a collective; rank 0 adds the metadata)."""
+_BACKGROUND_GROUP: list = []  # the gloo group background writes coordinate over (never the training's NCCL group)
+
+
+def save(folder: Path, state: dict, background: bool = False):
+    """Every rank writes its shards of ``state`` into ``folder/dcp`` (a collective; rank 0 adds the metadata).
+    ``background``: the shards are copied to host memory now (this rank's share) and written by a thread while
+    training goes on; returns the future of that write (else None)."""
     import torch.distributed.checkpoint as dcp
 
-    dcp.save(state, checkpoint_id=str(Path(folder) / DCP_DIR), no_dist=not _distributed())
+    checkpoint_id = str(Path(folder) / DCP_DIR)
+    if not background:
+        dcp.save(state, checkpoint_id=checkpoint_id, no_dist=not _distributed())
+        return None
+    if _distributed() and not _BACKGROUND_GROUP:
+        _BACKGROUND_GROUP.append(torch.distributed.new_group(backend="gloo"))  # every rank, at its first save
+    group = _BACKGROUND_GROUP[0] if _BACKGROUND_GROUP else None
+    return dcp.async_save(state, checkpoint_id=checkpoint_id, process_group=group, no_dist=not _distributed())
 
 
 def load(ckpt: Path, student, teacher=None, optimizer=None, networks: dict | None = None) -> None:

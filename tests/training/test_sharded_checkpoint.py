@@ -166,7 +166,11 @@ def test_export_and_sampling_read_the_shards_as_an_unsharded_run_would(qwen, tmp
         for x, y in zip(moments(step_dir(background, 2)).values(), moments(step_dir(sharded, 2)).values())
     )
     assert ckpt_io.latest_valid(background / "checkpoints") == step_dir(background, 4)
+    from fewstep.training.runs import load_run  # what fewstep.sample and fewstep.eval load
+
     for run in (sharded, full):
+        loaded = load_run(run, device="cpu")
+        assert loaded.step == 2 and all(torch.equal(loaded.teacher.shadow[k], ema[k]) for k in ema), run.name
         _, model, *_ = load_run_model(run, None, "ema")
         state = model.state_dict()
         assert all(torch.equal(state[k], ema[k]) for k in ema), run.name

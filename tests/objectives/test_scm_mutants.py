@@ -65,7 +65,8 @@ def test_time_scale_warning_text_points_at_the_caller_of_validate():
         "warm-up ramps in (measured on digits: 1-NFE FD 171 vs 2.55 with 1); pass model.time_scale=1 "
         "(docs/objectives.md)"
     )
-    assert ours[0].filename == __file__
+    # (under mutation testing a trampoline frame of mutmut's sits between validate() and the check)
+    assert ours[0].filename == __file__ or "/mutmut/" in ours[0].filename, ours[0].filename
 
 
 class LinearNet(torch.nn.Module):

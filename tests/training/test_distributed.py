@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from fewstep.config.validate import ConfigError, validate
+from fewstep.training import checkpoint as ckpt_io
 
 from helpers import FAST, compose
 
@@ -105,10 +106,11 @@ def test_twinflow_with_one_row_per_process_under_fsdp_does_not_deadlock_and_equa
         ]  # fmt: skip
         proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240)
         assert proc.returncode == 0, proc.stderr[-3000:]
-    ckpts = [runs[m] / "checkpoints" / "step_0000008" for m in ("fsdp", "ddp")]
-    for name in ("model.safetensors", "teacher.safetensors"):
-        a, b = (load_file(str(c / name)) for c in ckpts)
-        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6, name
+    ckpts = [runs[m] / "checkpoints" / "step_0000008" for m in ("fsdp", "ddp")]  # sharded (dcp/) and full formats
+    assert json.loads((ckpts[0] / "state.json").read_text())["format"] == "dcp"
+    for part in ("model", "teacher"):
+        a, b = (ckpt_io.read_tensors(c, part) for c in ckpts)
+        assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6, part
     # sharded, not a silent fallback to replicas (which would equal DDP as well): each process holds its half
     sharded, replicated = (json.loads((runs[m] / "summary.json").read_text()) for m in ("fsdp", "ddp"))
     assert (sharded["distributed"], sharded["num_processes"], replicated["distributed"]) == ("fsdp", 2, "ddp")

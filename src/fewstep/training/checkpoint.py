@@ -567,6 +567,17 @@ def _load_full(ckpt: Path, state: dict, student, teacher, optimizer, scheduler, 
             scheduler.load_state_dict(opt["scheduler"])
 
 
+def read_tensors(ckpt: Path, part: str = "model") -> dict[str, torch.Tensor]:
+    """Whole tensors of a checkpoint of either format, in this process alone: ``part`` ``model`` (the trainable
+    weights and buffers) or ``teacher`` (the teacher's EMA)."""
+    ckpt = Path(ckpt)
+    if part not in ("model", "teacher"):
+        raise ValueError(f"part={part!r} must be model or teacher")
+    if sharded_checkpoint.is_sharded_checkpoint(verify(ckpt)):
+        return sharded_checkpoint.whole_tensors(ckpt, "model" if part == "model" else "teacher.shadow")
+    return load_file(str(ckpt / ("model.safetensors" if part == "model" else teacher_file("shadow"))))
+
+
 def prune(ckpt_root: Path, keep_last: int) -> None:
     """Keep the newest ``keep_last`` valid checkpoints; never delete the only valid one. Also deletes a killed
     writer's ``.tmp_*`` leftovers (see :func:`clean_stale`)."""

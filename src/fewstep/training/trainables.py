@@ -44,8 +44,8 @@ def build_components(cfg: DictConfig, device=None, bind_teacher: bool = True):
 def resolve_weight_dtype(cfg: DictConfig) -> None:
     """``model.dtype=auto`` (the ``model=*_lora`` default) becomes the dtype it stands for, in place
     (:func:`fewstep.models.family.weight_dtype_name`)."""
-    if str(cfg.model.get("dtype", "float32")) != "auto":
-        return
+    if "dtype" not in cfg.model.keys() or str(cfg.model.dtype) != "auto":  # (no get() or `in`: a missing key raises
+        return  # inside them, and the caught error's frames kept the built model alive until a garbage collection)
     lora = bool((cfg.model.get("lora") or {}).get("enabled", False))
     with open_dict(cfg):
         cfg.model.dtype = weight_dtype_name("auto", lora, str(cfg.trainer.mixed_precision))

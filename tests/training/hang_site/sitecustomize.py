@@ -13,9 +13,10 @@ if _AT:
 
     _original = sharded_checkpoint.save
 
-    def _save(folder, state):
-        _original(folder, state)
+    def _save(folder, state, background=False):
+        written = _original(folder, state, background=background)
         if os.path.basename(str(folder)).startswith(f".tmp_step_{int(_AT):07d}_"):
             time.sleep(3600)
+        return written
 
     sharded_checkpoint.save = _save

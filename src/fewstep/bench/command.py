@@ -17,6 +17,7 @@ budget (``quality_budget_s`` > 0): each objective trains for the same seconds, t
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -176,8 +177,13 @@ def time_variants(args, device, variants: dict[str, list[str]] | None = None) ->
     runners = {name: StepRunner([*base_overrides(args), *ov], device, args.mixed_precision)
                for name, ov in variants.items()}  # fmt: skip
     out = time_runners(runners, args.warmup, args.repeats)
-    for name, runner in runners.items():
-        out[name]["params"] = sum(p.numel() for p in runner.model.parameters())
+    for name, built in runners.items():
+        out[name]["params"] = sum(p.numel() for p in built.model.parameters())
+    runners = built = None
+    # Hydra's instantiate raises and catches errors inside OmegaConf while it builds a runner; their tracebacks hold
+    # the building frames (and so the runner) in reference cycles that only the collector frees: free them now, before
+    # the memory of the next variant is measured
+    gc.collect()
     return out
 
 

@@ -90,7 +90,9 @@ def save(folder: Path, state: dict, background: bool = False):
 
     checkpoint_id = str(Path(folder) / DCP_DIR)
     if not background:
-        dcp.save(state, checkpoint_id=checkpoint_id, no_dist=not _distributed())
+        with warnings.catch_warnings():  # one process: "assuming the intent is to save in a single process": it is
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save(state, checkpoint_id=checkpoint_id, no_dist=not _distributed())
         return None
     if _distributed() and not _BACKGROUND_GROUP:
         _BACKGROUND_GROUP.append(torch.distributed.new_group(backend="gloo"))  # every rank, at its first save

@@ -39,7 +39,7 @@ bench: $(STAMP)
 # Mutation testing of objectives/, samplers/, path.py and training/checkpoint.py against the fast tests that cover
 # them ([tool.mutmut] in pyproject.toml); writes docs/raw/mutation/report.md. Not in CI: about an hour on 2 cores.
 mutate: $(STAMP)
-	$(BIN)/mutmut run --max-children $(shell nproc)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/mutmut run --max-children $(shell nproc)
 	$(BIN)/python scripts/mutation_report.py
 
 clean:

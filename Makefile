@@ -37,7 +37,7 @@ bench: $(STAMP)
 	$(BIN)/python -m fewstep.bench out=bench_out $(ARGS)
 
 # Mutation testing of objectives/, samplers/, path.py and training/checkpoint.py against the fast tests that cover
-# them ([tool.mutmut] in pyproject.toml); writes docs/raw/mutation/report.md. Not in CI: about an hour on 2 cores.
+# them ([tool.mutmut] in pyproject.toml); writes docs/raw/mutation/report.md. Not in CI: about 25 minutes on 2 cores.
 mutate: $(STAMP)
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/mutmut run --max-children $(shell nproc)
 	$(BIN)/python scripts/mutation_report.py

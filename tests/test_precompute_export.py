@@ -114,7 +114,8 @@ def test_precompute_writes_latents_embeddings_and_reports_skipped(pretrained, ca
             "", None, None, do_classifier_free_guidance=False, max_sequence_length=MAX_SEQ
         )
     expected = (mean - vae.config.shift_factor) * vae.config.scaling_factor
-    assert torch.allclose(tensors["latents"][0], expected[0], atol=1e-5)
+    assert tensors["latents"].dtype == torch.bfloat16  # latents_dtype's default: half of float32's bytes
+    assert torch.allclose(tensors["latents"][0].float(), expected[0], atol=1e-5, rtol=2**-8)  # bf16 rounding
     assert torch.allclose(tensors["prompt_embeds"][0], embeds[0], atol=1e-5)
     assert torch.allclose(tensors["pooled_prompt_embeds"][0], pooled[0], atol=1e-5)
     null = load_file(str(cache / "null.safetensors"))
@@ -198,9 +199,11 @@ def test_latent_data_buckets_resume_and_ranks(cache):
 
 
 def test_latent_data_errors_name_the_fix(cache, tmp_path):
-    def message(**kw):
+    def message(read: bool = False, **kw):
         with pytest.raises(LatentCacheError) as err:
-            LatentData(**kw)
+            data = LatentData(**kw)
+            if read:  # a shard's header is checked when the shard is first read, not at startup
+                data.read(torch.arange(len(data)))
         assert "\n" not in str(err.value)
         return str(err.value)
 
@@ -210,14 +213,21 @@ def test_latent_data_errors_name_the_fix(cache, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(cache, broken)
     manifest = json.loads((broken / "manifest.json").read_text())
-    shard = broken / manifest["shards"][1]["file"]
+    entry = manifest["shards"][1]
+    shard = broken / entry["file"]
     tensors = load_file(str(shard))
     tensors["prompt_embeds"] = torch.zeros(*tensors["prompt_embeds"].shape[:2], 48)
     save_file(tensors, str(shard))
-    assert "mixes precompute settings" in message(path=str(broken))
+    assert f"is {shard.stat().st_size} bytes where manifest.json records {entry['bytes']}" in message(path=str(broken))
+    del entry["bytes"]  # as a version-1 manifest: no sizes, the header tells
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    LatentData(str(broken))  # startup opens no shard but the first
+    assert "mixes precompute settings" in message(read=True, path=str(broken))
     tensors["prompt_embeds"] = tensors["prompt_embeds"][:1]
     save_file(tensors, str(shard))
-    assert "does not match manifest.json" in message(path=str(broken))
+    assert "does not match manifest.json" in message(read=True, path=str(broken))
+    shard.write_bytes(b"not a safetensors file")
+    assert "is unreadable" in message(read=True, path=str(broken))
     os.remove(shard)
     assert "is missing" in message(path=str(broken))
     manifest["shards"] = []
@@ -581,7 +591,7 @@ def test_precompute_with_bf16_text_encoders_encodes_latents_with_the_float32_vae
     from fewstep.precompute import load_image
 
     out = tmp_path / "cache"
-    run_precompute(pretrained, images, out, "dtype=bfloat16", "device=cpu")
+    run_precompute(pretrained, images, out, "dtype=bfloat16", "device=cpu", "latents_dtype=float32")
     manifest = json.loads((out / "manifest.json").read_text())
     entry = next(e for e in manifest["shards"] if e["latent_shape"][1] == e["latent_shape"][2])
     latents = load_file(str(out / entry["file"]))["latents"]

@@ -183,7 +183,7 @@ def test_the_default_prompt_length_is_each_family_pipelines_own_and_a_resumed_ca
     from diffusers import QwenImagePipeline, SanaPipeline, StableDiffusion3Pipeline
 
     from fewstep.models.family import families
-    from fewstep.precompute import Item, Shard, _shard_done, sequence_length
+    from fewstep.precompute import VERSION1_LAYOUT, Item, Shard, _shard_done, sequence_length
 
     found = families()
     for name, pipeline, length in [("sd3", StableDiffusion3Pipeline, 256), ("sana", SanaPipeline, 300),
@@ -194,9 +194,11 @@ def test_the_default_prompt_length_is_each_family_pipelines_own_and_a_resumed_ca
     shard = Shard("shard_00000", (8, 8), [Item("a.png", "a", (8, 8))])
     info = {"planned": ["a.png"], "size": [8, 8], "count": 0, "files": [], "skipped": [], "max_sequence_length": 256}
     (tmp_path / "shard_00000.json").write_text(json.dumps(info))
-    assert _shard_done(shard, tmp_path, 256) == info and _shard_done(shard, tmp_path, 512) is None
+    v1, v2 = VERSION1_LAYOUT, {"latents_dtype": "bfloat16", "text_layout": "ragged"}
+    assert _shard_done(shard, tmp_path, 256, v1) == info and _shard_done(shard, tmp_path, 512, v1) is None
+    assert _shard_done(shard, tmp_path, 256, v2) is None  # a version-1 shard is encoded again for a version-2 cache
     del info["max_sequence_length"]  # a shard written before lengths were recorded: unknown, encoded again, except
     (tmp_path / "shard_00000.json").write_text(json.dumps(info))  # where the length does not apply (OpenUni)
-    assert _shard_done(shard, tmp_path, 256) is None and _shard_done(shard, tmp_path, None) == info
+    assert _shard_done(shard, tmp_path, 256, v1) is None and _shard_done(shard, tmp_path, None, v1) == info
     with pytest.raises(SystemExit, match="max_sequence_length=0 must be a positive number of tokens"):
         precompute_main(["pretrained=x", f"out={tmp_path / 'o'}", f"images={tmp_path}", "max_sequence_length=0"])

@@ -17,9 +17,10 @@ their transposes at about ``resolution²`` pixels, sides a multiple of the laten
 ``buckets=false`` uses the square only. Latents are the family's normalisation of the VAE mean (SD3:
 ``(mean − shift_factor)·scaling_factor``).
 
-The cache (``out/``): ``shards/shard_NNNNN.safetensors`` (``latents`` (N, C, h, w) float32,
-``prompt_embeds``, ``pooled_prompt_embeds``; one latent shape per shard) each with a ``.json`` sidecar
-written after it, ``null.safetensors`` (the empty prompt, for the enhanced / CFG target),
+The cache (``out/``): ``shards/shard_NNNNN.safetensors`` (``latents`` (N, C, h, w) in ``latents_dtype``,
+bfloat16 by default; the text embeddings in ``embeds_dtype``, an embedding with a mask (Qwen-Image, SANA) stored
+with its valid tokens only (``text_layout=ragged``, :mod:`fewstep.data.shards`); one latent shape per shard) each
+with a ``.json`` sidecar written after it, ``null.safetensors`` (the empty prompt, for the enhanced / CFG target),
 ``validation.safetensors`` (a few fixed prompts for sample grids) and ``manifest.json`` (written last).
 A rerun with the same arguments skips finished shards. Unreadable images and images without a caption
 are reported by name, skipped, and counted in the summary (printed, and in ``manifest.json``).
@@ -50,6 +51,7 @@ from tqdm import tqdm
 
 from fewstep.cli import parse_kv
 from fewstep.data.image_datasets import DatasetImages
+from fewstep.data.shards import pack
 from fewstep.errors import FewstepError
 from fewstep.models.family import (
     PretrainedNotFound,
@@ -67,7 +69,8 @@ USAGE = (
     "[image_column=image] [caption_column=text] [split=train] | prompts=FILE) out=DIR [resolution=512] "
     "[batch_size=4] [device=cuda|cpu] [shard_size=256] [max_sequence_length=N (default: the pipeline's own: SD3 256, "
     "SANA 300, Qwen-Image 512)] [buckets=true] "
-    "[dtype=auto|float32|bfloat16] [embeds_dtype=bfloat16|float16|float32] [missing_caption=skip|empty] "
+    "[dtype=auto|float32|bfloat16] [embeds_dtype=bfloat16|float16|float32] [latents_dtype=bfloat16|float32] "
+    "[text_layout=ragged|padded] [missing_caption=skip|empty] "
     "[validation_prompts=FILE] [progress=true] [null_prompt=TEXT] [complex_human_instruction=default|none|FILE]"
 )
 DEFAULTS = {
@@ -87,6 +90,8 @@ DEFAULTS = {
     "buckets": True,
     "dtype": "auto",
     "embeds_dtype": "bfloat16",
+    "latents_dtype": "bfloat16",
+    "text_layout": "ragged",  # ragged: masked embeddings keep their valid tokens only (fewstep.data.shards)
     "missing_caption": "skip",
     "validation_prompts": "",
     "progress": True,
@@ -102,7 +107,8 @@ DEFAULT_VALIDATION_PROMPTS = (
     "a close-up portrait of an old man with a grey beard",
 )
 FORMAT = "fewstep-latents"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: ragged masked embeddings, bf16 latents, shard sizes and condition shapes recorded
+VERSION1_LAYOUT = {"latents_dtype": "float32", "text_layout": "padded"}  # what a shard without a record holds
 
 
 class PrecomputeError(FewstepError, ValueError):
@@ -354,8 +360,9 @@ def _write_json_atomic(data: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _shard_done(shard: Shard, shards_dir: Path, text_length: int | None) -> dict | None:
-    """The sidecar of a finished shard with the planned files and prompt length, else None."""
+def _shard_done(shard: Shard, shards_dir: Path, text_length: int | None, layout: dict) -> dict | None:
+    """The sidecar of a finished shard with the planned files, prompt length and storage ``layout``
+    (:func:`storage_layout`), else None."""
     sidecar = shards_dir / f"{shard.name}.json"
     if not sidecar.exists():
         return None
@@ -373,7 +380,18 @@ def _shard_done(shard: Shard, shards_dir: Path, text_length: int | None) -> dict
         return None
     if info.get("count", 0) > 0 and not (shards_dir / f"{shard.name}.safetensors").exists():
         return None
+    stored = {k: info.get(k, old) for k, old in VERSION1_LAYOUT.items()}
+    if stored != layout:  # written by version 1, or with other storage options: encode again
+        return None
     return info
+
+
+def storage_layout(options) -> dict:
+    """How a shard's tensors are stored (recorded in its sidecar and the manifest)."""
+    return {
+        "latents_dtype": str(options.latents_dtype).replace("torch.", ""),
+        "text_layout": "ragged" if options.ragged else "padded",
+    }
 
 
 def _cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -412,7 +430,8 @@ def precompute(args) -> dict:
             stale.unlink()
 
     total = sum(len(s.items) for s in plan.shards)
-    done_infos = {s.name: _shard_done(s, shards_dir, text_length) for s in plan.shards}
+    layout = storage_layout(options)
+    done_infos = {s.name: _shard_done(s, shards_dir, text_length, layout) for s in plan.shards}
     initial = sum(len(s.items) for s in plan.shards if done_infos[s.name] is not None)
     unit = "prompt" if options.prompts is not None else "img"
     progress = tqdm(total=total, initial=initial, desc="precompute", unit=unit, disable=not args.progress)
@@ -420,7 +439,7 @@ def precompute(args) -> dict:
     for shard in plan.shards:
         if done_infos[shard.name] is None:
             done_infos[shard.name] = encode_shard(
-                shard, plan, encoders, text_length, args.batch_size, options.embeds_dtype, shards_dir, progress
+                shard, plan, encoders, text_length, args.batch_size, options, shards_dir, progress
             )
     progress.close()
 
@@ -430,6 +449,7 @@ def precompute(args) -> dict:
     validation = _cast(encoders.encode_text(options.validation_prompts, text_length), options.embeds_dtype)
     _save_atomic(validation, out / "validation.safetensors")
     manifest = build_manifest(args, options, plan, done_infos, encoders, text_length, null_prompt, resumed)
+    manifest["cond_shapes"] = {k: list(v.shape[1:]) for k, v in null.items()}
     _write_json_atomic(manifest, out / "manifest.json")
     skipped, summary = manifest["skipped"], manifest["summary"]
     for s in skipped:
@@ -458,6 +478,8 @@ class Options(NamedTuple):
     embeds_dtype: torch.dtype
     validation_prompts: list
     encoder_options: dict
+    latents_dtype: torch.dtype = torch.bfloat16
+    ragged: bool = True  # text_layout=ragged
 
 
 def check_args(args) -> Options:
@@ -486,8 +508,14 @@ def check_args(args) -> Options:
             else parse_dtype(args.dtype, "dtype")
         )
         embeds_dtype = parse_dtype(args.embeds_dtype, "embeds_dtype")
+        latents_dtype = parse_dtype(args.latents_dtype, "latents_dtype")
     except ValueError as err:
         raise PrecomputeError(str(err)) from None
+    if args.text_layout not in ("ragged", "padded"):
+        raise PrecomputeError(
+            f"text_layout={args.text_layout!r} must be ragged (masked embeddings keep their valid tokens only) or "
+            "padded (every embedding at max_sequence_length, the version-1 layout)"
+        )
     if args.validation_prompts:
         vp = Path(os.path.expanduser(args.validation_prompts))
         if not vp.exists():
@@ -501,7 +529,10 @@ def check_args(args) -> Options:
             f"complex_human_instruction={chi}: use default, none or a file of instruction lines (no such file)"
         )
     options = {"complex_human_instruction": chi}
-    return Options(prompts, images, device, text_dtype, embeds_dtype, validation_prompts, options)
+    return Options(
+        prompts, images, device, text_dtype, embeds_dtype, validation_prompts, options, latents_dtype,
+        args.text_layout == "ragged",
+    )  # fmt: skip
 
 
 def plan_inputs(args, options: Options, encoders, source) -> Plan:
@@ -528,9 +559,10 @@ def plan_inputs(args, options: Options, encoders, source) -> Plan:
     return Plan(shards, skipped, n_files, source.open_named, None)
 
 
-def encode_shard(shard, plan: Plan, encoders, text_length, batch_size: int, embeds_dtype, shards_dir: Path, progress):
+def encode_shard(shard, plan: Plan, encoders, text_length, batch_size: int, options, shards_dir: Path, progress):
     """Encode one shard's items in batches (an unreadable image is skipped and recorded) and write it atomically:
-    ``<name>.safetensors`` (latents, text embeddings) and ``<name>.json`` (what it holds); returns the JSON."""
+    ``<name>.safetensors`` (latents, text embeddings, packed by :func:`fewstep.data.shards.pack`) and
+    ``<name>.json`` (what it holds, its size in bytes); returns the JSON."""
     latents, embeds, written, shard_skipped = [], [], [], []
     for start in range(0, len(shard.items), batch_size):
         chunk = shard.items[start : start + batch_size]
@@ -560,12 +592,15 @@ def encode_shard(shard, plan: Plan, encoders, text_length, batch_size: int, embe
         "count": len(written),
         "skipped": shard_skipped,
         "max_sequence_length": text_length,
+        **storage_layout(options),
     }
     if written:
         tensors = {"latents": torch.cat(latents)} if latents else {}
-        tensors.update(_cast({k: torch.cat([e[k] for e in embeds]) for k in embeds[0]}, embeds_dtype))
+        tensors.update({k: torch.cat([e[k] for e in embeds]) for k in embeds[0]})
         info["latent_shape"] = list(tensors["latents"].shape[1:]) if latents else plan.prompt_shape
-        _save_atomic(tensors, shards_dir / f"{shard.name}.safetensors")
+        file = shards_dir / f"{shard.name}.safetensors"
+        _save_atomic(pack(tensors, options.latents_dtype, options.embeds_dtype, options.ragged), file)
+        info["bytes"] = file.stat().st_size
     _write_json_atomic(info, shards_dir / f"{shard.name}.json")
     return info
 
@@ -580,6 +615,7 @@ def build_manifest(args, options: Options, plan: Plan, done_infos, encoders, tex
             "file": f"shards/{s.name}.safetensors",
             "count": done_infos[s.name]["count"],
             "latent_shape": done_infos[s.name]["latent_shape"],
+            "bytes": done_infos[s.name]["bytes"],
             "files": done_infos[s.name]["files"],
         }
         for s in plan.shards
@@ -599,6 +635,7 @@ def build_manifest(args, options: Options, plan: Plan, done_infos, encoders, tex
         "shards_resumed": resumed,
         "upscaled": sum(1 for s in plan.shards for i in s.items if i.upscale > 1.0),
         "latent_buckets": buckets,
+        "bytes_per_sample": round(sum(e["bytes"] for e in entries) / max(1, sum(e["count"] for e in entries))),
     }
     pretrained = args.pretrained
     if Path(os.path.expanduser(pretrained)).exists():
@@ -622,6 +659,7 @@ def build_manifest(args, options: Options, plan: Plan, done_infos, encoders, tex
         "buckets": args.buckets,
         "max_sequence_length": text_length,
         "embeds_dtype": str(options.embeds_dtype).replace("torch.", ""),
+        **storage_layout(options),
         "vae": encoders.vae_info,
         "shards": entries,
         "null": "null.safetensors",

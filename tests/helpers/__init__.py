@@ -65,3 +65,18 @@ def run_cli(
 @pytest.fixture
 def toy_overrides():
     return ["data=toy2d", "model=tiny_toy", "data.batch_size=32", *FAST]
+
+
+def read_shard(path, entry: dict, prompt_only: bool = False) -> dict:
+    """A cache shard's rows as ``data=latents`` reads them (float32, masked embeddings zero-padded to their full
+    length): ``{"latents" (absent for a prompt-only shard), condition keys...}``, each (N, ...)."""
+    import torch
+
+    from fewstep.data.shards import LatentCacheError, ShardReader
+
+    reader = ShardReader(path, entry, prompt_only, None, LatentCacheError)
+    rows = [reader.cond(r) for r in range(reader.count)]
+    out = {k: torch.cat([row[k] for row in rows]) for k in rows[0]}
+    if not prompt_only:
+        out["latents"] = torch.cat([reader.latents(r) for r in range(reader.count)])
+    return out

@@ -229,6 +229,7 @@ def cache(family, pretrained, images, tmp_path_factory):
 
 def test_precompute_uses_the_family_vae_and_encode_prompt(family, pipe, cache, images):
     from fewstep.data.latents import LatentData
+    from fewstep.data.shards import LatentCacheError, ShardReader
     from fewstep.models.family import family_named
     from fewstep.precompute import load_image
 
@@ -264,11 +265,18 @@ def test_precompute_uses_the_family_vae_and_encode_prompt(family, pipe, cache, i
             mask = torch.ones(embeds.shape[:2]) if mask is None else mask
             key = "prompt_embeds_mask"
             assert manifest["vae"]["latents_std"] == [1.5, 0.8, 1.2, 1.0]
-    assert torch.allclose(tensors["latents"][0], expected[0], atol=1e-5)
+    # stored: bf16 latents, the masked embedding's valid tokens only (ragged), the mask as bool
+    assert tensors["latents"].dtype == torch.bfloat16 and "prompt_embeds" not in tensors
+    assert tensors[key].dtype == torch.bool and tensors["prompt_embeds.tokens"].shape[0] == int(tensors[key].sum())
+    reader = ShardReader(cache / square["file"], square, False, None, LatentCacheError)
+    latents, row = reader.latents(0), reader.cond(0)  # read back: float32, padded to the fixed length
+    assert torch.allclose(latents[0], expected[0], atol=1e-5, rtol=2**-8)
     n = embeds.shape[1]
-    assert tensors["prompt_embeds"].shape[1] == MAX_SEQ[family]  # padded to a fixed length, with the mask
-    assert torch.allclose(tensors["prompt_embeds"][0, :n], embeds[0], atol=1e-5)
-    assert torch.equal(tensors[key][0, :n], mask[0].float()) and tensors[key][0, n:].sum() == 0
+    assert row["prompt_embeds"].shape[1] == MAX_SEQ[family]  # padded to a fixed length, with the mask
+    valid = mask[0].bool()
+    assert torch.allclose(row["prompt_embeds"][0, :n][valid], embeds[0][valid], atol=1e-5)
+    assert row["prompt_embeds"][0, :n][~valid].abs().sum() == 0 and row["prompt_embeds"][0, n:].abs().sum() == 0
+    assert torch.equal(row[key][0, :n], mask[0].float()) and row[key][0, n:].sum() == 0
     null_prompt = family_named(family).null_prompt(None)
     assert manifest["null_prompt"] == null_prompt == ("Generate an image." if family == "qwenimage" else "")
     data = LatentData(str(cache), batch_size=2)

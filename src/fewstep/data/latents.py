@@ -24,14 +24,10 @@ from pathlib import Path
 import torch
 
 from fewstep.data.base import Batch
-from fewstep.errors import FewstepError
+from fewstep.data.shards import LatentCacheError, ShardReader
 from fewstep.models.family import family_for_pipeline, family_named, load_error, resolve_pretrained
 
 RUN_PRECOMPUTE = "python -m fewstep.precompute pretrained=... images=... out=DIR"
-
-
-class LatentCacheError(FewstepError, ValueError):
-    """The cache at ``data.path`` is missing, unfinished or inconsistent; the message names the fix."""
 
 
 def read_manifest(path: str) -> tuple[Path, dict]:
@@ -77,7 +73,7 @@ class LatentData:
         self.vae_source = vae or manifest.get("pretrained", "")
         self.decode_device = decode_device
         self._vae = None
-        self._handles: dict[int, object] = {}
+        self._readers: dict[int, ShardReader] = {}
         self.prompt_only = bool(manifest.get("prompt_only", False))
         self.shards = [s for s in manifest.get("shards", []) if s.get("count", 0) > 0]
         if not self.shards:
@@ -86,10 +82,13 @@ class LatentData:
                 f"data.path={path}: the cache holds no samples ({n_skipped} images skipped, see manifest.json); "
                 "add readable, captioned images and re-run precompute"
             )
-        self.cond_keys, cond_shapes = self._check_shards()
-        self.null = self._load_small(manifest.get("null", "null.safetensors"), "null", cond_shapes)
+        self._check_files()
+        recorded = manifest.get("cond_shapes")
+        self.cond_shapes = {k: tuple(v) for k, v in recorded.items()} if recorded else dict(self._reader(0).cond_shapes)
+        self.cond_keys = sorted(self.cond_shapes)
+        self.null = self._load_small(manifest.get("null", "null.safetensors"), "null", self.cond_shapes)
         self.validation = self._load_small(
-            manifest.get("validation", "validation.safetensors"), "validation", cond_shapes
+            manifest.get("validation", "validation.safetensors"), "validation", self.cond_shapes
         )
         self.validation_prompts = list(manifest.get("validation_prompts", []))
 
@@ -116,50 +115,35 @@ class LatentData:
     def _fail(self, message: str) -> LatentCacheError:
         return LatentCacheError(f"data.path={self.root}: {message}")
 
-    def _handle(self, i: int):
-        if i not in self._handles:
-            from safetensors import safe_open
-
-            self._handles[i] = safe_open(str(self.root / self.shards[i]["file"]), framework="pt")
-        return self._handles[i]
-
-    def _check_shards(self) -> tuple[list[str], dict[str, tuple[int, ...]]]:
-        keys_ref, shapes_ref, channels_ref, first = None, None, None, self.shards[0]["file"]
-        for i, shard in enumerate(self.shards):
+    def _check_files(self) -> None:
+        """Every shard file is there, of the size precompute recorded (version 2): one listing of the shards
+        folder and a stat per shard; the files' headers are checked when a shard is first read
+        (:class:`~fewstep.data.shards.ShardReader`), so startup does not open thousands of files."""
+        folders: dict[Path, dict[str, os.DirEntry]] = {}
+        for shard in self.shards:
             file = self.root / shard["file"]
-            if not file.exists():
+            if file.parent not in folders:
+                try:
+                    folders[file.parent] = {e.name: e for e in os.scandir(file.parent)}
+                except OSError:
+                    folders[file.parent] = {}
+            entry = folders[file.parent].get(file.name)
+            if entry is None:
                 raise self._fail(f"{shard['file']} is missing; re-run precompute with out={self.root} (it resumes)")
-            try:
-                handle = self._handle(i)
-                keys = sorted(handle.keys())
-                shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in keys}
-            except Exception as err:  # noqa: BLE001 - safetensors raises several types on damaged files
+            expected = shard.get("bytes")
+            if expected is not None and entry.stat().st_size != int(expected):
                 raise self._fail(
-                    f"{shard['file']} is unreadable ({type(err).__name__}); delete it and its .json and re-run "
-                    "precompute (it resumes)"
-                ) from None
-            n = shard["count"]
-            if self.prompt_only:  # embeddings only; the latent shape is the manifest's record
-                if "latents" in shapes or len(shard.get("latent_shape", ())) != 3:
-                    raise self._fail(f"{shard['file']} is not a prompt-only shard; re-run precompute into an empty dir")
-                shapes["latents"] = (n, *(int(v) for v in shard["latent_shape"]))
-            if "latents" not in shapes or len(shapes["latents"]) != 4:
-                raise self._fail(f"{shard['file']} has no (N, C, h, w) latents; re-run precompute into an empty dir")
-            if any(s[0] != n for s in shapes.values()) or list(shapes["latents"][1:]) != list(shard["latent_shape"]):
-                raise self._fail(
-                    f"{shard['file']} does not match manifest.json (rows or latent shape); delete it and its .json "
-                    "and re-run precompute (it resumes)"
+                    f"{shard['file']} is {entry.stat().st_size} bytes where manifest.json records {expected}: changed "
+                    "or truncated since precompute wrote it; delete it and its .json and re-run precompute (it resumes)"
                 )
-            cond = {k: s[1:] for k, s in shapes.items() if k != "latents"}
-            if keys_ref is None:
-                keys_ref, shapes_ref, channels_ref = sorted(cond), cond, shapes["latents"][1]
-            elif sorted(cond) != keys_ref or cond != shapes_ref or shapes["latents"][1] != channels_ref:
-                raise self._fail(
-                    f"{shard['file']} has latents/embeddings of shapes {shapes} unlike {first}'s "
-                    f"(channels {channels_ref}, {shapes_ref}): the cache mixes precompute settings; re-run precompute "
-                    "into an empty out dir"
-                )
-        return keys_ref, shapes_ref
+
+    def _reader(self, i: int) -> ShardReader:
+        if i not in self._readers:
+            shapes = getattr(self, "cond_shapes", None)
+            self._readers[i] = ShardReader(
+                self.root / self.shards[i]["file"], self.shards[i], self.prompt_only, shapes, self._fail
+            )
+        return self._readers[i]
 
     def _load_small(self, name: str, what: str, cond_shapes: dict) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
@@ -194,15 +178,11 @@ class LatentData:
         """Latents (float32) and condition of dataset items (global indices), in order."""
         latents, cond = [], {k: [] for k in self.cond_keys}
         for item in items.tolist():
-            shard, row = int(self.shard_of[item]), int(self.row_of[item])
-            handle = self._handle(shard)
-            if self.prompt_only:  # no data: the shape only (objective.image_free generates the samples)
-                latents.append(torch.zeros(1, *(int(v) for v in self.shards[shard]["latent_shape"])))
-            else:
-                latents.append(handle.get_slice("latents")[row : row + 1])
-            for k in self.cond_keys:
-                cond[k].append(handle.get_slice(k)[row : row + 1])
-        return torch.cat(latents).float(), {k: torch.cat(v).float() for k, v in cond.items()}
+            reader, row = self._reader(int(self.shard_of[item])), int(self.row_of[item])
+            latents.append(reader.latents(row))
+            for k, v in reader.cond(row).items():
+                cond[k].append(v)
+        return torch.cat(latents), {k: torch.cat(v) for k, v in cond.items()}
 
     def _epoch_batches(self, seed: int, epoch: int, global_batch: int) -> list[torch.Tensor]:
         key = (seed, epoch, global_batch)

@@ -41,23 +41,24 @@ def drive_scheduler(scheduler, model, noise, cond, steps, generator=None):
     return x
 
 
+@pytest.mark.parametrize("step_noise", ["generator", "latents"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("style", ["few", "any", "mul"])
 @pytest.mark.parametrize("steps", [1, 2, 4])
-def test_scheduler_matches_native_sampler(style, steps, dtype):
+def test_scheduler_matches_native_sampler(style, steps, dtype, step_noise):
     model = RandomVelocityMLP(seed=3)
     noise = torch.randn(5, 2, 2, 2, generator=torch.Generator().manual_seed(steps)).to(dtype)
     cond = torch.randn(5, 3, generator=torch.Generator().manual_seed(99)).to(dtype)
     s = STOCHAST[style]
-    native = UCGMSampler(style=style, stochast_ratio=s).sample(
+    native = UCGMSampler(style=style, stochast_ratio=s, step_noise=step_noise).sample(
         model, noise, cond, steps, generator=torch.Generator().manual_seed(21)
     )
     native_calls = [(float(t[0]), float(tt[0])) for t, tt in model.calls]
     model.calls.clear()
-    scheduler = TwinFlowScheduler(sampling_style=style, stochast_ratio=s)
+    scheduler = TwinFlowScheduler(sampling_style=style, stochast_ratio=s, step_noise=step_noise)
     driven = drive_scheduler(scheduler, model, noise, cond, steps, generator=torch.Generator().manual_seed(21))
     diff = (native.double() - driven.double()).abs().max().item()
-    print(f"native vs scheduler {style} {steps} steps {dtype}: max |diff| = {diff:.3e}")
+    print(f"native vs scheduler {style} {steps} steps {dtype} {step_noise}: max |diff| = {diff:.3e}")
     assert driven.dtype == dtype
     assert diff < 1e-6
     # the scheduler's timesteps / target times are the native call times
@@ -75,7 +76,8 @@ def test_scheduler_matches_native_sampler(style, steps, dtype):
         {"style": "mul", "stochast_ratio": 0.0, "extrapol_ratio": 0.3, "time_dist_ctrl": (1.17, 0.8, 1.1)},
     ],
 )
-def test_scheduler_matches_native_with_sde_extrapolation_and_warp(knobs):
+@pytest.mark.parametrize("step_noise", ["generator", "latents"])
+def test_scheduler_matches_native_with_sde_extrapolation_and_warp(knobs, step_noise):
     model = RandomVelocityMLP(seed=4)
     noise = torch.randn(3, 2, 2, 2, dtype=torch.float64)
     cond = torch.randn(3, 3, dtype=torch.float64)
@@ -85,12 +87,14 @@ def test_scheduler_matches_native_with_sde_extrapolation_and_warp(knobs):
         stochast_ratio=knobs["stochast_ratio"],
         extrapol_ratio=knobs["extrapol_ratio"],
         time_dist_ctrl=tdc,
+        step_noise=step_noise,
     ).sample(model, noise, cond, 6, generator=torch.Generator().manual_seed(1))
     scheduler = TwinFlowScheduler(
         sampling_style=knobs["style"],
         stochast_ratio=knobs["stochast_ratio"],
         extrapol_ratio=knobs["extrapol_ratio"],
         time_dist_ctrl=tdc,
+        step_noise=step_noise,
     )
     driven = drive_scheduler(scheduler, model, noise, cond, 6, generator=torch.Generator().manual_seed(1))
     assert (native - driven).abs().max().item() < 1e-6
@@ -128,7 +132,7 @@ def test_grid_and_pipeline_attributes():
     assert scheduler.begin_index == 0 and scheduler.step_index is None
 
 
-def test_pipeline_style_sigmas_and_mu_only_set_the_step_count():
+def test_pipeline_placeholder_sigmas_set_the_step_count_and_custom_grids_are_followed():
     scheduler = TwinFlowScheduler()
     # Flux / QwenImage: num_inference_steps=None, sigmas=linspace(1, 1/n, n), mu from the image size
     scheduler.set_timesteps(sigmas=[1.0, 0.75, 0.5, 0.25], mu=1.1, device="cpu")
@@ -137,7 +141,9 @@ def test_pipeline_style_sigmas_and_mu_only_set_the_step_count():
     assert torch.equal(scheduler.sigmas, reference.sigmas)
     assert torch.equal(scheduler.timesteps, reference.timesteps)
     scheduler.set_timesteps(timesteps=[900.0, 500.0])
-    assert scheduler.sigmas.tolist() == pytest.approx([0.999, 0.6, 0.0])
+    assert scheduler.sigmas.tolist() == pytest.approx([0.9, 0.5, 0.0], abs=1e-12)
+    scheduler.set_timesteps(sigmas=[1.0, 0.5])  # SD3 / SANA pass only the user's sigmas
+    assert scheduler.sigmas.tolist() == [1.0, 0.5, 0.0]
 
 
 def test_target_time_accessor_per_style():
@@ -318,10 +324,23 @@ def test_scheduler_seeded_stochastic_steps_are_deterministic():
     noise, cond = torch.randn(2, 2, 2, 2), torch.randn(2, 3)
     runs = []
     for seed in (5, 5, 6):
-        torch.manual_seed(seed)  # pipelines call step() without a generator: the global RNG
-        runs.append(drive_scheduler(TwinFlowScheduler(stochast_ratio=0.8), model, noise, cond, 4))
+        torch.manual_seed(seed)  # step_noise="generator": pipelines call step() without one, so the global RNG
+        runs.append(
+            drive_scheduler(TwinFlowScheduler(stochast_ratio=0.8, step_noise="generator"), model, noise, cond, 4)
+        )
     assert torch.equal(runs[0], runs[1])
     assert (runs[0] - runs[2]).abs().max().item() > 1e-3
+    keyed = []
+    for seed, start in ((5, noise), (6, noise), (5, noise.flip(0))):
+        torch.manual_seed(seed)  # the default step_noise="latents": the global RNG plays no part
+        keyed.append(
+            drive_scheduler(
+                TwinFlowScheduler(stochast_ratio=0.8), model, start, cond.flip(0) if start is not noise else cond, 4
+            )
+        )
+    assert torch.equal(keyed[0], keyed[1])
+    assert torch.equal(keyed[2], keyed[0].flip(0))  # each row's noise comes with its own initial latents
+    assert (keyed[0] - runs[0]).abs().max().item() > 1e-3
 
 
 def test_step_restarts_from_latents_changed_between_steps():

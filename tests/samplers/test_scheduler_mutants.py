@@ -19,7 +19,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from fewstep.samplers.scheduler import TwinFlowScheduler  # noqa: E402
 
 LOGGER = "fewstep.samplers.scheduler"
-IGNORED = "TwinFlowScheduler: custom sigmas/timesteps/mu ignored; using the UCGM grid for {} steps."
 
 
 def _rand(*shape, seed=0, dtype=torch.float64):
@@ -36,22 +35,76 @@ def _sigma(alpha_bar: float) -> float:
 
 
 def test_set_timesteps_step_count_precedence():
-    """num_inference_steps wins, else len(sigmas), else len(timesteps), else default_num_inference_steps."""
+    """num_inference_steps, else the custom grid's length, else default_num_inference_steps; a custom grid is
+    followed (sigmas shifted as FlowMatchEulerDiscreteScheduler shifts them, timesteps as given)."""
     scheduler = TwinFlowScheduler(default_num_inference_steps=3)
-    five = [0.999, 0.87425, 0.7495, 0.62475, 0.5, 0.0]  # u = linspace(0.001, 0.5, 5), t = 1 − u
     scheduler.set_timesteps()
     assert scheduler.num_inference_steps == 3
     assert scheduler.sigmas.tolist() == pytest.approx([0.999, 0.7495, 0.5, 0.0], abs=1e-12)
     scheduler.set_timesteps(timesteps=[900.0, 800.0, 700.0, 600.0, 500.0])
     assert scheduler.num_inference_steps == 5
-    assert scheduler.sigmas.tolist() == pytest.approx(five, abs=1e-12)
-    scheduler.set_timesteps(4, timesteps=[900.0, 500.0])  # an explicit count beats the list's length
-    assert scheduler.num_inference_steps == 4 and len(scheduler.timesteps) == 4
-    scheduler.set_timesteps(4, sigmas=[1.0, 0.5])
-    assert scheduler.num_inference_steps == 4
-    scheduler.set_timesteps(sigmas=[1.0, 0.8, 0.6, 0.4, 0.2], timesteps=[900.0, 500.0])  # sigmas before timesteps
-    assert scheduler.num_inference_steps == 5
-    assert scheduler.timesteps.tolist() == pytest.approx([999.0, 874.25, 749.5, 624.75, 500.0], abs=1e-4)
+    assert scheduler.sigmas.tolist() == pytest.approx([0.9, 0.8, 0.7, 0.6, 0.5, 0.0], abs=1e-12)
+    assert scheduler.timesteps.tolist() == [900.0, 800.0, 700.0, 600.0, 500.0]
+    scheduler.set_timesteps(2, sigmas=[1.0, 0.5, 0.0])  # a trailing 0 may be given
+    assert scheduler.sigmas.tolist() == [1.0, 0.5, 0.0] and scheduler.timesteps.tolist() == [1000.0, 500.0]
+    shifted = TwinFlowScheduler(shift=3.0)
+    shifted.set_timesteps(sigmas=[0.8, 0.5])  # 3·0.8 / (1 + 2·0.8), 1.5 / 2
+    assert shifted.sigmas.tolist() == pytest.approx([2.4 / 2.6, 0.75, 0.0], abs=1e-12)
+    shifted.set_timesteps(timesteps=[800.0, 500.0])  # timesteps: the model's, unshifted
+    assert shifted.sigmas.tolist() == pytest.approx([0.8, 0.5, 0.0], abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_inference_steps": 0}, r"^num_inference_steps must be >= 1, got 0\.$"),
+        ({"sigmas": []}, r"^TwinFlowScheduler cannot follow sigmas=\[\]: it is empty\.$"),
+        ({"sigmas": [0.5, 0.8]}, r"^TwinFlowScheduler cannot follow sigmas=\[0\.5, 0\.8\]: its values must decrease"),
+        (
+            {"sigmas": [1.2, 0.5]},
+            r"cannot follow sigmas=\[1\.2, 0\.5\]: every value but a final 0 must lie in \(0, 1\]",
+        ),
+        ({"sigmas": [1.0, 0.0, 0.0]}, r"cannot follow sigmas=\[1, 0, 0\]: every value but a final 0"),
+        ({"timesteps": [1200.0, 500.0]}, r"cannot follow timesteps=\[1200, 500\]: .* in \(0, 1000\]"),
+        ({"timesteps": [500.0, 500.0]}, r"cannot follow timesteps=\[500, 500\]: its values must decrease"),
+        ({"num_inference_steps": 4, "sigmas": [1.0, 0.5]}, r"^TwinFlowScheduler: num_inference_steps=4 but 2 sigmas"),
+        ({"num_inference_steps": 3, "timesteps": [900.0, 500.0]}, r"num_inference_steps=3 but 2 timesteps"),
+        ({"sigmas": [1.0, 0.6], "timesteps": [900.0, 500.0]}, r"takes sigmas or timesteps, not both"),
+    ],
+)
+def test_a_grid_the_scheduler_cannot_follow_is_refused_by_name(kwargs, message):
+    scheduler = TwinFlowScheduler()
+    with pytest.raises(ValueError, match=message):
+        scheduler.set_timesteps(**kwargs)
+
+
+def test_the_placeholder_grid_of_flux_and_qwen_image_means_the_ucgm_grid():
+    """QwenImagePipeline / FluxPipeline pass sigmas = linspace(1, 1/n, n) (and mu) when the user passes no sigmas."""
+    four = [0.999, 0.999 - 0.499 / 3, 0.999 - 0.998 / 3, 0.5, 0.0]
+    for n, expected in [(1, [0.999, 0.0]), (2, [0.999, 0.6, 0.0]), (4, four)]:
+        scheduler = TwinFlowScheduler()
+        scheduler.set_timesteps(sigmas=[1.0 - i / n for i in range(n)], mu=1.1)
+        assert scheduler.sigmas.tolist() == pytest.approx(expected, abs=1e-12)
+        scheduler.set_timesteps(sigmas=[1.0 - i / n for i in range(n)])  # without mu (SD3, SANA): the user's grid
+        assert scheduler.sigmas.tolist() == pytest.approx([1.0 - i / n for i in range(n)] + [0.0], abs=1e-15)
+    scheduler.set_timesteps(sigmas=[1.0, 0.7, 0.4], mu=1.1)  # any other grid is the user's
+    assert scheduler.sigmas.tolist() == [1.0, 0.7, 0.4, 0.0]
+
+
+def test_dynamic_shifting_needs_mu_and_applies_it():
+    scheduler = TwinFlowScheduler(use_dynamic_shifting=True)
+    with pytest.raises(ValueError, match=r"use_dynamic_shifting=True: set_timesteps needs mu"):
+        scheduler.set_timesteps(2)
+    scheduler.set_timesteps(2, mu=math.log(3.0))  # e^μ = 3: t' = 3 / (3 + 1/t − 1), the static shift 3
+    assert scheduler.sigmas.tolist() == pytest.approx([3 * 0.999 / (1 + 2 * 0.999), 1.8 / 2.2, 0.0], abs=1e-12)
+    linear = TwinFlowScheduler(use_dynamic_shifting=True, time_shift_type="linear")
+    linear.set_timesteps(sigmas=[0.5], mu=2.0)  # 2 / (2 + 1)
+    assert linear.sigmas.tolist() == pytest.approx([2.0 / 3.0, 0.0], abs=1e-12)
+    plain = TwinFlowScheduler()
+    plain.set_timesteps(2, mu=5.0)  # without use_dynamic_shifting mu is not used, as in FlowMatchEulerDiscreteScheduler
+    assert plain.sigmas.tolist() == pytest.approx([0.999, 0.6, 0.0], abs=1e-12)
+    with pytest.raises(ValueError, match=r"time_shift_type='cubic' is unknown"):
+        TwinFlowScheduler(time_shift_type="cubic")
 
 
 def test_set_timesteps_device_and_dtype():
@@ -66,33 +119,36 @@ def test_set_timesteps_device_and_dtype():
     assert scheduler.sigmas.device.type == "cpu" and scheduler.sigmas.tolist() == pytest.approx([0.999, 0.6, 0.0])
 
 
-def test_set_timesteps_rejects_zero_steps_with_message():
-    with pytest.raises(ValueError, match=r"^num_inference_steps must be >= 1, got 0\.$"):
-        TwinFlowScheduler().set_timesteps(0)
-    with pytest.raises(ValueError, match=r"^num_inference_steps must be >= 1, got 0\.$"):
-        TwinFlowScheduler().set_timesteps(sigmas=[])
+def test_a_foreign_config_names_the_grid_settings_it_brings_in_one_warning(caplog):
+    """TwinFlowScheduler.from_config(a base pipeline's FlowMatchEulerDiscreteScheduler config): shift 3.0 and
+    dynamic shifting are applied and named; shift_terminal / Karras sigmas have no UCGM meaning: named, ignored."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
-
-@pytest.mark.parametrize(
-    ("kwargs", "logged"),
-    [
-        ({"num_inference_steps": 3}, False),
-        ({}, False),
-        ({"num_inference_steps": 3, "mu": 0.8}, True),
-        ({"num_inference_steps": 3, "timesteps": [900.0, 500.0]}, True),
-        ({"timesteps": [900.0, 500.0, 100.0]}, True),
-        ({"sigmas": [1.0, 0.6, 0.3]}, True),
-        ({"sigmas": [1.0, 0.6, 0.3], "mu": 1.1}, True),
-    ],
-)
-def test_ignored_custom_schedule_is_logged_at_debug(caplog, kwargs, logged):
-    scheduler = TwinFlowScheduler(default_num_inference_steps=3)
-    caplog.set_level(logging.DEBUG, logger=LOGGER)
+    sd3 = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    caplog.set_level(logging.WARNING, logger=LOGGER)
     caplog.clear()
-    scheduler.set_timesteps(**kwargs)
+    scheduler = TwinFlowScheduler.from_config(sd3.config)
     messages = [r.getMessage() for r in caplog.records if r.name == LOGGER]
-    assert messages == ([IGNORED.format(3)] if logged else [])
-    assert all(r.levelno == logging.DEBUG for r in caplog.records if r.name == LOGGER)
+    assert len(messages) == 1 and "(another scheduler's config): shift=3.0 (applied)" in messages[0]
+    scheduler.set_timesteps(2)
+    assert scheduler.sigmas.tolist() == pytest.approx([3 * 0.999 / (1 + 2 * 0.999), 1.8 / 2.2, 0.0], abs=1e-12)
+    qwen = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, shift_terminal=0.02, use_karras_sigmas=True)
+    caplog.clear()
+    TwinFlowScheduler.from_config(qwen.config)
+    (message,) = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    assert (
+        "use_dynamic_shifting=True (mu applied), shift_terminal=0.02 (ignored), use_karras_sigmas=True (ignored)"
+        in message
+    )
+    caplog.clear()
+    TwinFlowScheduler.from_config({**sd3.config, "_class_name": "FlowMatchEulerDiscreteScheduler"})  # from a file
+    (message,) = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    assert "from_config(FlowMatchEulerDiscreteScheduler config): shift=3.0 (applied)" in message
+    caplog.clear()  # the settings the user overrides, a config of TwinFlow's own, the neutral values: nothing
+    TwinFlowScheduler.from_config(sd3.config, shift=1.0)
+    TwinFlowScheduler.from_config(TwinFlowScheduler(shift=3.0).config)
+    TwinFlowScheduler.from_config(FlowMatchEulerDiscreteScheduler().config)
+    assert [r for r in caplog.records if r.name == LOGGER] == []
 
 
 # ----------------------------------------------------------------------------- indices

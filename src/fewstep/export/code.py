@@ -149,7 +149,10 @@ class _LibraryProxy(types.ModuleType):
 
 def register_library_names(pipelines=None) -> None:
     """Make every ``fewstep.models.*`` / ``fewstep.samplers.*`` module known to diffusers under its library
-    name (an attribute of ``diffusers.pipelines``, which ``from_pretrained`` checks before a folder's code).
+    name (an attribute of ``diffusers.pipelines``, which ``from_pretrained`` checks before a folder's code), and
+    under its module path: a pipeline a user saves with a fewstep component swapped in (``pipe.scheduler =
+    TwinFlowScheduler(...)``) names it ``["fewstep.samplers.scheduler", "TwinFlowScheduler"]`` in
+    ``model_index.json``, which diffusers resolves only from ``diffusers.pipelines`` or an already imported module.
     Nothing is imported until diffusers asks for a class."""
     if pipelines is None:
         pipelines = sys.modules.get("diffusers.pipelines")
@@ -159,9 +162,9 @@ def register_library_names(pipelines=None) -> None:
     for package in ("models", "samplers"):
         for info in pkgutil.iter_modules([str(root / package)]):
             module = f"{PREFIX}.{package}.{info.name}"
-            library = library_name(module)
-            if library not in vars(pipelines):
-                setattr(pipelines, library, _LibraryProxy(library, module))
+            for library in (library_name(module), module):
+                if library not in vars(pipelines):
+                    setattr(pipelines, library, _LibraryProxy(library, module))
 
 
 def fewstep_pipeline_classes() -> dict[str, str]:

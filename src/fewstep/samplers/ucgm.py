@@ -47,6 +47,7 @@ from typing import Any, Literal
 import torch
 
 from fewstep.path import full_time, reconstruct
+from fewstep.samplers.step_noise import LatentKeyedNoise
 
 Style = Literal["few", "any", "mul"]
 STYLES: tuple[str, ...] = ("few", "any", "mul")
@@ -190,14 +191,26 @@ def heun_correction(
     return ratio * x_cur + (t_next - ratio * t_cur) * (0.5 * z_hat + 0.5 * z_hat_next)
 
 
+STEP_NOISE: tuple[str, ...] = ("generator", "latents")
+
+
+def check_step_noise(step_noise: str, key: str = "step_noise") -> str:
+    if step_noise not in STEP_NOISE:
+        raise ValueError(f"{key}={step_noise!r} is unknown; use one of {', '.join(STEP_NOISE)}")
+    return step_noise
+
+
 def state_dtype(device: torch.device) -> torch.dtype:
     """float64 for the sampler state, float32 where the device has no float64 (MPS)."""
     return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
-def draw_noise(like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def draw_noise(like: torch.Tensor, generator: torch.Generator | None = None, index: int = 0) -> torch.Tensor:
     """Standard normal noise shaped like ``like``: drawn in float32 on the generator's device (CPU for the
-    global RNG), then moved to ``like``'s device and dtype."""
+    global RNG), then moved to ``like``'s device and dtype. A ``generator`` with a ``draw(index, like)`` method
+    (:class:`~fewstep.samplers.step_noise.LatentKeyedNoise`) gives step ``index``'s noise itself."""
+    if hasattr(generator, "draw"):
+        return generator.draw(index, like)
     device = generator.device if generator is not None else torch.device("cpu")
     eps = torch.randn(like.shape, generator=generator, device=device, dtype=torch.float32)
     return eps.to(device=like.device, dtype=like.dtype)
@@ -246,7 +259,7 @@ class UCGMStepper:
         if t_next > 0.0:  # the final jump to t = 0 returns the raw x̂, as the reference's trajectory does
             x_hat, z_hat = self.extrapolate(index, x_hat, z_hat)
         s = resolve_stochast_ratio(self.stochast_ratio, t_cur, t_next)
-        noise = draw_noise(x_cur, generator) if s > 0.0 else None
+        noise = draw_noise(x_cur, generator, index) if s > 0.0 else None
         x_next = ucgm_update(x_cur, x_hat, z_hat, t_next, s, noise)
         return x_next, x_hat, z_hat
 
@@ -297,7 +310,11 @@ class UCGMSampler:
     overrides the preset. ``rfba_gap_steps=None`` picks the per-NFE defaults of
     :func:`default_rfba_gap_steps`. ``guidance_scale`` must be 0: few-step models
     have CFG baked in. ``shift`` (default 1 = none) applies the SD3 resolution
-    shift to the grid, matching a ``TwinFlowScheduler`` configured with it.
+    shift to the grid, matching a ``TwinFlowScheduler`` configured with it. ``step_noise`` is where the
+    noise of stochastic steps comes from: ``"generator"`` (default) draws it from ``sample``'s ``generator``
+    (the CPU global RNG when None, as the reference loop does); ``"latents"`` keys it on each row's initial
+    noise (:mod:`fewstep.samplers.step_noise`), as an exported pipeline's ``TwinFlowScheduler`` does, so a
+    sample depends only on its own starting noise and equals the pipeline's.
     """
 
     def __init__(
@@ -311,6 +328,7 @@ class UCGMSampler:
         guidance_scale: float = 0.0,
         preset: str | None = None,
         shift: float = 1.0,
+        step_noise: str = "generator",
     ):
         if guidance_scale != 0.0:
             raise ValueError(
@@ -350,6 +368,7 @@ class UCGMSampler:
             raise ValueError(f"rfba_gap_steps must be 2 numbers [g0, g1], got {gaps}.")
         self.guidance_scale = 0.0
         self.shift = float(shift)
+        self.step_noise = check_step_noise(step_noise)
 
     def gaps(self, steps: int) -> tuple[float, float]:
         return self.rfba_gap_steps if self.rfba_gap_steps is not None else default_rfba_gap_steps(self.style, steps)
@@ -379,6 +398,8 @@ class UCGMSampler:
         n = len(grid) - 1
         in_dtype, batch = noise.dtype, noise.shape[0]
         x = noise.to(state_dtype(noise.device))
+        if self.step_noise == "latents":
+            generator = LatentKeyedNoise(noise)
         stepper = UCGMStepper(self.stochast_ratio, self.extrapol_ratio)
 
         def call(x_state: torch.Tensor, t: float, tt: float) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Stand-ins (fewstep's own) for the helpers the vendored file imports from diffusers' tests/others/."""

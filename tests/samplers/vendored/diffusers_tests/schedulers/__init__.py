@@ -1,0 +1,1 @@
+"""scheduler_common.py: diffusers' tests/schedulers/test_schedulers.py, vendored unchanged (../../README.md)."""

@@ -17,6 +17,7 @@ import torch
 from fewstep.config.schema import compose_config
 from fewstep.training.distributed import Local
 from fewstep.training.memory import peak_memory_mb
+from fewstep.training.threads import set_torch_threads
 from fewstep.training.trainables import STUDENT, build_components, build_trainables, make_optimizer
 
 
@@ -25,10 +26,19 @@ def compose(overrides: list[str]):
 
 
 def apply_threads(cfg) -> None:
-    """``trainer.torch_threads`` (given in ``overrides=[...]``) as the training loop applies it: 0 keeps torch's
-    default. Without this the bench timed at torch's default thread count whatever the overrides said."""
+    """``trainer.torch_threads`` (given in ``overrides=[...]``) as the training loop applies it: 0 chooses the
+    count from the cores free now (:mod:`fewstep.training.threads`), once per process: every variant of one
+    timing run steps at the same count. Without this the bench timed at torch's default thread count whatever
+    the overrides said."""
+    global _AUTO_THREADS
     if cfg.trainer.torch_threads > 0:
         torch.set_num_threads(cfg.trainer.torch_threads)
+    else:
+        _AUTO_THREADS = _AUTO_THREADS or set_torch_threads(0)  # not re-chosen after REUSE_S: one count per bench
+        torch.set_num_threads(_AUTO_THREADS.count)
+
+
+_AUTO_THREADS = None
 
 
 def _fixed_lr_optimizer(params: list, lr: float | None):

@@ -233,7 +233,7 @@ class TrainerConfig:
     final_nfe: list[int] = field(default_factory=lambda: [1, 2, 4])
     baseline_steps: int = 50  # multi-step Euler baseline sampled and evaluated at the end (0 = skip)
     evaluate: bool = True
-    torch_threads: int = 0  # 0 = torch's default
+    torch_threads: int = 0  # 0 = chosen at start from the cores free now (fewstep/training/threads.py)
     compile: bool = False  # torch.compile the model's forward (student, teacher and sampling passes)
     grid_size: int = 100
     # ddp: Accelerate's DDP replicas across processes | fsdp: the student sharded over the processes (torch FSDP2,

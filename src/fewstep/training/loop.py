@@ -60,6 +60,7 @@ from fewstep.training.resume import (
 )
 from fewstep.training.signals import StopRequest as _StopRequest
 from fewstep.training.signals import handover_signals
+from fewstep.training.threads import set_torch_threads
 from fewstep.training.throughput import Throughput, device_peak_tflops
 from fewstep.training.trainables import STUDENT, build_components, build_trainables, lr_factor, trainer_optimizer
 
@@ -141,8 +142,7 @@ class Trainer:
         self.cfg = cfg = validate(cfg)
         self.tr = tr = cfg.trainer
         settings = run_settings(cfg)
-        if tr.torch_threads > 0:
-            torch.set_num_threads(tr.torch_threads)
+        self.threads = set_torch_threads(tr.torch_threads)  # 0: chosen from the cores free now (threads.py)
         self.accelerator = self._accelerator()
         self.settings = with_global_batch(settings, self.accelerator.num_processes)
         reset_peak_memory()  # after the Accelerator set this rank's GPU: before, every rank made a context on GPU 0
@@ -249,9 +249,9 @@ class Trainer:
         self.writer = MetricsWriter(self.run_dir, self.cfg, resume_step=resumed, enabled=self.main)
         if self.main:
             log.info(
-                "run dir %s | %s on %s | %d params (%d trainable) | %d process(es) on %s, %s",
+                "run dir %s | %s on %s | %d params (%d trainable) | %d process(es) on %s, %s | %s",
                 self.run_dir, type(self.objective).__name__, type(self.student).__name__, self.n_params,
-                self.n_train, self.accelerator.num_processes, self.device, self.strategy.name,
+                self.n_train, self.accelerator.num_processes, self.device, self.strategy.name, self.threads,
             )  # fmt: skip
 
     def _data_streams(self) -> tuple[list, list[int]]:

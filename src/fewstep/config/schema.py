@@ -49,6 +49,7 @@ class UCGMSamplerConfig:
     rfba_gap_steps: list[float] | None = None
     guidance_scale: float = 0.0
     shift: float = 1.0
+    step_noise: str = "latents"  # latents: each sample's step noise keyed on its initial noise (= exported pipelines)
 
 
 @dataclass

@@ -100,7 +100,11 @@ def test_model_card_without_a_base_card_or_grid(fake_run, tmp_path):
     assert sampling_guidance(guided_cfg) == 0.0  # fake_run is TwinFlow
     assert sampling_guidance(OmegaConf.create({"objective": {}, "sampler": {"guidance_scale": 3.0}})) == 3.0
     code = load_code("QwenImagePipeline", "me/q", 12, lora=False, style="mul", guidance=qwen)
-    assert "num_inference_steps=12, true_cfg_scale=4.0, negative_prompt='Generate an image.').images[0]" in code[-6]
+    assert (
+        "num_inference_steps=12, true_cfg_scale=4.0, negative_prompt='Generate an image.', generator=generator)"
+        ".images[0]" in code[-6]
+    )
+    assert code[-7].startswith("generator = torch.Generator().manual_seed(0)  # one seed, one image")
     guided = write_model_card(out, cfg, {**info, "guidance": {"guidance_scale": 4.5}}, run, "o/b").read_text()
     assert "A 4-step (guidance 4.5) text-to-image model" in guided
     assert "- **NFE**: 8 network evaluations per image (`num_inference_steps=4`, `guidance_scale=4.5`" in guided
@@ -279,7 +283,7 @@ def test_export_of_a_guided_flow_matching_run_writes_its_guidance_into_the_card(
     assert json.loads((out / "fewstep_export.json").read_text())["guidance"] == {"guidance_scale": 3.0}
     assert "A 4-step (guidance 3) text-to-image model trained with fewstep" in card and "FlowMatching" in card
     assert "- **NFE**: 8 network evaluations per image (`num_inference_steps=4`, `guidance_scale=3.0`: a " in card
-    assert "num_inference_steps=4, guidance_scale=3.0).images[0]" in card  # the loading code
+    assert "num_inference_steps=4, guidance_scale=3.0, generator=generator).images[0]" in card  # the loading code
     assert "guidance_scale=0" not in card
 
 
@@ -333,7 +337,8 @@ def test_export_is_self_contained_and_loads_with_a_bare_import(tiny_lora_run, tm
         "fewstep_errors.py", "fewstep_models_family.py", "fewstep_models_sd3.py"
     ]  # fmt: skip
     assert sorted(p.name for p in (out / "scheduler").glob("*.py")) == [
-        "fewstep_models_diff2flow.py", "fewstep_path.py", "fewstep_samplers_scheduler.py", "fewstep_samplers_ucgm.py"
+        "fewstep_models_diff2flow.py", "fewstep_path.py", "fewstep_samplers_scheduler.py",
+        "fewstep_samplers_step_noise.py", "fewstep_samplers_ucgm.py",
     ]  # fmt: skip
     for code in [*(out / "transformer").glob("*.py"), *(out / "scheduler").glob("*.py")]:
         for node in ast.parse(code.read_text()).body:  # nothing of fewstep is imported when the module loads

@@ -58,9 +58,10 @@ def latents_for(seed: int) -> torch.Tensor:
     return torch.randn(1, 4, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.parametrize("step_noise", ["latents", "generator"])
 @pytest.mark.parametrize("style", ["few", "any"])
 @pytest.mark.parametrize("steps", [1, 2, 4])
-def test_pipeline_with_twinflow_scheduler_equals_native(pipe, prompt_cond, steps, style):
+def test_pipeline_with_twinflow_scheduler_equals_native(pipe, prompt_cond, steps, style, step_noise):
     stochast = 1.0 if style == "few" else 0.0
     pipe.scheduler = TwinFlowScheduler(
         num_train_timesteps=1000,
@@ -68,9 +69,10 @@ def test_pipeline_with_twinflow_scheduler_equals_native(pipe, prompt_cond, steps
         shift=1.0,
         sampling_style=style,
         stochast_ratio=stochast,
+        step_noise=step_noise,
     )
     latents = latents_for(steps)
-    torch.manual_seed(1234)  # step() draws its noise from the global RNG inside a pipeline
+    torch.manual_seed(1234)  # step_noise="generator": step() draws from the global RNG inside a pipeline
     out = pipe(
         PROMPT,
         height=SIZE,
@@ -82,12 +84,15 @@ def test_pipeline_with_twinflow_scheduler_equals_native(pipe, prompt_cond, steps
         output_type="latent",
     ).images
     assert pipe.scheduler.step_index == steps  # every grid step ran once
-    torch.manual_seed(1234)
-    native = UCGMSampler(style=style, stochast_ratio=stochast).sample(
+    torch.manual_seed(1234 if step_noise == "generator" else 99)  # "latents": the global RNG plays no part
+    native = UCGMSampler(style=style, stochast_ratio=stochast, step_noise=step_noise).sample(
         transformer_velocity(pipe.transformer), latents.clone(), prompt_cond, steps
     )
     diff = (out - native).abs().max().item()
-    print(f"SD3 pipeline vs native, {style} {steps} steps: max |diff| = {diff:.3e} (|x| max {native.abs().max():.2f})")
+    print(
+        f"SD3 pipeline vs native, {style} {steps} steps, {step_noise}: max |diff| = {diff:.3e} "
+        f"(|x| max {native.abs().max():.2f})"
+    )
     assert out.shape == (1, 4, SIZE, SIZE) and torch.isfinite(out).all()
     assert (out - latents).abs().max().item() > 1e-2  # the transformer did something
     assert diff < 1e-5
@@ -117,3 +122,24 @@ def test_pipeline_save_load_keeps_twinflow_scheduler(pipe, tmp_path):
     loaded = StableDiffusion3Pipeline.from_pretrained(tmp_path / "pipe")
     assert isinstance(loaded.scheduler, TwinFlowScheduler)
     assert loaded.scheduler.config.sampling_style == "any"
+
+
+def test_custom_sigmas_and_timesteps_are_followed_and_a_bad_grid_is_refused(pipe, prompt_cond):
+    """pipe(..., sigmas=[1.0, 0.5]) samples at t = 1 and 0.5 (not the UCGM grid [0.999, 0.6]): the native sampler
+    driven on that grid gives the same latents (SD3's pipeline takes no timesteps=; SANA's does, and the scheduler
+    tests pin them); an increasing grid is one error."""
+    pipe.scheduler = TwinFlowScheduler(sampling_style="any", stochast_ratio=0.0)
+    latents = latents_for(0)
+    common = dict(height=SIZE, width=SIZE, guidance_scale=0.0, max_sequence_length=MAX_SEQ, output_type="latent")
+    model = transformer_velocity(pipe.transformer)
+    for grid, kwargs in (([1.0, 0.5], {"sigmas": [1.0, 0.5]}), ([0.9, 0.45, 0.2], {"sigmas": [0.9, 0.45, 0.2]})):
+        out = pipe(PROMPT, latents=latents.clone(), **common, **kwargs).images
+        assert pipe.scheduler.sigmas.tolist() == pytest.approx([*grid, 0.0], abs=1e-12)
+        x = latents.double()
+        with torch.no_grad():
+            for t, t_next in zip([*grid], [*grid[1:], 0.0]):
+                v = model(x.float(), torch.full((1,), t), torch.full((1,), t_next), prompt_cond).double()
+                x = x + (t_next - t) * v  # the any-style, noiseless UCGM step is an Euler step
+        assert (out - x.float()).abs().max().item() < 1e-5
+    with pytest.raises(ValueError, match=r"cannot follow sigmas=\[0\.5, 1\]: its values must decrease"):
+        pipe(PROMPT, latents=latents.clone(), sigmas=[0.5, 1.0], **common)

@@ -193,7 +193,9 @@ def load_code(
         "",
         f'pipe = {pipeline_class}.from_pretrained("{where}", torch_dtype=torch.bfloat16).to("cuda")',
         *attach,
-        f'image = pipe("a photo of a red fox in snow", num_inference_steps={nfe}, {_kwargs(guidance)}).images[0]',
+        "generator = torch.Generator().manual_seed(0)  # one seed, one image (step noise follows the initial latents)",
+        f'image = pipe("a photo of a red fox in snow", num_inference_steps={nfe}, {_kwargs(guidance)}, '
+        "generator=generator).images[0]",
     ]
     if not own:
         lines += [

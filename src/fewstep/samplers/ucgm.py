@@ -368,7 +368,7 @@ class UCGMSampler:
             raise ValueError(f"rfba_gap_steps must be 2 numbers [g0, g1], got {gaps}.")
         self.guidance_scale = 0.0
         self.shift = float(shift)
-        self.step_noise = check_step_noise(step_noise)
+        self.step_noise = check_step_noise(step_noise, key="sampler.step_noise")
 
     def gaps(self, steps: int) -> tuple[float, float]:
         return self.rfba_gap_steps if self.rfba_gap_steps is not None else default_rfba_gap_steps(self.style, steps)

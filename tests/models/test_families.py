@@ -311,7 +311,6 @@ def pipeline_latents(family, pipe, latents, prompt):
     from fewstep.models.qwenimage import pack_latents, unpack_latents
 
     side = SIDE[family]
-    torch.manual_seed(1234)
     if family == "sana":
         return pipe(
             prompt,
@@ -380,21 +379,12 @@ def test_train_export_and_generate_in_two_steps(family, pretrained, cache, tmp_p
 
     # the native sampler on the weights fewstep.eval / fewstep.sample load (the run's teacher, built and restored
     # by the training code), not on fewstep.export's own loader, which would agree with the export by construction
-    ema_model = load_run(run, device="cpu", command="eval").model_fn("ema")
+    scored = load_run(run, device="cpu", command="eval")
     cond = encode(family, exported, ["a red cat"])
-    torch.manual_seed(1234)
-    sampler = UCGMSampler(style="few", stochast_ratio=1.0)
-    if family == "qwenimage":  # the pipeline steps packed tokens: draw the sampler's noise in that layout too
-        from fewstep.models.qwenimage import pack_latents, unpack_latents
-
-        h, w = latents.shape[2:]
-
-        def packed_model(x, t, tt, c):
-            return pack_latents(ema_model(unpack_latents(x, h, w), t, tt, c))
-
-        native = unpack_latents(sampler.sample(packed_model, pack_latents(latents.clone()), cond, 2), h, w)
-    else:
-        native = sampler.sample(ema_model, latents.clone(), cond, 2)
+    # the run's sampler as fewstep.sample builds it (the reference few-step preset, step noise keyed on the initial
+    # latents): the same images as the pipeline, Qwen-Image's packed tokens included, no layout of its own needed
+    assert isinstance(scored.sampler, UCGMSampler) and scored.sampler.step_noise == "latents"
+    native = scored.sampler.sample(scored.model_fn("ema"), latents.clone(), cond, 2, generator=torch.Generator())
     assert (generated - native).abs().max().item() < 1e-4
 
     if lora:

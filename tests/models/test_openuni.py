@@ -537,7 +537,6 @@ def test_openuni_prompt_only_precompute_has_the_latent_shape_and_no_latents(pipe
 
 
 def pipeline_latents(pipe, latents, prompt):
-    torch.manual_seed(1234)
     return pipe(
         prompt, height=SIDE, width=SIDE, num_inference_steps=2, latents=latents.clone(), output_type="latent"
     ).images
@@ -594,10 +593,10 @@ def test_openuni_train_export_and_generate_in_two_steps(pretrained, cache, tmp_p
 
     # the native sampler on the weights fewstep.eval / fewstep.sample load (the run's teacher, built and restored
     # by the training code), not on fewstep.export's own loader, which would agree with the export by construction
-    ema_model = load_run(run, device="cpu", command="eval").model_fn("ema")
+    scored = load_run(run, device="cpu", command="eval")
     cond = encode(exported, ["a red cat"])
-    torch.manual_seed(1234)
-    native = UCGMSampler(style="few", stochast_ratio=1.0).sample(ema_model, latents.clone(), cond, 2)
+    assert isinstance(scored.sampler, UCGMSampler) and scored.sampler.step_noise == "latents"  # as fewstep.sample
+    native = scored.sampler.sample(scored.model_fn("ema"), latents.clone(), cond, 2, generator=torch.Generator())
     assert (generated - native).abs().max().item() < 1e-4
     images = exported("a red cat", height=SIDE, width=SIDE, generator=torch.Generator().manual_seed(0)).images
     assert len(images) == 1 and images[0].size == (SIDE, SIDE)  # default: the scheduler's 2 steps, decoded

@@ -45,11 +45,12 @@ its float64 copy; if the latents were changed in between it starts from them.
 
 **Noise.** With ``stochast_ratio > 0`` each step mixes in fresh noise. ``step_noise="latents"`` (default) keys it
 on the trajectory's initial latents (the ``sample`` of its first ``step``), row by row
-(:mod:`fewstep.samplers.step_noise`): a pipeline's ``generator=`` then fixes the whole trajectory, a batch made with a
-generator list equals the single calls, and the noise follows each element through Qwen-Image's token packing, so
-the pipeline equals the native sampler with ``step_noise="latents"`` (what ``fewstep.sample`` and ``fewstep.eval``
-use) for the same initial noise. ``step_noise="generator"`` draws from ``step``'s ``generator``, else the CPU global
-RNG (pipelines never pass one: seed with ``torch.manual_seed``), as earlier versions did.
+(:mod:`fewstep.samplers.step_noise`; a ``generator`` passed to ``step`` is not used): a pipeline's ``generator=``
+then fixes the whole trajectory, a batch made with a generator list equals the single calls, and the noise follows
+each element through Qwen-Image's token packing, so the pipeline equals the native sampler with
+``step_noise="latents"`` (what ``fewstep.sample`` and ``fewstep.eval`` use) for the same initial noise.
+``step_noise="generator"`` draws from ``step``'s ``generator``, else the CPU global RNG (pipelines never pass one:
+seed with ``torch.manual_seed``), as earlier versions did.
 
 **diff2flow.** ``prediction_type="epsilon" | "v_prediction"`` runs a diffusion model
 on the flow grid (SPEC §5): ``.timesteps`` are the diffusion timesteps whose

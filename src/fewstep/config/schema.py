@@ -187,6 +187,7 @@ class LatentsDataConfig:
     batch_size: int = 8
     vae: str = ""  # decode grids with this pipeline's VAE; empty = the `pretrained` recorded in the cache
     decode_device: str | None = None  # None: the latents' device
+    prefetch: int = 2  # batches each stream reads ahead in a background thread (pinned on CUDA); 0: read in the step
 
 
 @dataclass

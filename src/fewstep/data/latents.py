@@ -64,9 +64,14 @@ class LatentData:
 
     num_classes = 0
 
-    def __init__(self, path: str = "", batch_size: int = 8, vae: str = "", decode_device: str | None = None):
+    def __init__(
+        self, path: str = "", batch_size: int = 8, vae: str = "", decode_device: str | None = None, prefetch: int = 2
+    ):
         if batch_size < 1:
             raise ValueError(f"data.batch_size={batch_size} must be >= 1")
+        if prefetch < 0:
+            raise ValueError(f"data.prefetch={prefetch} must be >= 0 (batches read ahead; 0: none)")
+        self.prefetch = int(prefetch)
         root, manifest = read_manifest(path)
         self.root, self.manifest = root, manifest
         self.batch_size = int(batch_size)
@@ -74,6 +79,7 @@ class LatentData:
         self.decode_device = decode_device
         self._vae = None
         self._readers: dict[int, ShardReader] = {}
+        self._null_rows: dict[int, dict[str, torch.Tensor]] = {}
         self.prompt_only = bool(manifest.get("prompt_only", False))
         self.shards = [s for s in manifest.get("shards", []) if s.get("count", 0) > 0]
         if not self.shards:
@@ -165,8 +171,11 @@ class LatentData:
         return int(self.shard_of.numel())
 
     def null_cond(self, n: int) -> dict[str, torch.Tensor]:
-        """The cached empty-prompt embeddings, ``n`` rows."""
-        return {k: v[:1].expand(n, *v.shape[1:]).contiguous() for k, v in self.null.items()}
+        """The cached empty-prompt embeddings, ``n`` rows (one tensor per ``n``, reused by every batch: a
+        batch's null condition is read, never written)."""
+        if n not in self._null_rows:
+            self._null_rows[n] = {k: v[:1].expand(n, *v.shape[1:]).contiguous() for k, v in self.null.items()}
+        return self._null_rows[n]
 
     def grid_conds(self, n: int) -> dict[str, torch.Tensor]:
         """The cached validation prompts, cycled to ``n`` rows."""
@@ -175,14 +184,17 @@ class LatentData:
         return {k: v[idx] for k, v in self.validation.items()}
 
     def read(self, items: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Latents (float32) and condition of dataset items (global indices), in order."""
-        latents, cond = [], {k: [] for k in self.cond_keys}
-        for item in items.tolist():
-            reader, row = self._reader(int(self.shard_of[item])), int(self.row_of[item])
-            latents.append(reader.latents(row))
-            for k, v in reader.cond(row).items():
-                cond[k].append(v)
-        return torch.cat(latents), {k: torch.cat(v) for k, v in cond.items()}
+        """Latents (float32) and condition of dataset items (global indices), in order; all items share one
+        latent shape (a bucket's batch)."""
+        rows = items.tolist()
+        if not rows:
+            return torch.zeros(0, *self.shape), {k: torch.zeros(0, *s) for k, s in self.cond_shapes.items()}
+        first = self._reader(int(self.shard_of[rows[0]]))
+        x = torch.empty(len(rows), *first.latent_shape)
+        cond = {k: torch.empty(len(rows), *s) for k, s in self.cond_shapes.items()}
+        for i, item in enumerate(rows):
+            self._reader(int(self.shard_of[item])).fill(int(self.row_of[item]), x, cond, i)
+        return x, cond
 
     def _epoch_batches(self, seed: int, epoch: int, global_batch: int) -> list[torch.Tensor]:
         key = (seed, epoch, global_batch)

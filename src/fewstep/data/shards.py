@@ -132,16 +132,37 @@ class ShardReader:
 
     def cond(self, row: int) -> dict[str, torch.Tensor]:
         """Row ``row``'s condition, each (1, ...) float32, masked embeddings zero-padded to their full length."""
-        out = {}
-        for key in self.cond_shapes:
+        out = {k: torch.empty(1, *s) for k, s in self.cond_shapes.items()}
+        self.fill_cond(row, out, 0)
+        return out
+
+    def fill(self, row: int, x: torch.Tensor, cond: dict[str, torch.Tensor], i: int) -> None:
+        """Write row ``row`` into row ``i`` of a batch's float32 tensors (latents ``x``, ``cond``), converting as it
+        copies (one pass over the bytes: no per-row tensors to concatenate)."""
+        if self.prompt_only:
+            x[i].zero_()
+        else:
+            x[i].copy_(self.handle.get_slice("latents")[row : row + 1][0])
+        self.fill_cond(row, cond, i)
+
+    def fill_cond(self, row: int, cond: dict[str, torch.Tensor], i: int) -> None:
+        for key, out in cond.items():
             if key in self.pairs:
                 start, end = self._offset(key, row)
-                tokens = self.handle.get_slice(key + TOKENS)[start:end].float()
-                padded = tokens.new_zeros(1, *self.cond_shapes[key])
-                padded[0, self._mask(key)[row]] = tokens
-                out[key] = padded
-            elif any(key == m for m in self.pairs.values()):
-                out[key] = self._mask(next(e for e, m in self.pairs.items() if m == key))[row : row + 1].float()
+                tokens = self.handle.get_slice(key + TOKENS)[start:end]
+                mask = self._mask(key)[row]
+                n = end - start
+                if bool(mask[:n].all()):  # the valid tokens lead (every family's layout): one copy, zero the rest
+                    out[i, :n].copy_(tokens)
+                    out[i, n:].zero_()
+                else:
+                    out[i].zero_()
+                    out[i, mask] = tokens.to(out.dtype)
+            elif key in self._mask_keys:
+                out[i].copy_(self._mask(self._mask_keys[key])[row])
             else:
-                out[key] = self.handle.get_slice(key)[row : row + 1].float()
-        return out
+                out[i].copy_(self.handle.get_slice(key)[row : row + 1][0])
+
+    @property
+    def _mask_keys(self) -> dict[str, str]:
+        return {m: e for e, m in self.pairs.items()}

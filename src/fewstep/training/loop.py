@@ -43,6 +43,7 @@ from omegaconf import DictConfig
 
 from fewstep.config.validate import validate
 from fewstep.data.base import cond_to
+from fewstep.data.prefetch import Prefetcher
 from fewstep.errors import FewstepError
 from fewstep.logging.grids import save_samples
 from fewstep.logging.writers import MetricsWriter, to_float
@@ -167,6 +168,7 @@ class Trainer:
         if self.resume_from is not None:
             self.restore(self.resume_from)
         self._open_run_dir()
+        self.prefetcher = None
         self.streams, self.slots = self._data_streams()
 
     # -- setup ----------------------------------------------------------------------------------------------
@@ -261,7 +263,18 @@ class Trainer:
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         n_slots = world * self.tr.grad_accum
         slots = [micro * world + rank for micro in range(self.tr.grad_accum)]
-        return [self.data.batches(self.tr.seed, self.data_position, slot, n_slots) for slot in slots], slots
+        streams = [self.data.batches(self.tr.seed, self.data_position, slot, n_slots) for slot in slots]
+        depth = int(getattr(self.data, "prefetch", 0) or 0)  # a data module that reads from disk reads ahead
+        if depth > 0:
+            self.prefetcher = Prefetcher(streams, depth, pin=self.device.type == "cuda")
+            streams = self.prefetcher.streams_out
+        return streams, slots
+
+    def close_streams(self) -> None:
+        """Stop the read-ahead thread (if any); the loop reads no batch after this."""
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+            self.prefetcher = None
 
     def _checkpointed_networks(self) -> dict:
         return {n: t.checkpointed() for n, t in self.networks.items()}
@@ -546,7 +559,10 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     """Train the composed config ``cfg`` into ``run_dir`` (default: Hydra's output dir); returns the summary."""
     trainer = Trainer(cfg, run_dir)
     with _StopRequest(trainer.tr.stop_signals, handover=handover_signals()) as stop:
-        trainer.fit(stop)
+        try:
+            trainer.fit(stop)
+        finally:
+            trainer.close_streams()
     try:
         return trainer.finish()
     except SystemExit:  # stopped and checkpointed: submitit's signal goes on to submitit's handler (its requeue)

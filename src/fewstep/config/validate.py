@@ -469,24 +469,123 @@ def _latent_shape_problems(model: DictConfig, data: DictConfig, config: dict, ma
     return problems
 
 
+# Hydra flags that change which primary config is composed, or answer without composing it: the check leaves
+# those command lines to Hydra
+_OWN_PRIMARY = ("config_path", "config_name", "config_dir", "experimental_rerun", "shell_completion")
+
+
+def hydra_command_line(argv: list[str]):
+    """``argv`` as Hydra's own argparse parser reads it (``.overrides``, ``.multirun``, ``.cfg``, ``.package``,
+    ...), so flags in any position and form (``--cfg job``, ``-c=all``, ``--info``, ``-p objective``) are told
+    apart from overrides; None where Hydra refuses the command line itself or answers without composing
+    (``--version``): Hydra reports those in its own words."""
+    import contextlib
+    import io
+
+    from hydra._internal.utils import get_args_parser
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            return get_args_parser().parse_args(argv)
+        except SystemExit:
+            return None
+
+
 def check_overrides(argv: list[str]) -> str | None:
     """Compose ``python -m fewstep`` overrides as Hydra will and return a one-line error naming the fix
     (an unknown key with the closest valid one, a group choice that does not exist with the valid ones, a
     value of the wrong type, an override that does not parse, a model without reachable weights or data it
-    cannot take: :func:`check_model_data`), or None. Hydra flags and multiruns are left
-    to Hydra; an experiment name is checked too (Hydra silently skips a missing optional experiment)."""
+    cannot take: :func:`check_model_data`), or None. Hydra's flags (``-m``, ``--cfg``, ``--package``,
+    ``--info``, ``--help``) do not skip the check, nor do ``hydra.*`` overrides (checked as well: a misspelt
+    ``hydra/launcher=`` choice or ``hydra.`` key is one line too). In a multirun every value of every swept key is
+    checked (:func:`sweep_points`); an experiment name is checked too (Hydra silently skips a missing optional
+    experiment)."""
+    args = hydra_command_line(argv)
+    if args is None or any(getattr(args, flag, None) for flag in _OWN_PRIMARY):
+        return None
+    modes = [f"--{m.replace('_', '-')}" for m in ("run", "multirun", "cfg", "info", "shell_completion")
+             if getattr(args, m)]  # fmt: skip
+    if len(modes) > 1:  # Hydra raises a ValueError with a traceback
+        return (
+            f"{' and '.join(modes)}: Hydra takes only one of --run, --multirun (-m), --cfg, --info; to print the "
+            "config of one sweep point, give that point's values without -m"
+        )
+    overrides = list(args.overrides)
+    package = args.package if args.cfg and args.package not in (None, "_global_") else None
+    if not overrides and package is None:
+        return None
+    multirun = args.multirun or "hydra.mode=MULTIRUN" in overrides
+    points = sweep_points(overrides) if multirun else [overrides]
+    if isinstance(points, str):
+        return points
+    if multirun:  # and the grid an experiment file declares (hydra.sweeper.params), where the command line
+        declared = _declared_sweeps(points[0])  # does not replace that axis
+        points = sweep_points([*overrides, *declared]) if declared else points
+        if isinstance(points, str):
+            return f"{points} (hydra.sweeper.params of the experiment)"
+    for point in points:
+        problem = _check_point(point, argv, package)
+        if problem is not None:
+            return problem
+    return None
+
+
+def sweep_points(overrides: list[str]) -> list[list[str]] | str:
+    """The single-run override lists that cover every value a multirun sweeps: every swept key at its first value,
+    then one list per other value of each key (the rest at their first), so each value is composed once (not
+    their product). An interval (Optuna) is checked at its lower end; ``glob(...)`` picks existing choices and
+    sweeps of ``hydra.`` keys are Hydra's: both are left out. A string: an override that does not parse."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import Glob
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    base, swept = [], []
+    for text in overrides:
+        try:
+            override = parser.parse_overrides([text])[0]
+        except OverrideParseException as err:
+            return f"cannot parse the overrides: {str(err).splitlines()[0]} (Hydra syntax: key=value, lists as [a,b])"
+        if not override.is_sweep_override():
+            base.append(text)
+            continue
+        sweep = override.value()
+        if isinstance(sweep, Glob) or override.key_or_group.startswith(("hydra.", "hydra/")):
+            continue
+        if override.is_discrete_sweep():
+            values = list(override.sweep_string_iterator())
+        else:  # an interval: its lower end, as the key's type takes it (1.0 -> 1)
+            values = [f"{sweep.start:g}"]
+        if not values:
+            continue
+        key = override.get_key_element()
+        swept.append((len(base), [f"{key}={v}" for v in values]))
+        base.append(swept[-1][1][0])
+    points = [base]
+    for position, values in swept:
+        for value in values[1:]:
+            points.append([*base[:position], value, *base[position + 1 :]])
+    return points
+
+
+def _declared_sweeps(overrides: list[str]) -> list[str]:
+    """``key=values`` for each axis ``hydra.sweeper.params`` declares (a sweep preset, ``experiment=sweep/*``) that
+    ``overrides`` does not set; none where the config does not compose (:func:`_check_point` says why)."""
+    given = {o.lstrip("+~").partition("=")[0] for o in overrides}
+    try:
+        params = run(overrides, return_hydra_config=True).hydra.sweeper.get("params") or {}
+    except Exception:  # noqa: BLE001 - reported by _check_point
+        return []
+    return [f"{key}={value}" for key, value in params.items() if key not in given and isinstance(value, str)]
+
+
+def _check_point(overrides: list[str], argv: list[str], package: str | None) -> str | None:
+    """:func:`check_overrides` for one single-run list of overrides (``hydra.*`` among them)."""
     import difflib
 
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+    from omegaconf import OmegaConf
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
-
-    if not argv or any(a.startswith("-") for a in argv):
-        return None
-    overrides = [
-        a
-        for a in argv
-        if not a.lstrip("+~").startswith(("hydra.", "hydra/")) or a.lstrip("+").startswith("hydra.searchpath=")
-    ]  # the search path stays: it decides which choices exist
 
     def suggest(name: str, options: list[str]) -> str:
         close = difflib.get_close_matches(name, options, n=1)
@@ -515,8 +614,15 @@ def check_overrides(argv: list[str]) -> str | None:
             plus = next((o for o in overrides if o.startswith("+") and o.lstrip("+").partition("=")[0] == group), None)
             if plus is not None:
                 return f"{plus}: {group} already has a slot in the defaults; drop the '+': {plus.lstrip('+')}"
+        if text.startswith("Ambiguous value for argument"):  # a sweep in a single run
+            return (
+                f"{text.removeprefix('Ambiguous value for argument ')}: a comma list (or range/choice) sweeps, which "
+                "needs -m (python -m fewstep -m ...); a list value is key=[a,b], a string with commas key='a,b'"
+            )
         bad = next((o for o in overrides if f"'{o.partition('=')[0]}'" in text or text.endswith(f" {o}")), None)
         if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and bad is not None:
+            if bad.lstrip("+~").startswith("hydra."):
+                return _unknown_hydra_key(bad, [o for o in overrides if o != bad])
             try:  # the same override forced in with '+': check_known_keys then names the closest valid key
                 check_known_keys(run([("+" + o) if o == bad else o for o in overrides]))
             except ConfigError as known:
@@ -528,11 +634,48 @@ def check_overrides(argv: list[str]) -> str | None:
         return text
     except Exception:  # noqa: BLE001 - anything else: Hydra reports it in its own words
         return None
+    if package is not None and not _has_node(cfg, package):
+        keys = [str(k) for k in cfg if k != "hydra"]
+        keys += [f"{k}.{sub}" for k in keys if OmegaConf.is_dict(cfg[k]) for sub in cfg[k]]
+        return (
+            f"--package {package}: no such node in the config{suggest(package, keys)}; give a group "
+            "(objective, model, ...) or a dotted key"
+        )
     try:  # weights and data, before Hydra makes a run dir: the flagship `model=sd35` alone names both
         check_model_data(cfg)
     except FewstepError as err:
         return str(err)
     return None
+
+
+def _has_node(cfg, dotted: str) -> bool:
+    """``cfg`` has a node at ``dotted`` (resolving nothing: a preset's ``${hydra:...}`` resolves only in a job)."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.to_container(cfg, resolve=False)
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _unknown_hydra_key(bad: str, others: list[str]) -> str:
+    """``hydra.run.dri=x``: one line with the closest key of Hydra's own config."""
+    import difflib
+
+    from omegaconf import OmegaConf
+
+    key = bad.lstrip("+~").partition("=")[0]
+    parent, _, leaf = key.rpartition(".")
+    try:
+        node = OmegaConf.select(run(others, return_hydra_config=True), parent)
+        options = [str(k) for k in node] if OmegaConf.is_dict(node) else []
+    except Exception:  # noqa: BLE001 - without the node: no suggestion
+        options = []
+    close = difflib.get_close_matches(leaf, options, n=1)
+    hint = f" (did you mean {parent}.{close[0]}?)" if close else ""
+    return f"{bad}: Hydra's config has no key {key}{hint}; `python -m fewstep --cfg hydra` prints it"
 
 
 def _yaml_names(root, prefix: str = "") -> list[str]:

@@ -69,6 +69,22 @@ def test_eval_writes_eval_json_with_reference_points(digits_run):
     assert out["step"] == 20
 
 
+def test_eval_never_writes_into_the_runs_own_samples(digits_run):
+    """Without out= it rewrote samples/nfe_*.png and .npz (and added nfe_8.png for nfe=[1,8]) although the README
+    says evaluation never writes over the run's own samples: its grids and .npz go to eval_samples/."""
+    from fewstep.eval.__main__ import main
+
+    before = {p.name: p.read_bytes() for p in (digits_run / "samples").iterdir()}
+    out = main([f"run_dir={digits_run}", "nfe=[1,8]", "baseline_steps=0"])
+    assert {p.name: p.read_bytes() for p in (digits_run / "samples").iterdir()} == before
+    assert "nfe_8.png" not in before and "nfe_8.npz" not in before
+    evaluated = digits_run / "eval_samples"
+    assert {"nfe_1.npz", "nfe_1.png", "nfe_8.npz", "nfe_8.png"} <= {p.name for p in evaluated.iterdir()}
+    saved = json.loads((digits_run / "eval.json").read_text())
+    assert saved["samples_dir"] == out["samples_dir"] == str(evaluated) and set(saved["metrics"]) == {"nfe_1", "nfe_8"}
+    assert np.load(evaluated / "nfe_1.npz")["x"].shape == (1000, 1, 8, 8)
+
+
 def test_eval_of_the_student_weights_keeps_the_runs_own_samples_and_eval_json(digits_run):
     """weights=student wrote over samples/ (the run's final EMA samples) and eval.json: it now writes
     eval_student.json and eval_student_samples/."""

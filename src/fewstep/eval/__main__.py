@@ -1,4 +1,5 @@
-"""``python -m fewstep.eval run_dir=DIR nfe=[1,2,4]``: quality metrics of a run; writes ``DIR/eval.json``.
+"""``python -m fewstep.eval run_dir=DIR nfe=[1,2,4]``: quality metrics of a run; writes ``DIR/eval.json`` and its
+grids and raw samples to ``DIR/eval_samples/`` (never into the run's own ``samples/``).
 
 Digits protocol: 1,000 samples (100 per class, fixed noise), clamped to [-1, 1]; acc, digits-FD,
 pixel-FD, precision/recall against all 1,797 real digits, with the protocol's floor (real digits)
@@ -60,11 +61,10 @@ def main(argv: list[str] | None = None) -> dict:
     bind_guidance(sampler, run.student)  # an overridden guided sampler combines as the model's family does
     default_name = "eval.json" if args.weights == "ema" else f"eval_{args.weights}.json"
     path = Path(args.out) if args.out else run.run_dir / default_name
-    # The run's own samples/ holds what its sampler and final (EMA) weights produced: an evaluation of other
-    # weights, under another sampler or checkpoint, or written elsewhere, keeps its grids and .npz beside its own
-    # JSON instead (weights=student: eval_student.json and eval_student_samples/).
-    own = not sampler_overrides and args.out is None and args.checkpoint is None and args.weights == "ema"
-    samples_dir = run.run_dir / "samples" if own else path.parent / f"{path.stem}_samples"
+    # The run's own samples/ holds what training wrote (its sampler, its final EMA weights, trainer.final_nfe):
+    # an evaluation never writes there. Its grids and .npz go beside its JSON: DIR/eval_samples/ for eval.json,
+    # <FILE stem>_samples/ for out=FILE (weights=student: eval_student.json and eval_student_samples/).
+    samples_dir = path.parent / f"{path.stem}_samples"
     results = final_outputs(
         run.run_dir, run.model_fn(args.weights), sampler, run.data, list(args.nfe), args.baseline_steps,
         run.device, evaluate=True, log=logging.info, samples_dir=samples_dir,

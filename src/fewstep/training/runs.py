@@ -59,9 +59,66 @@ def read_run_config(run_dir: str | Path, command: str) -> DictConfig:
     cfg_path = Path(run_dir) / ".hydra" / "config.yaml"
     if not cfg_path.exists():
         raise RunDirError(f"{run_dir} is not a fewstep run dir (no .hydra/config.yaml); pass run_dir=<a run dir>")
-    cfg = OmegaConf.load(cfg_path)
+    cfg = resolve_hydra_interpolations(OmegaConf.load(cfg_path), Path(run_dir))
     refuse_random_init(cfg, run_dir, command)
     return cfg
+
+
+def _hydra_interpolations(node, path: str = "") -> list[str]:
+    """Dotted paths of the string values of ``node`` (a plain container) that use ``${hydra:...}``."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    found = []
+    for key, value in items:
+        where = f"{path}[{key}]" if isinstance(node, list) else f"{path}.{key}" if path else str(key)
+        if isinstance(value, str) and "${hydra:" in value:
+            found.append(where)
+        else:
+            found += _hydra_interpolations(value, where)
+    return found
+
+
+def resolve_hydra_interpolations(cfg: DictConfig, run_dir: Path) -> DictConfig:
+    """``cfg`` with every value that uses ``${hydra:...}`` replaced by what it was in the run: a preset may set a
+    key from the job's Hydra state (experiment=sweep/objectives: ``model.time_scale`` and ``trainer.init_from``
+    from ``${hydra:runtime.choices.objective}`` and ``${hydra:runtime.output_dir}``), which only a Hydra job
+    resolves. They resolve here from the run's ``.hydra/hydra.yaml``, with ``runtime.output_dir`` the run dir as
+    it is now (a moved sweep folder still finds its sibling runs). Other interpolations are left as written."""
+    paths = _hydra_interpolations(OmegaConf.to_container(cfg, resolve=False))
+    if not paths:
+        return cfg
+    from fewstep.config.schema import register_schemas
+
+    register_schemas()  # the ${fewstep_when:...} resolver such values are wrapped in
+    hydra_yaml = run_dir / ".hydra" / "hydra.yaml"
+    if not hydra_yaml.is_file():
+        raise RunDirError(
+            f"{run_dir}/.hydra/config.yaml sets {paths[0]} from Hydra's job state (${{hydra:...}}) but "
+            f"{hydra_yaml} is missing; copy the run's whole .hydra folder"
+        )
+    state = OmegaConf.load(hydra_yaml).get("hydra") or OmegaConf.create()
+    OmegaConf.update(state, "runtime.output_dir", str(run_dir.resolve()), force_add=True)
+    scratch = cfg.copy()
+    OmegaConf.set_struct(scratch, False)
+    scratch.hydra = state
+    for path in paths:
+        written = str(_written(cfg, path))
+        OmegaConf.update(scratch, path, written.replace("${hydra:", "${hydra."), merge=False)
+        try:
+            value = OmegaConf.select(scratch, path, throw_on_missing=True)
+        except Exception as err:  # noqa: BLE001 - omegaconf raises several types for a key hydra.yaml lacks
+            raise RunDirError(
+                f"{run_dir}: {path}={written} does not resolve from {hydra_yaml} ({str(err).splitlines()[0]})"
+            ) from None
+        OmegaConf.update(cfg, path, value, merge=False)
+    return cfg
+
+
+def _written(cfg: DictConfig, path: str) -> str:
+    """The value at ``path`` as written (an interpolation unresolved)."""
+    node = cfg
+    for part in path.replace("[", ".").replace("]", "").split("."):
+        node = node._get_node(int(part) if part.isdigit() and not isinstance(node, DictConfig) else part)
+    return node._value()
 
 
 def find_checkpoint(run_dir: str | Path, checkpoint: str | None, warn=print) -> Path:

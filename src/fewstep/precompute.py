@@ -70,7 +70,7 @@ USAGE = (
     "[batch_size=4] [device=cuda|cpu] [shard_size=256] [max_sequence_length=N (default: the pipeline's own: SD3 256, "
     "SANA 300, Qwen-Image 512)] [buckets=true] "
     "[dtype=auto|float32|bfloat16] [embeds_dtype=bfloat16|float16|float32] [latents_dtype=bfloat16|float32] "
-    "[text_layout=ragged|padded] [missing_caption=skip|empty] "
+    "[text_layout=ragged|padded] [workers=auto|N] [missing_caption=skip|empty] "
     "[validation_prompts=FILE] [progress=true] [null_prompt=TEXT] [complex_human_instruction=default|none|FILE]"
 )
 DEFAULTS = {
@@ -91,6 +91,7 @@ DEFAULTS = {
     "dtype": "auto",
     "embeds_dtype": "bfloat16",
     "latents_dtype": "bfloat16",
+    "workers": "auto",  # image decoding processes per precompute process (auto: the CPUs per process, at most 8)
     "text_layout": "ragged",  # ragged: masked embeddings keep their valid tokens only (fewstep.data.shards)
     "missing_caption": "skip",
     "validation_prompts": "",
@@ -409,40 +410,90 @@ class Plan(NamedTuple):
     prompt_shape: list | None
 
 
+class Processes(NamedTuple):
+    """This process's place in a precompute launched on several (``accelerate launch -m fewstep.precompute``,
+    ``torchrun``): its index, how many there are, its device, and a barrier."""
+
+    index: int
+    count: int
+    device: torch.device
+    wait: Callable[[], None]
+
+
+def processes(device: torch.device | None) -> Processes:
+    """One process (the default), or the launcher's: ``WORLD_SIZE`` > 1 joins the process group (gloo on CPU, NCCL
+    on GPUs) and each process takes its local GPU (``device=`` names the kind; the index is the process's)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Processes(0, 1, device or torch.device("cuda" if torch.cuda.is_available() else "cpu"), lambda: None)
+    from accelerate import PartialState
+
+    state = PartialState(cpu=device is not None and device.type == "cpu")
+    if device is None or (device.type == "cuda" and device.index is None):
+        device = state.device
+    return Processes(state.process_index, state.num_processes, device, state.wait_for_everyone)
+
+
 def precompute(args) -> dict:
     """Run the precompute for parsed ``args`` (see ``DEFAULTS``); returns the manifest. Phases: check the
-    arguments (before any encoder loads), plan the shards, encode the shards not done yet (a resumed run keeps
-    finished ones), encode the null and validation prompts, write the manifest."""
+    arguments (before any encoder loads), plan the shards (an item already in a finished shard keeps its place:
+    :func:`keep_placed`), encode this process's share of the shards not done yet (shard ``i`` is process
+    ``i mod count``'s; a resumed run keeps finished ones), then the first process encodes the null and validation
+    prompts and writes the manifest once every process is done."""
     options = check_args(args)
     source = None
     if options.images is None and options.prompts is None:  # the dataset (and its columns) before the encoders load
         source = DatasetImages(args.dataset, args.image_column, args.caption_column, args.split)
+    procs = processes(torch.device(args.device) if args.device else None)
+    options = options._replace(device=procs.device)
     encoders = Encoders(args.pretrained, options.device, options.text_dtype, options.encoder_options)
     text_length = sequence_length(args.max_sequence_length, encoders.family)
     out = Path(os.path.expanduser(args.out))
     shards_dir = out / "shards"
     shards_dir.mkdir(parents=True, exist_ok=True)
     plan = plan_inputs(args, options, encoders, source)
+    if plan.open_image is not None:  # images: what a finished shard holds stays there, new items go to new shards
+        plan = plan._replace(shards=keep_placed(plan.shards, shards_dir, args.shard_size))
     warn_upscaled([i for s in plan.shards for i in s.items], args.resolution)
     planned_names = {s.name for s in plan.shards}
-    for stale in shards_dir.glob("shard_*"):
-        if stale.name.split(".")[0] not in planned_names:
-            stale.unlink()
-
-    total = sum(len(s.items) for s in plan.shards)
+    if procs.index == 0:
+        for stale in shards_dir.glob("shard_*"):
+            if stale.name.split(".")[0] not in planned_names:
+                stale.unlink()
     layout = storage_layout(options)
     done_infos = {s.name: _shard_done(s, shards_dir, text_length, layout) for s in plan.shards}
-    initial = sum(len(s.items) for s in plan.shards if done_infos[s.name] is not None)
-    unit = "prompt" if options.prompts is not None else "img"
-    progress = tqdm(total=total, initial=initial, desc="precompute", unit=unit, disable=not args.progress)
-    resumed = sum(1 for v in done_infos.values() if v is not None)
-    for shard in plan.shards:
-        if done_infos[shard.name] is None:
-            done_infos[shard.name] = encode_shard(
-                shard, plan, encoders, text_length, args.batch_size, options, shards_dir, progress
-            )
-    progress.close()
+    procs.wait()  # every process has read what was done before any writes
 
+    mine = [s for n, s in enumerate(plan.shards) if n % procs.count == procs.index]
+    total = sum(len(s.items) for s in mine)
+    initial = sum(len(s.items) for s in mine if done_infos[s.name] is not None)
+    unit = "prompt" if options.prompts is not None else "img"
+    desc = "precompute" if procs.count == 1 else f"precompute (process {procs.index} of {procs.count})"
+    progress = tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not args.progress)
+    resumed = sum(1 for v in done_infos.values() if v is not None)
+    todo = [s for s in mine if done_infos[s.name] is None]
+    workers = decode_workers(args.workers, procs.count)
+    for shard, chunks in zip(todo, decoded_chunks(todo, plan, args.batch_size, workers), strict=True):
+        done_infos[shard.name] = encode_shard(
+            shard, chunks, encoders, text_length, options, shards_dir, progress, plan.prompt_shape, procs.index
+        )
+    progress.close()
+    procs.wait()
+    if procs.index == 0:
+        for s in plan.shards:  # the other processes' shards, from their sidecars
+            done_infos[s.name] = done_infos[s.name] or _shard_done(s, shards_dir, text_length, layout)
+        finish(args, options, plan, done_infos, encoders, text_length, resumed, out, unit)
+    procs.wait()
+    manifest = json.loads((out / "manifest.json").read_text())
+    if manifest["summary"]["encoded"] == 0:
+        raise PrecomputeError(
+            f"no image was encoded ({manifest['summary']['skipped']} skipped; see {out / 'manifest.json'}); "
+            "add readable, captioned images"
+        )
+    return manifest
+
+
+def finish(args, options, plan, done_infos, encoders, text_length, resumed, out: Path, unit: str) -> None:
+    """The null and validation prompts' embeddings and the manifest (the first process, after every shard)."""
     null_prompt = encoders.family.null_prompt(args.null_prompt)
     null = _cast(encoders.encode_null(null_prompt, text_length), options.embeds_dtype)
     _save_atomic(null, out / "null.safetensors")
@@ -456,16 +507,62 @@ def precompute(args) -> dict:
         log.warning("skipped %s: %s", s["file"], s["reason"])
     log.info(
         "precompute: %d of %d %ss encoded into %d shard(s) (%d resumed), %d skipped (%d unreadable, "
-        "%d without caption); buckets %s; cache in %s",
+        "%d without caption); buckets %s; %.3f MiB a sample; cache in %s",
         summary["encoded"], plan.n_files, unit, summary["shards"], resumed, len(skipped),
-        summary["skipped_unreadable"], summary["skipped_no_caption"], summary["latent_buckets"], out,
+        summary["skipped_unreadable"], summary["skipped_no_caption"], summary["latent_buckets"],
+        summary["bytes_per_sample"] / 2**20, out,
     )  # fmt: skip
-    if summary["encoded"] == 0:
-        raise PrecomputeError(
-            f"no image was encoded ({len(skipped)} skipped; see {out / 'manifest.json'}); "
-            "add readable, captioned images"
-        )
-    return manifest
+
+
+def decode_workers(option, processes_count: int) -> int:
+    """``workers=auto``: the CPUs this process may use, shared among the launched processes, less one for the
+    process itself (at most 8); or the number given."""
+    if str(option) != "auto":
+        return int(option)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cpus // max(1, processes_count) - 1))
+
+
+def keep_placed(shards: list[Shard], shards_dir: Path, shard_size: int) -> list[Shard]:
+    """Shards of the planned items where every item a finished shard holds (its ``.json`` sidecar) stays in that
+    shard, so adding images to the input re-encodes none of the old ones. A sidecar's shard is kept when all its
+    items are still planned, in the same bucket. A planned shard none of whose items is kept and whose name is free
+    stays as planned (an interrupted run resumes under the same names); the other items no kept shard holds are
+    bucketed and cut into new shards, numbered after the highest name in use, in the planned order. With no
+    sidecars this is the plan."""
+    items = {i.file: (s.size, i) for s in shards for i in s.items}
+    kept, placed = [], set()
+    for sidecar in sorted(shards_dir.glob("shard_*.json")):
+        try:
+            info = json.loads(sidecar.read_text())
+            planned, size = list(info["planned"]), tuple(info["size"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        if planned and all(f in items and items[f][0] == size and f not in placed for f in planned):
+            kept.append(Shard(sidecar.stem, size, [items[f][1] for f in planned]))
+            placed.update(planned)
+    if not kept:
+        return shards
+    names = {s.name for s in kept}
+    as_planned, rest = [], []
+    for shard in shards:  # the plan's order: bucket by bucket
+        left = [i for i in shard.items if i.file not in placed]
+        if len(left) == len(shard.items) and shard.name not in names:
+            as_planned.append(shard)
+            names.add(shard.name)
+        elif left:
+            rest.append((shard.size, left))
+    highest = max(int(n.split("_")[1]) for n in names)
+    new: list[Shard] = []
+    for size, left in rest:
+        if new and new[-1].size == size and len(new[-1].items) < shard_size:
+            room = shard_size - len(new[-1].items)
+            new[-1].items.extend(left[:room])
+            left = left[room:]
+        for start in range(0, len(left), shard_size):
+            highest += 1
+            new.append(Shard(f"shard_{highest:05d}", size, left[start : start + shard_size]))
+    return sorted(kept + as_planned, key=lambda s: s.name) + new
 
 
 class Options(NamedTuple):
@@ -498,6 +595,8 @@ def check_args(args) -> Options:
     length = args.max_sequence_length
     if length is not None and (not isinstance(length, int) or isinstance(length, bool) or length < 1):
         raise PrecomputeError(f"max_sequence_length={args.max_sequence_length} must be a positive number of tokens")
+    if str(args.workers) != "auto" and (not isinstance(args.workers, int) or args.workers < 0):
+        raise PrecomputeError(f"workers={args.workers} must be auto or a number of image-decoding processes (>= 0)")
     if args.missing_caption not in ("skip", "empty"):
         raise PrecomputeError(f"missing_caption={args.missing_caption!r} must be skip or empty")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -559,32 +658,68 @@ def plan_inputs(args, options: Options, encoders, source) -> Plan:
     return Plan(shards, skipped, n_files, source.open_named, None)
 
 
-def encode_shard(shard, plan: Plan, encoders, text_length, batch_size: int, options, shards_dir: Path, progress):
-    """Encode one shard's items in batches (an unreadable image is skipped and recorded) and write it atomically:
-    ``<name>.safetensors`` (latents, text embeddings, packed by :func:`fewstep.data.shards.pack`) and
-    ``<name>.json`` (what it holds, its size in bytes); returns the JSON."""
-    latents, embeds, written, shard_skipped = [], [], [], []
-    for start in range(0, len(shard.items), batch_size):
-        chunk = shard.items[start : start + batch_size]
-        if plan.open_image is None:  # text only: no image to read or encode
-            embeds.append(encoders.encode_text([i.caption for i in chunk], text_length))
-            written.extend(i.file for i in chunk)
-            progress.update(len(chunk))
-            continue
-        pixels, ok = [], []
-        for item in chunk:
+class _Decode:
+    """Chunks of items → their images, decoded and resized (what a worker process runs)."""
+
+    def __init__(self, jobs: list, open_image: Callable):
+        self.jobs, self.open_image = jobs, open_image
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __getitem__(self, n: int):
+        items, size = self.jobs[n]
+        pixels, ok, skipped = [], [], []
+        for k, item in enumerate(items):
             try:
-                pixels.append(load_image(plan.open_image(item.file), shard.size))
-                ok.append(item)
+                pixels.append(load_image(self.open_image(item.file), size))
+                ok.append(k)
             except Exception as err:  # noqa: BLE001 - any decoder error means an unreadable image
-                shard_skipped.append(
-                    {"file": item.file, "reason": f"unreadable: {type(err).__name__}: {str(err)[:120]}"}
-                )
-        if ok:
-            latents.append(encoders.encode_images(torch.stack(pixels)))
-            embeds.append(encoders.encode_text([i.caption for i in ok], text_length))
-            written.extend(i.file for i in ok)
-        progress.update(len(chunk))
+                skipped.append({"file": item.file, "reason": f"unreadable: {type(err).__name__}: {str(err)[:120]}"})
+        return (torch.stack(pixels) if pixels else None), ok, skipped
+
+
+def decoded_chunks(shards: list[Shard], plan: Plan, batch_size: int, workers: int):
+    """Per shard (lazily, in order), its chunks of ``batch_size`` items as ``(items, pixels or None, the items
+    decoded, the unreadable ones)``. Images are decoded and resized in ``workers`` forked worker processes reading
+    ahead of the encoders (0: in this process); a dataset source (a reader with a cursor) decodes in this process."""
+    jobs = [(s.items[i : i + batch_size], s.size) for s in shards for i in range(0, len(s.items), batch_size)]
+    counts = [len(range(0, len(s.items), batch_size)) for s in shards]
+    if plan.open_image is None:  # text only: nothing to decode
+        results = iter([(None, list(range(len(items))), []) for items, _ in jobs])
+    elif workers > 0 and isinstance(getattr(plan.open_image, "__self__", None), Path) and hasattr(os, "fork"):
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(
+            _Decode(jobs, plan.open_image), batch_size=None, num_workers=workers,
+            multiprocessing_context="fork", prefetch_factor=2,
+        )  # fmt: skip
+        results = iter(loader)
+    else:
+        decode = _Decode(jobs, plan.open_image)
+        results = (decode[n] for n in range(len(jobs)))
+    start = 0
+    for n in counts:
+        yield ((jobs[start + k][0], *next(results)) for k in range(n))
+        start += n
+
+
+def encode_shard(
+    shard, chunks, encoders, text_length, options, shards_dir: Path, progress, prompt_shape=None, process: int = 0
+):
+    """Encode one shard's decoded ``chunks`` (:func:`decoded_chunks`; an unreadable image is skipped and
+    recorded) and write it atomically: ``<name>.safetensors`` (latents, text embeddings, packed by
+    :func:`fewstep.data.shards.pack`) and ``<name>.json`` (what it holds, its size in bytes); returns the JSON."""
+    latents, embeds, written, shard_skipped = [], [], [], []
+    for items, pixels, ok, skipped in chunks:
+        shard_skipped.extend(skipped)
+        ok_items = [items[k] for k in ok]
+        if ok_items:
+            if pixels is not None:
+                latents.append(encoders.encode_images(pixels))
+            embeds.append(encoders.encode_text([i.caption for i in ok_items], text_length))
+            written.extend(i.file for i in ok_items)
+        progress.update(len(items))
     info = {
         "planned": [i.file for i in shard.items],
         "size": list(shard.size),
@@ -593,11 +728,12 @@ def encode_shard(shard, plan: Plan, encoders, text_length, batch_size: int, opti
         "skipped": shard_skipped,
         "max_sequence_length": text_length,
         **storage_layout(options),
+        "process": process,  # which process of a multi-process precompute encoded it
     }
     if written:
         tensors = {"latents": torch.cat(latents)} if latents else {}
         tensors.update({k: torch.cat([e[k] for e in embeds]) for k in embeds[0]})
-        info["latent_shape"] = list(tensors["latents"].shape[1:]) if latents else plan.prompt_shape
+        info["latent_shape"] = list(tensors["latents"].shape[1:]) if latents else prompt_shape
         file = shards_dir / f"{shard.name}.safetensors"
         _save_atomic(pack(tensors, options.latents_dtype, options.embeds_dtype, options.ragged), file)
         info["bytes"] = file.stat().st_size

@@ -346,6 +346,9 @@ def test_every_pass_of_both_steps_draws_its_noise_level_and_is_counted_by_name(m
         "nfe/rows_grad": 2 * b,
         "nfe/rows_nograd": b,
         "nfe/per_step": 3.0,
+        "nfe/rows/generator": b,
+        "nfe/rows/fake_score": b,
+        "nfe/rows/gan_real": b,
     }
     assert logs["loss/main"].item() == total.item()
     critic, gan = logs["loss/fake_score"].item(), logs["loss/gan_critic"].item()
@@ -366,6 +369,10 @@ def test_every_pass_of_both_steps_draws_its_noise_level_and_is_counted_by_name(m
         "nfe/rows_grad": 2 * b,
         "nfe/rows_nograd": 3 * b,
         "nfe/per_step": 5.0,
+        "nfe/rows/generator": b,
+        "nfe/rows/real_score": 2 * b,
+        "nfe/rows/fake_score": b,
+        "nfe/rows/gan_generator": b,
     }
     assert logs["loss/main"].item() == total.item()
     assert logs["times"][0].tolist() == [1.0] * b and logs["times"][1].tolist() == [0.0] * b

@@ -505,7 +505,10 @@ def expected_nfe(obj: TwinFlow, times: tuple[torch.Tensor, torch.Tensor]) -> dic
     passes = [(n_adv, 1), (n_enh, 2), (n_roll, obj.estimate_order), (n_rect, 2)]  # (rows, passes over them)
     rows_grad = b + (b - n_adv if obj.real_velocity else 0)
     rows_nograd = sum(n * k for n, k in passes)
+    by_pass = {"student": b, "real_velocity": b - n_adv if obj.real_velocity else 0}
+    by_pass.update(zip(("adv_generate", "teacher_enhance", "teacher_rollout", "rectify"), (n * k for n, k in passes)))
     return {
+        **{f"nfe/rows/{name}": rows for name, rows in by_pass.items() if rows > 0},  # the passes that ran
         "nfe/calls_grad": 1 + int(obj.real_velocity),
         "nfe/calls_nograd": sum((k if n > 0 else 0) for n, k in [(n_adv, 1), (n_enh, 1), (n_roll, obj.estimate_order),
                                                                   (n_rect, 1)]),
@@ -594,6 +597,7 @@ def test_flow_matching_counts_one_grad_pass():
                                                                          torch.full((16,), 3)), 0)  # fmt: skip
     assert {k: v for k, v in logs.items() if k.startswith("nfe/")} == {
         "nfe/calls_grad": 1, "nfe/calls_nograd": 0, "nfe/rows_grad": 16, "nfe/rows_nograd": 0, "nfe/per_step": 1.0,
+        "nfe/rows/student": 16,
     }  # fmt: skip
 
 

@@ -142,7 +142,8 @@ def guidance_passes(model, counter: EvalCounter, name: str, x_t, t, tt, cond, un
 
 @dataclass
 class EvalCounter:
-    """Network evaluations of one step: forward calls and rows, with and without grad."""
+    """Network evaluations of one step: forward calls and rows, with and without grad, and the rows of each named
+    pass (``by_pass``, logged as ``nfe/rows/<pass>``)."""
 
     calls_grad: int = 0
     calls_nograd: int = 0
@@ -169,6 +170,8 @@ class EvalCounter:
             "nfe/rows_nograd": self.rows_nograd,
             # network evaluations in units of one full-batch forward
             "nfe/per_step": (self.rows_grad + self.rows_nograd) / b,
+            # the rows of each pass that ran (a pass that did not run this step has no key)
+            **{f"nfe/rows/{name}": rows for name, rows in self.by_pass.items()},
         }
 
 

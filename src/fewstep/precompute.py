@@ -51,7 +51,7 @@ from tqdm import tqdm
 
 from fewstep.cli import parse_kv
 from fewstep.data.image_datasets import DatasetImages
-from fewstep.data.shards import pack
+from fewstep.data.shards import CAPTIONS, pack
 from fewstep.errors import FewstepError
 from fewstep.models.family import (
     PretrainedNotFound,
@@ -70,7 +70,7 @@ USAGE = (
     "[batch_size=4] [device=cuda|cpu] [shard_size=256] [max_sequence_length=N (default: the pipeline's own: SD3 256, "
     "SANA 300, Qwen-Image 512)] [buckets=true] "
     "[dtype=auto|float32|bfloat16] [embeds_dtype=bfloat16|float16|float32] [latents_dtype=bfloat16|float32] "
-    "[text_layout=ragged|padded] [workers=auto|N] [missing_caption=skip|empty] "
+    "[text_layout=ragged|padded] [text=cached|online] [workers=auto|N] [missing_caption=skip|empty] "
     "[validation_prompts=FILE] [progress=true] [null_prompt=TEXT] [complex_human_instruction=default|none|FILE]"
 )
 DEFAULTS = {
@@ -91,6 +91,7 @@ DEFAULTS = {
     "dtype": "auto",
     "embeds_dtype": "bfloat16",
     "latents_dtype": "bfloat16",
+    "text": "cached",  # online: captions only; data=latents encodes them on each device as it reads (SPEC §4)
     "workers": "auto",  # image decoding processes per precompute process (auto: the CPUs per process, at most 8)
     "text_layout": "ragged",  # ragged: masked embeddings keep their valid tokens only (fewstep.data.shards)
     "missing_caption": "skip",
@@ -382,6 +383,8 @@ def _shard_done(shard: Shard, shards_dir: Path, text_length: int | None, layout:
     if info.get("count", 0) > 0 and not (shards_dir / f"{shard.name}.safetensors").exists():
         return None
     stored = {k: info.get(k, old) for k, old in VERSION1_LAYOUT.items()}
+    if "text" in info:
+        stored["text"] = info["text"]
     if stored != layout:  # written by version 1, or with other storage options: encode again
         return None
     return info
@@ -389,10 +392,13 @@ def _shard_done(shard: Shard, shards_dir: Path, text_length: int | None, layout:
 
 def storage_layout(options) -> dict:
     """How a shard's tensors are stored (recorded in its sidecar and the manifest)."""
-    return {
+    layout = {
         "latents_dtype": str(options.latents_dtype).replace("torch.", ""),
         "text_layout": "ragged" if options.ragged else "padded",
     }
+    if options.online:
+        layout["text"] = "online"
+    return layout
 
 
 def _cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -577,6 +583,7 @@ class Options(NamedTuple):
     encoder_options: dict
     latents_dtype: torch.dtype = torch.bfloat16
     ragged: bool = True  # text_layout=ragged
+    online: bool = False  # text=online: no embeddings in the shards, their captions instead
 
 
 def check_args(args) -> Options:
@@ -597,6 +604,13 @@ def check_args(args) -> Options:
         raise PrecomputeError(f"max_sequence_length={args.max_sequence_length} must be a positive number of tokens")
     if str(args.workers) != "auto" and (not isinstance(args.workers, int) or args.workers < 0):
         raise PrecomputeError(f"workers={args.workers} must be auto or a number of image-decoding processes (>= 0)")
+    if args.text not in ("cached", "online"):
+        raise PrecomputeError(
+            f"text={args.text!r} must be cached (embeddings in the shards) or online (captions only; the text "
+            "encoder runs on each training device)"
+        )
+    if args.text == "online" and prompts is not None:
+        raise PrecomputeError("text=online caches no embeddings, and prompts= caches nothing else: use text=cached")
     if args.missing_caption not in ("skip", "empty"):
         raise PrecomputeError(f"missing_caption={args.missing_caption!r} must be skip or empty")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -630,7 +644,7 @@ def check_args(args) -> Options:
     options = {"complex_human_instruction": chi}
     return Options(
         prompts, images, device, text_dtype, embeds_dtype, validation_prompts, options, latents_dtype,
-        args.text_layout == "ragged",
+        args.text_layout == "ragged", args.text == "online",
     )  # fmt: skip
 
 
@@ -710,14 +724,17 @@ def encode_shard(
     """Encode one shard's decoded ``chunks`` (:func:`decoded_chunks`; an unreadable image is skipped and
     recorded) and write it atomically: ``<name>.safetensors`` (latents, text embeddings, packed by
     :func:`fewstep.data.shards.pack`) and ``<name>.json`` (what it holds, its size in bytes); returns the JSON."""
-    latents, embeds, written, shard_skipped = [], [], [], []
+    latents, embeds, written, shard_skipped, captions = [], [], [], [], []
     for items, pixels, ok, skipped in chunks:
         shard_skipped.extend(skipped)
         ok_items = [items[k] for k in ok]
         if ok_items:
             if pixels is not None:
                 latents.append(encoders.encode_images(pixels))
-            embeds.append(encoders.encode_text([i.caption for i in ok_items], text_length))
+            if options.online:  # the captions, encoded when the cache is read
+                captions.extend(i.caption for i in ok_items)
+            else:
+                embeds.append(encoders.encode_text([i.caption for i in ok_items], text_length))
             written.extend(i.file for i in ok_items)
         progress.update(len(items))
     info = {
@@ -732,10 +749,12 @@ def encode_shard(
     }
     if written:
         tensors = {"latents": torch.cat(latents)} if latents else {}
-        tensors.update({k: torch.cat([e[k] for e in embeds]) for k in embeds[0]})
+        if embeds:
+            tensors.update({k: torch.cat([e[k] for e in embeds]) for k in embeds[0]})
         info["latent_shape"] = list(tensors["latents"].shape[1:]) if latents else prompt_shape
         file = shards_dir / f"{shard.name}.safetensors"
-        _save_atomic(pack(tensors, options.latents_dtype, options.embeds_dtype, options.ragged), file)
+        metadata = {CAPTIONS: json.dumps(captions)} if options.online else None
+        _save_atomic(pack(tensors, options.latents_dtype, options.embeds_dtype, options.ragged), file, metadata)
         info["bytes"] = file.stat().st_size
     _write_json_atomic(info, shards_dir / f"{shard.name}.json")
     return info
@@ -791,6 +810,7 @@ def build_manifest(args, options: Options, plan: Plan, done_infos, encoders, tex
         "pipeline_class": encoders.pipeline_class,
         "family": encoders.family.name,
         "null_prompt": null_prompt,
+        "encoder_options": options.encoder_options,  # how text=online encodes captions as precompute did
         "resolution": args.resolution,
         "buckets": args.buckets,
         "max_sequence_length": text_length,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from fewstep.bench.fit import HEADROOM, FitError, hardware_gb, row_config, row_fit, rows
+from fewstep.bench.fit import HEADROOM, FitError, hardware_gb, row_config, row_fit, rows, with_online_text
 
 ROWS = rows()
 
@@ -59,6 +59,17 @@ def test_a_qwen_image_lora_row_with_an_fp32_frozen_base_does_not_fit():
     assert not fp32.fits and fp32.gpu_peak_gb > fp32.gpu_gb
     assert fp32.gpu_peak_gb - bf16.gpu_peak_gb == pytest.approx(2 * 20.4e9 / 2**30, rel=0.05)  # 2 bytes/frozen weight
     assert bf16.trainable_params == fp32.trainable_params == pytest.approx(436e6, rel=0.01)
+    online = with_online_text(bf16)  # text=online: Qwen2.5-VL-7B (8.29 B) in bf16 on every GPU, and it still fits
+    assert online.gpu_peak_gb - bf16.gpu_peak_gb == online.text_encoder_gb == pytest.approx(2 * 8.29e9 / 2**30)
+    assert online.fits and online.headroom >= HEADROOM and bf16.text_encoder_gb == 0
+
+
+def test_every_shipped_architecture_names_its_text_encoders():
+    from fewstep.models import architectures
+
+    counts = {name: architectures.load(name).text_encoder_params for name in architectures.names()}
+    assert counts == {"openuni_l_512": 1.54e9, "qwen_image": 8.29e9, "sana_1600m_1024px": 2.61e9,
+                      "sd35_large": 5.58e9, "sd35_medium": 5.58e9}  # fmt: skip
 
 
 @pytest.mark.slow

@@ -68,6 +68,7 @@ class RowFit:
     trainable_params: int
     checkpoint_gb: float  # what a checkpoint holds: trainable weights, AdamW moments and the EMA, fp32 (GiB)
     depth_estimates: dict  # blocks -> {"peak_gb", "resident_gb"} of the (fp32 / the row's) estimates
+    text_encoder_gb: float = 0.0  # included in gpu_peak_gb: the bf16 text encoders a text=online cache keeps
 
     @property
     def headroom(self) -> float:
@@ -203,6 +204,16 @@ def row_fit(row: str, overrides: list[str] | tuple = (), steps: int = 3) -> RowF
     )
 
 
+def with_online_text(fit: RowFit) -> RowFit:
+    """``fit`` for a ``precompute text=online`` cache: each process also holds the pipeline's text encoders in
+    bf16, no gradients (their published parameter count, :attr:`Architecture.text_encoder_params`; the no-grad
+    activations of encoding one batch, under 0.5 GiB at batch 8 × 512 tokens, are within the headroom)."""
+    from fewstep.models import architectures
+
+    extra = 2 * architectures.load(fit.architecture).text_encoder_params / GIB
+    return dataclasses.replace(fit, gpu_peak_gb=fit.gpu_peak_gb + extra, text_encoder_gb=extra)
+
+
 def fit_table(fits: list[RowFit]) -> str:
     """A markdown table of row estimates (docs/reproducing.md)."""
     lines = [
@@ -221,9 +232,10 @@ def fit_table(fits: list[RowFit]) -> str:
 
 USAGE = (
     "usage: python -m fewstep.bench.fit [rows=[qwenimage_lora_1order,...]] [overrides=[model.dtype=float32]] "
-    "[out=FILE.json]\n"
+    "[text=cached|online] [out=FILE.json]\n"
     "  Estimates each Table-6 row (all by default) at its real size without a GPU and prints the per-GPU peak, the\n"
-    "  headroom on launch.hardware and the host memory a process needs while loading. overrides: edits of every row."
+    "  headroom on launch.hardware and the host memory a process needs while loading. overrides: edits of every row;\n"
+    "  text=online: the cache encodes captions on each GPU (precompute text=online), its text encoders counted."
 )
 
 
@@ -235,14 +247,17 @@ def main(argv: list[str] | None = None) -> list[RowFit]:
     from fewstep.cli import parse_kv
 
     logging.basicConfig(level=logging.WARNING)
-    args = parse_kv(argv, {"rows": [], "overrides": [], "out": ""}, USAGE)
+    args = parse_kv(argv, {"rows": [], "overrides": [], "text": "cached", "out": ""}, USAGE)
+    if args.text not in ("cached", "online"):
+        raise FitError(f"text={args.text!r} must be cached or online (the cache's precompute text=)")
     names = [str(r) for r in args.rows] or rows()
     unknown = sorted(set(names) - set(rows()))
     if unknown:
         raise FitError(f"rows={unknown[0]} is no Table-6 row; rows: {', '.join(rows())}")
     fits = []
     for name in names:
-        fits.append(row_fit(name, [str(o) for o in args.overrides]))
+        fit = row_fit(name, [str(o) for o in args.overrides])
+        fits.append(with_online_text(fit) if args.text == "online" else fit)
         print(f"{name}: {fits[-1].gpu_peak_gb:.1f} GiB per GPU of {fits[-1].gpu_gb:.1f}", flush=True)
     print(fit_table(fits))
     if args.out:

@@ -89,6 +89,8 @@ class LatentData:
                 "add readable, captioned images and re-run precompute"
             )
         self._check_files()
+        self.text_online = manifest.get("text") == "online"
+        self._text_encoder = None
         recorded = manifest.get("cond_shapes")
         self.cond_shapes = {k: tuple(v) for k, v in recorded.items()} if recorded else dict(self._reader(0).cond_shapes)
         self.cond_keys = sorted(self.cond_shapes)
@@ -147,8 +149,9 @@ class LatentData:
         if i not in self._readers:
             shapes = getattr(self, "cond_shapes", None)
             self._readers[i] = ShardReader(
-                self.root / self.shards[i]["file"], self.shards[i], self.prompt_only, shapes, self._fail
-            )
+                self.root / self.shards[i]["file"], self.shards[i], self.prompt_only, shapes, self._fail,
+                online=getattr(self, "text_online", False),
+            )  # fmt: skip
         return self._readers[i]
 
     def _load_small(self, name: str, what: str, cond_shapes: dict) -> dict[str, torch.Tensor]:
@@ -191,10 +194,31 @@ class LatentData:
             return torch.zeros(0, *self.shape), {k: torch.zeros(0, *s) for k, s in self.cond_shapes.items()}
         first = self._reader(int(self.shard_of[rows[0]]))
         x = torch.empty(len(rows), *first.latent_shape)
+        if self.text_online:
+            captions = []
+            for i, item in enumerate(rows):
+                reader, row = self._reader(int(self.shard_of[item])), int(self.row_of[item])
+                reader.fill(row, x, {}, i)
+                captions.append(reader.caption(row))
+            return x, self.text_encoder().encode_text(captions, self.manifest.get("max_sequence_length"))
         cond = {k: torch.empty(len(rows), *s) for k, s in self.cond_shapes.items()}
         for i, item in enumerate(rows):
             self._reader(int(self.shard_of[item])).fill(int(self.row_of[item]), x, cond, i)
         return x, cond
+
+    def text_encoder(self):
+        """The cache's pipeline's text encoders on this process's device (``text=online`` caches): bf16 on a GPU,
+        float32 on the CPU, no gradients; loaded on first use, with the options precompute encoded with."""
+        if self._text_encoder is None:
+            from accelerate import PartialState
+
+            from fewstep.precompute import Encoders
+
+            device = PartialState().device
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+            options = self.manifest.get("encoder_options", {})
+            self._text_encoder = Encoders(self.vae_source, device, dtype, options)
+        return self._text_encoder
 
     def _epoch_batches(self, seed: int, epoch: int, global_batch: int) -> list[torch.Tensor]:
         key = (seed, epoch, global_batch)

@@ -13,6 +13,7 @@ Version-1 caches (every embedding padded, latents float32) read unchanged. Rows 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ import torch
 from fewstep.errors import FewstepError
 
 TOKENS = ".tokens"  # the suffix of a ragged embedding's valid-token rows
+CAPTIONS = "captions"  # a text=online shard's header metadata: its rows' captions (a JSON list)
 TEXT_MASKS = {"prompt_embeds": ("prompt_embeds_mask", "prompt_attention_mask")}
 
 
@@ -67,7 +69,7 @@ class ShardReader:
     ``latent_shape`` (or none: a prompt-only shard) and embeddings of the same keys and shapes as the rest of
     the cache (``cond_shapes``: key → per-row shape; None for the first shard read, which sets them)."""
 
-    def __init__(self, path: Path, entry: dict, prompt_only: bool, cond_shapes: dict | None, fail):
+    def __init__(self, path: Path, entry: dict, prompt_only: bool, cond_shapes: dict | None, fail, online=False):
         from safetensors import safe_open
 
         self.entry, self.prompt_only = entry, prompt_only
@@ -106,6 +108,15 @@ class ShardReader:
                 "and re-run precompute (it resumes)"
             )
         cond = {k: tuple(s) for k, s in per_row.items() if k != "latents"}
+        self.captions: list[str] | None = None
+        if online:  # no embeddings: the rows' captions, encoded by the reader's text encoder
+            self.captions = json.loads((self.handle.metadata() or {}).get(CAPTIONS, "null"))
+            if cond or not isinstance(self.captions, list) or len(self.captions) != self.count:
+                raise fail(
+                    f"{entry['file']} is not a text=online shard of {self.count} captions; delete it and its .json "
+                    "and re-run precompute (it resumes)"
+                )
+            cond, cond_shapes = {}, None
         if cond_shapes is not None and cond != {k: tuple(v) for k, v in cond_shapes.items()}:
             raise fail(
                 f"{entry['file']} has embeddings of shapes {cond} unlike the rest of the cache ({cond_shapes}): "
@@ -135,6 +146,10 @@ class ShardReader:
         out = {k: torch.empty(1, *s) for k, s in self.cond_shapes.items()}
         self.fill_cond(row, out, 0)
         return out
+
+    def caption(self, row: int) -> str:
+        """Row ``row``'s caption (a ``text=online`` shard)."""
+        return self.captions[row]
 
     def fill(self, row: int, x: torch.Tensor, cond: dict[str, torch.Tensor], i: int) -> None:
         """Write row ``row`` into row ``i`` of a batch's float32 tensors (latents ``x``, ``cond``), converting as it

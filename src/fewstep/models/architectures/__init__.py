@@ -34,6 +34,8 @@ class Architecture:
     vae_scale_factor: int
     latent_channels: int
     condition: dict  # name -> per-sample shape
+    text_encoder_params: float = 0.0  # the pipeline's text encoders (published counts): what text=online keeps
+    text_encoder: str = ""  # which they are
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         side = int(resolution) // self.vae_scale_factor
@@ -81,6 +83,8 @@ def load(name: str) -> Architecture:
         vae_scale_factor=int(meta["vae_scale_factor"]),
         latent_channels=int(meta["latent_channels"]),
         condition={k: tuple(v) for k, v in meta["condition"].items()},
+        text_encoder_params=float(meta.get("text_encoder_params", 0.0)),
+        text_encoder=str(meta.get("text_encoder", "")),
     )
 
 

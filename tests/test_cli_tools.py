@@ -85,6 +85,31 @@ def test_eval_never_writes_into_the_runs_own_samples(digits_run):
     assert np.load(evaluated / "nfe_1.npz")["x"].shape == (1000, 1, 8, 8)
 
 
+def test_sample_takes_the_runs_thread_setting_as_training_does(digits_run, caplog, monkeypatch):
+    import torch
+
+    from fewstep.sample import main
+    from fewstep.training import threads
+
+    asked = []
+
+    def choose(requested):
+        asked.append(requested)
+        return threads.Threads(1, "auto: stand-in")
+
+    monkeypatch.setattr(threads, "choose_threads", choose)
+    monkeypatch.setattr(threads, "_last", None)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with caplog.at_level("INFO"):
+            main([f"run_dir={digits_run}", "nfe=[1]"])
+        assert asked == [0] and torch.get_num_threads() == 1  # the run's trainer.torch_threads=0
+        assert "1 torch thread (auto: stand-in)" in caplog.text
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_eval_of_the_student_weights_keeps_the_runs_own_samples_and_eval_json(digits_run):
     """weights=student wrote over samples/ (the run's final EMA samples) and eval.json: it now writes
     eval_student.json and eval_student_samples/."""

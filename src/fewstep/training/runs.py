@@ -5,6 +5,7 @@ Shared by ``fewstep.sample``, ``fewstep.eval`` and ``fewstep.export``.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from fewstep.errors import FewstepError
 from fewstep.models.family import loading_onto
 from fewstep.training import checkpoint as ckpt_io
+from fewstep.training.threads import set_torch_threads
 from fewstep.training.trainables import build_components
 
 
@@ -146,6 +148,10 @@ def load_run(
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir, command)
     ckpt = find_checkpoint(run_dir, checkpoint)
+    # the run's trainer.torch_threads (0: chosen from the cores free now, as training does): sampling beside a busy
+    # process at one thread per core is as slow as training there
+    trainer = cfg.get("trainer") or {}
+    logging.getLogger("fewstep").info("%s", set_torch_threads(int(trainer.get("torch_threads", 0) or 0)))
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     with loading_onto(dev):  # pretrained weights straight onto the device
         data, objective, student, teacher, sampler = build_components(cfg, device=dev)

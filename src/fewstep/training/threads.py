@@ -20,8 +20,10 @@ from typing import NamedTuple
 import torch
 
 # the workload each candidate count times, per round: a small MLP's forward and backward, parallel ops
-# (GEMMs and elementwise ops above torch's grain size) with a barrier after each, like a training step
-PROBE_ROWS, PROBE_WIDTH, PROBE_LAYERS = 128, 512, 3
+# (GEMMs and elementwise ops above torch's grain size) with a barrier after each, like a training step; its
+# rows grow with the largest count (ROWS_PER_THREAD each), so that a many-core machine is not measured on a
+# workload too small to spread over its cores
+PROBE_ROWS, ROWS_PER_THREAD, PROBE_WIDTH, PROBE_LAYERS = 128, 64, 512, 3
 PROBE_ROUNDS = 10
 # rounds stop after this many seconds in all (at least MIN_ROUNDS): a contended count is slow to probe
 PROBE_BUDGET_S, MIN_ROUNDS = 0.5, 3
@@ -80,7 +82,7 @@ def probe_times(counts: list[int], rounds: int = PROBE_ROUNDS, budget_s: float =
     thread that waits for a core shows up as occasional long passes), fewer once ``budget_s`` is spent (at
     least MIN_ROUNDS). Draws from a generator of its own: the global RNG (the run's seed) is untouched."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(PROBE_ROWS, PROBE_WIDTH, generator=gen)
+    x = torch.randn(max(PROBE_ROWS, ROWS_PER_THREAD * max(counts)), PROBE_WIDTH, generator=gen)
     weights = [
         torch.randn(PROBE_WIDTH, PROBE_WIDTH, generator=gen).div_(PROBE_WIDTH**0.5).requires_grad_()
         for _ in range(PROBE_LAYERS)

@@ -128,3 +128,34 @@ def test_a_count_chosen_once_is_reused_by_the_runs_a_process_starts_soon_after(m
         assert calls == [0, 3, 0]  # measured again after REUSE_S
     finally:
         torch.set_num_threads(before)
+
+
+def test_one_slow_pass_does_not_decide_but_frequent_ones_do(monkeypatch):
+    """Each count's slowest pass is left out of its total: a hiccup on a quiet machine (one 50 ms pass at
+    2 threads) keeps both cores; a thread that keeps waiting for a core (every other pass slow) does not."""
+
+    def clocked(durations_ms: dict[int, list[float]]) -> dict[int, float]:
+        state = {"now": 0.0, "count": None, "phase": None, "passes": {n: iter(d) for n, d in durations_ms.items()}}
+
+        def set_threads(n):
+            state["count"], state["phase"] = n, "armed"
+
+        def clock():
+            if state["phase"] == "armed":  # the pass's start
+                state["phase"] = "timing"
+            elif state["phase"] == "timing":  # its end
+                state["now"] += next(state["passes"][state["count"]]) / 1e3
+                state["phase"] = None
+            return state["now"]
+
+        monkeypatch.setattr(threads.torch, "set_num_threads", set_threads)
+        monkeypatch.setattr(threads.time, "perf_counter", clock)
+        try:
+            return threads.probe_times([2, 1], rounds=5, budget_s=60)
+        finally:
+            monkeypatch.undo()
+
+    quiet = clocked({2: [1, 1, 50, 1, 1], 1: [2, 2, 2, 2, 2]})
+    assert quiet == pytest.approx({2: 0.004, 1: 0.008}) and fewest_within(quiet) == 2
+    busy = clocked({2: [1, 30, 1, 30, 1], 1: [2, 2, 2, 2, 2]})
+    assert busy == pytest.approx({2: 0.033, 1: 0.008}) and fewest_within(busy) == 1

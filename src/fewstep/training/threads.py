@@ -78,9 +78,10 @@ def local_processes() -> int:
 
 def probe_times(counts: list[int], rounds: int = PROBE_ROUNDS, budget_s: float = PROBE_BUDGET_S) -> dict[int, float]:
     """Seconds the probe workload took at each thread count, summed over up to ``rounds`` interleaved rounds
-    (one pass per count per round, so a burst of other work hits every count alike; summed, not the median: a
-    thread that waits for a core shows up as occasional long passes), fewer once ``budget_s`` is spent (at
-    least MIN_ROUNDS). Draws from a generator of its own: the global RNG (the run's seed) is untouched."""
+    (one pass per count per round, so a burst of other work hits every count alike), fewer once ``budget_s`` is
+    spent (at least MIN_ROUNDS). Summed, not the median: a thread that waits for a core shows up as frequent long
+    passes; but without each count's slowest pass, so that one hiccup of a quiet machine does not decide. Draws
+    from a generator of its own: the global RNG (the run's seed) is untouched."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(max(PROBE_ROWS, ROWS_PER_THREAD * max(counts)), PROBE_WIDTH, generator=gen)
     weights = [
@@ -97,7 +98,7 @@ def probe_times(counts: list[int], rounds: int = PROBE_ROUNDS, budget_s: float =
             w.grad = None
 
     before = torch.get_num_threads()
-    totals = dict.fromkeys(counts, 0.0)
+    passes: dict[int, list[float]] = {count: [] for count in counts}
     try:
         for count in counts:  # warm-up: each count's thread pool started
             torch.set_num_threads(count)
@@ -110,10 +111,10 @@ def probe_times(counts: list[int], rounds: int = PROBE_ROUNDS, budget_s: float =
                 torch.set_num_threads(count)
                 t0 = time.perf_counter()
                 once()
-                totals[count] += time.perf_counter() - t0
+                passes[count].append(time.perf_counter() - t0)
     finally:
         torch.set_num_threads(before)
-    return totals
+    return {count: sum(times) - max(times) for count, times in passes.items()}
 
 
 def fewest_within(times: dict[int, float], tolerance: float = TOLERANCE) -> int:

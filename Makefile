@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-fast lint format bench mutate clean
+.PHONY: setup run demo test test-fast lint format bench mutate clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,6 +18,12 @@ setup: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/python -m fewstep $(ARGS)
+
+# The real SD3 path end to end on tiny models built here (docs/tutorial.md, "The real path, end to end"): captioned
+# digits -> a tiny SD3 pipeline (VAE trained here) -> flow-matching teacher -> TwinFlow -> scored through
+# StableDiffusion3Pipeline; writes demo_out/results.md, results.json, comparison.png. Resumes where it stopped.
+demo: $(STAMP)
+	$(BIN)/python -m fewstep.demo $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
@@ -43,4 +49,4 @@ mutate: $(STAMP)
 	$(BIN)/python scripts/mutation_report.py
 
 clean:
-	rm -rf outputs multirun bench_out mutants .pytest_cache .ruff_cache build dist src/*.egg-info
+	rm -rf outputs multirun bench_out demo_out mutants .pytest_cache .ruff_cache build dist src/*.egg-info

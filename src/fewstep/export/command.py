@@ -70,7 +70,7 @@ def export(args) -> dict:
     out = Path(os.path.expanduser(args.out))
     cfg, model, ckpt, step, used = load_run_model(run_dir, args.checkpoint, args.weights)
     dtype = model.weight_dtype if args.dtype == "model" else parse_dtype(args.dtype, "dtype")
-    scheduler = scheduler_for_run(cfg)
+    scheduler = scheduler_for_run(cfg, model=model)
     family = next(f for f in families().values() if f.model_class is type(model))
     pipeline_source = args.pipeline or str(cfg.model.pretrained)
     pipe = build_pipeline(family, pipeline_source, model.export_transformer(dtype), scheduler)
@@ -123,7 +123,9 @@ def build_pipeline(family, pipeline_source: str, transformer, scheduler):
         )
     try:
         return pipeline_class(family.pipeline_class).from_pretrained(
-            str(local) if local.exists() else pipeline_source, transformer=transformer, scheduler=scheduler
+            str(local) if local.exists() else pipeline_source,
+            **{getattr(family, "denoiser", "transformer"): transformer},
+            scheduler=scheduler,
         )
     except (OSError, ValueError) as err:
         if isinstance(err, PretrainedNotFound):
@@ -151,15 +153,17 @@ def write_lora(lora_dir: Path, model, family, scheduler, dtype) -> dict:
     from safetensors.torch import save_file
 
     lora_dir.mkdir(exist_ok=True)
-    config = lora_config_of(model.transformer)
+    denoiser = getattr(family, "denoiser", "transformer")  # the pipeline component: transformer, or unet
+    network = model.denoiser if hasattr(model, "denoiser") else model.transformer
+    config = lora_config_of(network)
     metadata = None
     if config is not None:
         metadata = json.loads(
             json.dumps(config.to_dict(), default=lambda o: sorted(o) if isinstance(o, set) else str(o))
         )
-    layers = {k: v.detach().to(dtype).contiguous() for k, v in get_peft_model_state_dict(model.transformer).items()}
+    layers = {k: v.detach().to(dtype).contiguous() for k, v in get_peft_model_state_dict(network).items()}
     pipeline_class(family.pipeline_class).save_lora_weights(
-        lora_dir, transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata
+        lora_dir, **{f"{denoiser}_lora_layers": layers, f"{denoiser}_lora_adapter_metadata": metadata}
     )
     embeddings = {k: v.detach().to(dtype).contiguous().cpu() for k, v in model.time_pair_state_dict().items()}
     if embeddings:

@@ -48,10 +48,11 @@ def _family_of_folder(path) -> object:
     return family_for_pipeline(str(diffusers.DiffusionPipeline.load_config(str(path)).get("_class_name", "")))
 
 
-def scheduler_for_run(cfg, sampler=None):
+def scheduler_for_run(cfg, sampler=None, model=None):
     """A ``TwinFlowScheduler`` that samples as the run's sampler, for its target step count: the UCGM sampler's
     settings (at most 8 steps by default), or for ``sampler=euler`` the noiseless "mul" style on the uniform
-    (shifted) grid, which is the Euler step with ``tt = t`` (``target_step_count`` steps)."""
+    (shifted) grid, which is the Euler step with ``tt = t`` (``target_step_count`` steps). A diffusion ``model``
+    (diff2flow) gives its prediction type and training schedule (``model.scheduler_kwargs()``)."""
     sampler = sampler if sampler is not None else instantiate(cfg.sampler, _convert_="all")
     kwargs = {}
     steps = int(cfg.objective.get("target_step_count", 2))
@@ -90,11 +91,10 @@ def scheduler_for_run(cfg, sampler=None):
                 "(one transformer call per step), so the pipeline's samples differ from fewstep.sample's",
                 sampler.sampling_order,
             )
+    diffusion = model.scheduler_kwargs() if hasattr(model, "scheduler_kwargs") else {}
     return TwinFlowScheduler(
-        num_train_timesteps=1000,
-        prediction_type="flow_matching",
         default_num_inference_steps=min(max(steps, 1), max_steps),
-        **{"shift": 1.0, **kwargs},
+        **{"num_train_timesteps": 1000, "prediction_type": "flow_matching", "shift": 1.0, **diffusion, **kwargs},
     )
 
 
@@ -122,11 +122,14 @@ def load_run_model(run_dir: Path, checkpoint: str | None, weights: str):
         model_class = get_class(str(cfg.model.get("_target_", "")))
     except Exception:  # noqa: BLE001 - hydra raises several types for unknown targets
         model_class = None
-    if not (isinstance(model_class, type) and issubclass(model_class, DiffusersFamilyModel)):
+    exportable = {f.model_class for f in families().values() if f.model_class is not None}
+    if not (
+        isinstance(model_class, type) and (issubclass(model_class, DiffusersFamilyModel) or model_class in exportable)
+    ):
         raise ExportError(
             f"run_dir={run_dir} trained {cfg.model.get('_target_')}; fewstep.export writes diffusers pipelines of "
-            "the transformer families (model=sd35, sana, qwenimage, openuni and their _lora); "
-            "use fewstep.sample for others"
+            "the transformer families (model=sd35, sana, qwenimage, openuni and their _lora) and of the diffusion "
+            "families (model=sd15); use fewstep.sample for others"
         )
     ckpt = find_checkpoint(run_dir, checkpoint, warn=log.warning)
     if weights not in ("ema", "student"):
@@ -171,7 +174,8 @@ def load_pipeline(path: str | os.PathLike, **kwargs):
 
 
 def _attach_target_time(pipe) -> None:
-    if isinstance(pipe.transformer, TwinFlowTransformerMixin):
+    # (a TwinFlow UNet reads its times from the tensors the scheduler's scale_model_input returns)
+    if isinstance(getattr(pipe, "transformer", None), TwinFlowTransformerMixin):
         pipe.transformer.use_scheduler_target_time(pipe.scheduler)
 
 
@@ -185,17 +189,28 @@ def load_lora_pipeline(base: str | os.PathLike, lora_dir: str | os.PathLike, tor
     extra = {}
     emb_file = lora_dir / EMBEDDINGS_FILE
     if emb_file.exists():
+        denoiser = getattr(family, "denoiser", "transformer")
+        options = {}
+        if (lora_dir / "scheduler").exists() and denoiser == "unet":  # the UNet's time pair needs the schedule
+            options["diffusion_schedule"] = _diffusion_schedule(lora_dir / "scheduler")
         transformer = family.model_class.export_class.from_pretrained(
-            base, subfolder="transformer", time_pair=True, low_cpu_mem_usage=False, torch_dtype=torch_dtype
+            base, subfolder=denoiser, time_pair=True, low_cpu_mem_usage=False, torch_dtype=torch_dtype, **options
         )
         embeddings = load_file(str(emb_file))
         result = transformer.load_state_dict(embeddings, strict=False)
         if result.unexpected_keys:
-            raise ValueError(f"{emb_file} does not fit the transformer: {result.unexpected_keys[:3]}")
-        extra["transformer"] = transformer
+            raise ValueError(f"{emb_file} does not fit the {denoiser}: {result.unexpected_keys[:3]}")
+        extra[denoiser] = transformer
     if (lora_dir / "scheduler").exists():
         extra["scheduler"] = TwinFlowScheduler.from_pretrained(lora_dir, subfolder="scheduler")
     pipe = pipeline_class(family.pipeline_class).from_pretrained(base, torch_dtype=torch_dtype, **extra, **kwargs)
     pipe.load_lora_weights(lora_dir)
     _attach_target_time(pipe)
     return pipe
+
+
+def _diffusion_schedule(folder: Path) -> dict:
+    """The beta-schedule keys of a diff2flow ``TwinFlowScheduler`` config (what a TwinFlow UNet records)."""
+    config = TwinFlowScheduler.load_config(str(folder))
+    keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "trained_betas")
+    return {k: config[k] for k in keys if config.get(k) is not None}

@@ -58,7 +58,10 @@ on the flow grid (SPEC §5): ``.timesteps`` are the diffusion timesteps whose
 diffusion state ``(√ᾱ + √(1 − ᾱ))·x``, and ``step`` converts the prediction into a flow
 velocity with :func:`fewstep.models.diff2flow.diffusion_to_flow_velocity`. Flow times above the schedule's
 noisiest ``σ(ᾱ_{T−1})`` (the grid starts at 0.999) use that noise level in both maps, matching the last timestep
-the model is fed there, exactly as the model-side bridge (``bridged_velocity``) does.
+the model is fed there, exactly as the model-side bridge (``bridged_velocity``) does. The tensor
+``scale_model_input`` returns carries the step's flow times as ``fewstep_flow_times = (t, tt)``: a TwinFlow UNet
+(:class:`fewstep.models.diffusion.TwinFlowUNet2DConditionModel`) reads them there, since its diffusion timestep
+carries neither ``tt`` nor a ``t`` above that noisiest σ.
 """
 
 from __future__ import annotations
@@ -377,11 +380,11 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
         """``current_target_time() · num_train_timesteps``."""
         return self.current_target_time() * self.config.num_train_timesteps
 
-    def _time_of(self, timestep: float | torch.Tensor | None) -> float:
-        """Flow time of a schedule timestep (the current step's when this is mid-loop or None)."""
+    def _index_of(self, timestep: float | torch.Tensor | None) -> int:
+        """Grid index of a schedule timestep (the current step's when this is mid-loop or None)."""
         if timestep is None or self._step_index is not None:
-            return self.current_time()
-        return self._grid[self.index_for_timestep(timestep)]
+            return self._current_index()
+        return self.index_for_timestep(timestep)
 
     def _timesteps_to_times(self, timesteps: torch.Tensor) -> torch.Tensor:
         """Per-sample flow times of arbitrary (training-style) timesteps, float64."""
@@ -401,9 +404,15 @@ class TwinFlowScheduler(SchedulerMixin, ConfigMixin):
         """Identity for flow models; the flow → diffusion state map ``(√ᾱ + √(1 − ᾱ))·x`` for epsilon / v models."""
         if self.alphas_cumprod is None:
             return sample
-        time = min(self._time_of(timestep), self._max_time)
-        alpha_bar = alpha_bar_from_flow_time(torch.tensor(time, dtype=torch.float64))
-        return flow_to_diffusion_state(sample, alpha_bar).to(sample.dtype)
+        i = self._index_of(timestep)
+        t, tt = self._grid[i], target_time(self.config.sampling_style, self._grid[i], self._grid[i + 1])
+        alpha_bar = alpha_bar_from_flow_time(torch.tensor(min(t, self._max_time), dtype=torch.float64))
+        scaled = flow_to_diffusion_state(sample, alpha_bar).to(sample.dtype)
+        # the step's flow times travel with the input, for a TwinFlow UNet's time-pair embedding
+        # (fewstep.models.diffusion.TwinFlowUNet2DConditionModel): a diffusion timestep carries neither tt nor a t
+        # above the schedule's noisiest σ
+        scaled.fewstep_flow_times = (t, tt)
+        return scaled
 
     def scale_noise(
         self, sample: torch.Tensor, timestep: float | torch.Tensor, noise: torch.Tensor | None = None

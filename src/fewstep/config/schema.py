@@ -165,6 +165,13 @@ class SD15ModelConfig:
     schedule_from_pretrained: bool = True
 
 
+@dataclass
+class SDXLModelConfig(SD15ModelConfig):
+    _target_: str = "fewstep.models.sdxl.SDXLUNetModel"
+    pretrained: str = "stabilityai/stable-diffusion-xl-base-1.0"
+    vae_scale_factor: int | None = None  # None: from <pretrained>/vae (the size/crop ids are in pixels)
+
+
 # --------------------------------------------------------------------------- data
 @dataclass
 class DigitsDataConfig:
@@ -300,6 +307,7 @@ SCHEMAS = {
         "tiny": TinyModelConfig,
         "sd35": SD35ModelConfig,
         "sd15": SD15ModelConfig,
+        "sdxl": SDXLModelConfig,
         "sana": SanaModelConfig,
         "openuni": OpenUniModelConfig,
         "qwenimage": QwenImageModelConfig,

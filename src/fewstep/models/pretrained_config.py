@@ -61,7 +61,9 @@ def pretrained_config(model) -> dict:
     """The ``config.json`` of the model config's transformer (or UNet): a local file, or the hub's (cached, or
     fetched: a few kB). Raises PretrainedNotFound, one line naming ``model.pretrained``, when neither works."""
 
-    component = "unet" if str(model.get("_target_", "")).endswith("DiffusionUNetModel") else "transformer"
+    component = (
+        "unet" if str(model.get("_target_", "")).endswith(("DiffusionUNetModel", "SDXLUNetModel")) else "transformer"
+    )
     source, sub = resolve_pretrained(str(model.pretrained), component, model.get("subfolder"))
     local = Path(source) / (sub or "") / "config.json"
     if local.exists():

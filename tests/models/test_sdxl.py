@@ -1,0 +1,158 @@
+"""SDXL through the diff2flow bridge on a tiny offline ``StableDiffusionXLPipeline``: step-0 exactness, precompute
+(pooled embeddings), a TwinFlow run, export and the pipeline sampling as the native sampler."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from helpers import FAST, compose
+
+
+def save_tiny_sdxl_pipeline(folder):
+    """Tiny SDXL (diffusers' fast-test sizes): two CLIP encoders (the second with a projection), a text_time UNet."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from helpers.tiny_sd3 import CLIP_MAX_LENGTH, _write_clip_tokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(
+        str(_write_clip_tokenizer(folder.parent / "sdxl_tokenizer")), model_max_length=CLIP_MAX_LENGTH
+    )
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+        max_position_embeddings=CLIP_MAX_LENGTH, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, projection_dim=32,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 1), projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64, norm_num_groups=1,
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(4, 4), layers_per_block=1, latent_channels=4,
+        norm_num_groups=1, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        scaling_factor=0.13025,
+    )  # fmt: skip
+    scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=CLIPTextModel(config), text_encoder_2=CLIPTextModelWithProjection(config),
+        tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
+    )  # fmt: skip
+    pipe.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    return save_tiny_sdxl_pipeline(tmp_path_factory.mktemp("sdxl") / "pipe")
+
+
+def test_sdxl_model_at_step_0_is_the_pretrained_unet_through_the_bridge(sdxl):
+    """Zero-initialised time-pair embeddings: the model equals the pretrained UNet (epsilon → velocity by hand) with
+    the pooled embedding and the bucket's (H, W, 0, 0, H, W) ids."""
+    from diffusers import UNet2DConditionModel
+
+    from fewstep.models.diff2flow import alpha_bar_from_flow_time, diffusion_timestep_from_flow_time
+    from fewstep.models.sdxl import SDXLUNetModel
+
+    model = SDXLUNetModel(pretrained=str(sdxl), time_pair=True)
+    assert model.vae_scale_factor == 2
+    unet = UNet2DConditionModel.from_pretrained(sdxl, subfolder="unet")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 6, generator=g)
+    embeds, pooled = torch.randn(2, 5, 64, generator=g), torch.randn(2, 32, generator=g)
+    cond = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+    t, tt = torch.tensor([0.3, 0.8]), torch.tensor([0.1, 0.0])
+    with torch.no_grad():
+        v = model(x, t, tt, cond)
+        ab = alpha_bar_from_flow_time(t.double()).float()[:, None, None, None]
+        a, b = ab.sqrt(), (1 - ab).sqrt()
+        x_diff = (a + b) * x
+        ids = torch.tensor([[16.0, 12, 0, 0, 16, 12]] * 2)
+        eps = unet(
+            x_diff, diffusion_timestep_from_flow_time(t, model.alphas_cumprod).float(), cond["prompt_embeds"],
+            added_cond_kwargs={"text_embeds": cond["pooled_prompt_embeds"], "time_ids": ids},
+        ).sample  # fmt: skip
+        expected = eps - (x_diff - b * eps) / a
+    assert (v - expected).abs().max().item() < 1e-5
+    with pytest.raises(TypeError, match="pooled_prompt_embeds"):
+        model(x, t, tt, {"prompt_embeds": cond["prompt_embeds"]})
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:data.batch_size=2 is smaller")
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_sdxl_precompute_train_export_and_pipeline_equal_the_native_sampler(sdxl, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+    from PIL import Image
+
+    from fewstep.data.latents import LatentData
+    from fewstep.export.command import main as export_main
+    from fewstep.precompute import main as precompute_main
+    from fewstep.training.loop import train
+    from fewstep.training.runs import load_run
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(2)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(images / f"img{i}.png")
+        (images / f"img{i}.txt").write_text(f"a red cat number {i}")
+    cache = tmp_path / "cache"
+    manifest = precompute_main(
+        [f"pretrained={sdxl}", f"images={images}", f"out={cache}", "resolution=16", "batch_size=2",
+         "embeds_dtype=float32", "progress=false"]
+    )  # fmt: skip
+    assert manifest["pipeline_class"] == "StableDiffusionXLPipeline"
+    data = LatentData(str(cache), batch_size=2)
+    assert sorted(data.cond_keys) == ["pooled_prompt_embeds", "prompt_embeds"]
+    batch = next(data.batches(0))
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl)
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt("a red cat number 0", device="cpu", do_classifier_free_guidance=False)
+    assert embeds.shape == (1, 77, 64) and pooled.shape == (1, 32)
+
+    cfg = compose(
+        [
+            "objective=twinflow", "sampler=ucgm", "model=sdxl", f"model.pretrained={sdxl}", "diff2flow.enabled=true",
+            "objective.allow_diff2flow=true", "data=latents", f"data.path={cache}", "data.batch_size=2",
+            "trainer.max_steps=3", "trainer.final_nfe=[1]", "trainer.grid_size=4", "trainer.lr=1e-2", *FAST,
+        ]
+    )  # fmt: skip
+    run = tmp_path / "run"
+    assert train(cfg, run_dir=run)["steps"] == 3
+    (run / ".hydra").mkdir(exist_ok=True)
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+    out = tmp_path / "export"
+    info = export_main([f"run_dir={run}", f"out={out}"])
+    assert info["family"] == "sdxl" and info["time_pair"]
+    assert json.loads((out / "model_index.json").read_text())["unet"][1] == "TwinFlowUNet2DConditionModel"
+
+    import fewstep  # noqa: F401
+
+    exported = StableDiffusionXLPipeline.from_pretrained(out)
+    exported.set_progress_bar_config(disable=True)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    generated = exported(
+        "a red cat", height=16, width=16, num_inference_steps=2, guidance_scale=0.0, latents=latents.clone(),
+        output_type="latent",
+    ).images  # fmt: skip
+    scored = load_run(run, device="cpu", command="eval")
+    with torch.no_grad():
+        embeds, _, pooled, _ = exported.encode_prompt("a red cat", device="cpu", do_classifier_free_guidance=False)
+        native = scored.sampler.sample(
+            scored.model_fn("ema"), latents.clone(), {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}, 2,
+            generator=torch.Generator().manual_seed(0),
+        )  # fmt: skip
+    difference = (generated - native).abs().max().item()
+    print(f"sdxl: pipeline vs native max |diff| {difference:.3g}")
+    assert difference < 1e-4 and (generated - latents).abs().max() > 1e-2
+    assert batch.x.shape[1:] == (4, 8, 8)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -156,3 +157,97 @@ def test_sdxl_precompute_train_export_and_pipeline_equal_the_native_sampler(sdxl
     print(f"sdxl: pipeline vs native max |diff| {difference:.3g}")
     assert difference < 1e-4 and (generated - latents).abs().max() > 1e-2
     assert batch.x.shape[1:] == (4, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def sdxl_cache(sdxl, tmp_path_factory):
+    from PIL import Image
+
+    from fewstep.precompute import main as precompute_main
+
+    root = tmp_path_factory.mktemp("sdxl_cache")
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(4)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(images / f"img{i}.png")
+        (images / f"img{i}.txt").write_text(f"a blue dog number {i}")
+    precompute_main(
+        [f"pretrained={sdxl}", f"images={images}", f"out={root / 'cache'}", "resolution=16", "batch_size=2",
+         "embeds_dtype=float32", "progress=false"]
+    )  # fmt: skip
+    return root / "cache"
+
+
+def _lora_run(sdxl, cache, run, *extra):
+    from fewstep.training.loop import train
+
+    cfg = compose(
+        [
+            "objective=twinflow", "sampler=ucgm", "model=sdxl_lora", f"model.pretrained={sdxl}", "model.dtype=float32",
+            "model.gradient_checkpointing=false", "model.lora.rank=4", "model.lora.alpha=8", "diff2flow.enabled=true",
+            "objective.allow_diff2flow=true", "data=latents", f"data.path={cache}", "data.batch_size=2",
+            "trainer.final_nfe=[1]", "trainer.lr=1e-2", *FAST, "trainer.grid_size=4", *extra,
+        ]
+    )  # fmt: skip
+    summary = train(cfg, run_dir=run)
+    (run / ".hydra").mkdir(exist_ok=True)
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+    return summary
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:data.batch_size=2 is smaller")
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_sdxl_lora_run_resumes_exactly_and_its_lora_export_samples_as_the_native_sampler(sdxl, sdxl_cache, tmp_path):
+    """A LoRA run trains only the adapter and the time-pair embeddings; resumed from its step-2 checkpoint it starts
+    at step 2 and ends with the weights of the uninterrupted run; its lora/ export on the base pipeline samples as
+    fewstep does."""
+    from safetensors.torch import load_file
+
+    from fewstep.export.command import main as export_main
+    from fewstep.export.pipeline import load_lora_pipeline
+    from fewstep.training.runs import load_run
+
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    summary = _lora_run(sdxl, sdxl_cache, whole, "trainer.max_steps=4", "trainer.checkpoint_every=2")
+    assert summary["steps"] == 4 and summary["trainable_params"] < summary["params"]
+    # the run as if stopped after its step-2 checkpoint, then resumed
+    shutil.copytree(whole, split)
+    shutil.rmtree(split / "checkpoints" / "step_0000004")
+    (split / "summary.json").unlink()
+    resumed = _lora_run(
+        sdxl, sdxl_cache, split, "trainer.max_steps=4", "trainer.checkpoint_every=2", "trainer.resume=auto"
+    )
+    assert resumed["start_step"] == 2 and resumed["steps"] == 4
+    for name in ("model.safetensors", "teacher.safetensors"):
+        a = load_file(str(whole / "checkpoints" / "step_0000004" / name))
+        b = load_file(str(split / "checkpoints" / "step_0000004" / name))
+        assert a.keys() == b.keys() and all(".lora_" in k or "_embedding." in k for k in a), name
+        assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0, name
+    shadow = load_file(str(whole / "checkpoints" / "step_0000004" / "teacher.safetensors"))
+    assert shadow["target_embedding.linear_2.weight"].abs().max().item() > 1e-4  # the embeddings trained
+
+    out = tmp_path / "export"
+    info = export_main([f"run_dir={whole}", f"out={out}"])
+    assert info["lora"] and {"pytorch_lora_weights.safetensors", "twinflow_embeddings.safetensors"} <= set(
+        info["lora_files"]
+    )
+    pipe = load_lora_pipeline(sdxl, out / "lora")
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.unet).__name__ == "TwinFlowUNet2DConditionModel"
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    generated = pipe(
+        "a blue dog", height=16, width=16, num_inference_steps=2, guidance_scale=0.0, latents=latents.clone(),
+        output_type="latent",
+    ).images  # fmt: skip
+    scored = load_run(whole, device="cpu", command="eval")
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt("a blue dog", device="cpu", do_classifier_free_guidance=False)
+        native = scored.sampler.sample(
+            scored.model_fn("ema"), latents.clone(), {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}, 2,
+            generator=torch.Generator().manual_seed(0),
+        )  # fmt: skip
+    difference = (generated - native).abs().max().item()
+    print(f"sdxl lora: lora pipeline vs native max |diff| {difference:.3g}")
+    assert difference < 1e-4 and (generated - latents).abs().max() > 1e-2

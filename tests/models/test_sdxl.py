@@ -251,3 +251,32 @@ def test_sdxl_lora_run_resumes_exactly_and_its_lora_export_samples_as_the_native
     difference = (generated - native).abs().max().item()
     print(f"sdxl lora: lora pipeline vs native max |diff| {difference:.3g}")
     assert difference < 1e-4 and (generated - latents).abs().max() > 1e-2
+
+
+def test_the_sdxl_lora_preset_has_the_quick_config_values():
+    cfg = compose(["experiment=presets/sdxl_lora_2step", "data.path=CACHE"])
+    o = cfg.objective
+    assert (o.target_step_count, o.estimate_order, o.enhanced_ratio, o.delta_t, o.target_clamp) == (
+        2,
+        2,
+        0.5,
+        0.01,
+        1.0,
+    )
+    assert cfg.trainer.lr == 1e-4 and cfg.teacher._target_.endswith("EMATeacher") and cfg.teacher.decay == 0.99
+    assert o.allow_diff2flow and cfg.diff2flow.enabled and cfg.model._target_ == "fewstep.models.sdxl.SDXLUNetModel"
+    assert cfg.model.lora.enabled and cfg.model.lora.target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:data.batch_size=2 is smaller")
+def test_the_sdxl_lora_preset_trains_on_the_tiny_pipeline(sdxl, sdxl_cache, tmp_path):
+    from fewstep.training.loop import train
+
+    cfg = compose(
+        ["experiment=presets/sdxl_lora_2step", f"model.pretrained={sdxl}", f"data.path={sdxl_cache}",
+         "data.batch_size=2", "model.lora.rank=4", "trainer.max_steps=2", "trainer.final_nfe=[2]", *FAST,
+         "trainer.grid_size=4"]
+    )  # fmt: skip
+    summary = train(cfg, run_dir=tmp_path / "run")
+    assert summary["steps"] == 2 and np.isfinite(summary["loss"]) and summary["trainable_params"] < summary["params"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from helpers import FAST, compose
+from helpers import FAST, compose, read_shard
 
 
 def save_tiny_sdxl_pipeline(folder):
@@ -97,6 +97,7 @@ def test_sdxl_precompute_train_export_and_pipeline_equal_the_native_sampler(sdxl
 
     from fewstep.data.latents import LatentData
     from fewstep.export.command import main as export_main
+    from fewstep.models.sdxl import SDXLUNetModel
     from fewstep.precompute import main as precompute_main
     from fewstep.training.loop import train
     from fewstep.training.runs import load_run
@@ -116,10 +117,20 @@ def test_sdxl_precompute_train_export_and_pipeline_equal_the_native_sampler(sdxl
     data = LatentData(str(cache), batch_size=2)
     assert sorted(data.cond_keys) == ["pooled_prompt_embeds", "prompt_embeds"]
     batch = next(data.batches(0))
+    assert manifest["vae"]["scaling_factor"] == 0.13025
     pipe = StableDiffusionXLPipeline.from_pretrained(sdxl)
+    entry = manifest["shards"][0]
+    rows = read_shard(cache / entry["file"], entry)
     with torch.no_grad():
-        embeds, _, pooled, _ = pipe.encode_prompt("a red cat number 0", device="cpu", do_classifier_free_guidance=False)
-    assert embeds.shape == (1, 77, 64) and pooled.shape == (1, 32)
+        for i, name in enumerate(entry["files"]):  # both encoders' hidden states and the pooled projection, cached
+            caption = (images / name).with_suffix(".txt").read_text()
+            embeds, _, pooled, _ = pipe.encode_prompt(caption, device="cpu", do_classifier_free_guidance=False)
+            assert embeds.shape == (1, 77, 64) and pooled.shape == (1, 32)
+            assert (rows["prompt_embeds"][i] - embeds[0]).abs().max().item() < 1e-5
+            assert (rows["pooled_prompt_embeds"][i] - pooled[0]).abs().max().item() < 1e-5
+    # the size / crop ids the model feeds a batch of this bucket: its pixel size (VAE scale 2), uncropped
+    ids = SDXLUNetModel(pretrained=str(sdxl)).time_ids(batch.x)
+    assert ids.tolist() == [[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]] * 2
 
     cfg = compose(
         [

@@ -82,8 +82,12 @@ def test_a_version1_cache_still_loads_and_reads_the_numbers_it_holds(caches, tmp
     data, old = all_batches(v1)
     assert data.cond_shapes == {"prompt_embeds": (200, 16), "prompt_embeds_mask": (200,)}  # from the first shard
     _, padded = all_batches(caches["padded"])
-    for a, b in zip(old, padded, strict=True):  # the same images through today's precompute, padded fp32 layout
-        assert torch.equal(a.x, b.x) and all(torch.equal(a.cond[k], b.cond[k]) for k in a.cond)
+    # the same images through today's precompute, padded fp32 layout; equal up to the encoders' numerics (the
+    # fixture was encoded in another process, maybe with another torch thread count)
+    for a, b in zip(old, padded, strict=True):
+        assert torch.allclose(a.x, b.x, atol=1e-5, rtol=0)
+        assert all(torch.allclose(a.cond[k], b.cond[k], atol=1e-5, rtol=0) for k in a.cond)
+        assert torch.equal(a.cond["prompt_embeds_mask"], b.cond["prompt_embeds_mask"])
 
 
 def test_a_ragged_shard_holds_the_valid_tokens_only(caches):

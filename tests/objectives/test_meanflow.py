@@ -378,3 +378,20 @@ def test_guided_target_under_dropout_is_one_function_with_the_grad_and_jvp_passe
     assert abs(got.item() - expected.item()) < 1e-9 * expected.item()
     assert torch.equal(torch.get_rng_state(), after)  # the teacher-side passes leave the generator as one pass
     assert logs["nfe/rows_nograd"] == 2 * 8 + 8  # whole-batch cond and null passes, then the JVP
+
+
+def test_the_time_gap_of_bf16_times_is_taken_in_float32():
+    """``t − tt`` is widened before the difference: in bf16, 0.99609375 − 0.0029296875 rounds to 0.9921875 (0.1 %
+    off), which the ``(t − tt)·df/dt`` term would carry."""
+
+    def model(x, t, tt, cond):  # df/dt = 3 exactly
+        return x * 0 + 3.0 * t[:, None].to(x.dtype)
+
+    t = torch.tensor([0.99609375], dtype=torch.bfloat16)
+    tt = torch.tensor([0.0029296875], dtype=torch.bfloat16)
+    x_t, v = torch.zeros(1, 2, dtype=torch.bfloat16), torch.ones(1, 2, dtype=torch.bfloat16)
+    target = MeanFlow().average_velocity_target(model, x_t, t, tt, None, v)
+    assert target.dtype == torch.float32
+    expected = 1.0 - (0.99609375 - 0.0029296875) * 3.0  # -1.9794921875, exact in float32
+    assert torch.equal(target, torch.full((1, 2), expected))
+    assert float((t - tt).float()) != 0.99609375 - 0.0029296875  # the bf16 difference would be off

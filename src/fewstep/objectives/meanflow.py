@@ -172,7 +172,8 @@ class MeanFlow(Objective):
         """``sg(v − (t − tt)·df/dt)`` with ``df/dt`` the JVP along ``(v, 1, 0)`` (float32 or wider)."""
         _, dudt = time_derivative(model, x_t, t, tt, cond, v, rng=rng, objective=f"objective={self.name}")
         dtype = wide_dtype(v.dtype)
-        return (v.to(dtype) - expand_like(t - tt, v).to(dtype) * dudt.to(dtype)).detach()
+        gap, dudt = t.to(dtype) - tt.to(dtype), dudt.to(dtype)  # widened first: t − tt of bf16 times is not bf16
+        return (v.to(dtype) - expand_like(gap, dudt) * dudt).detach()
 
     def per_sample_loss(self, F: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(w·L, L)`` per sample with ``L = ‖F − target‖²``."""

@@ -16,7 +16,7 @@ from helpers import compose
 CONF = CONF_DIR
 GROUPS = ["objective", "teacher", "sampler", "model", "data", "trainer", "logger"]
 NEEDS_FILES = {
-    "model": {"sd35", "sd35_lora", "sd15", "qwenimage", "qwenimage_lora", "sana", "sana_lora"}
+    "model": {"sd35", "sd35_lora", "sd15", "sdxl", "sdxl_lora", "qwenimage", "qwenimage_lora", "sana", "sana_lora"}
     | {"openuni", "openuni_lora"},  # need a converted OpenUni folder (python -m fewstep.convert_openuni)
     "data": {"latents"},
 }

@@ -16,6 +16,7 @@ PUBLISHED = {
     "sana_1600m_1024px": 1.60e9,
     "openuni_l_512": 1.60e9,  # its SANA-1.6B-512 DiT (the frozen LM/connector are cached, never built)
     "qwen_image": 20.4e9,
+    "sdxl_base": 2.567e9,  # the SDXL-base UNet (2,567,463,684)
 }
 
 

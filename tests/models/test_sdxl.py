@@ -291,3 +291,24 @@ def test_the_sdxl_lora_preset_trains_on_the_tiny_pipeline(sdxl, sdxl_cache, tmp_
     )  # fmt: skip
     summary = train(cfg, run_dir=tmp_path / "run")
     assert summary["steps"] == 2 and np.isfinite(summary["loss"]) and summary["trainable_params"] < summary["params"]
+
+
+def test_sdxl_random_init_builds_the_published_unet_and_synthetic_data_has_its_shapes():
+    from fewstep.data.synthetic import SyntheticData
+    from fewstep.models.architectures import ArchitectureError, load
+
+    arch = load("sdxl_base")
+    assert arch.family == "sdxl" and arch.class_name == "UNet2DConditionModel" and arch.vae_scale_factor == 8
+    data = SyntheticData("sdxl_base", resolution=1024, batch_size=2)
+    batch = next(data.batches(0))
+    assert tuple(batch.x.shape) == (2, 4, 128, 128)
+    assert {k: tuple(v.shape[1:]) for k, v in batch.cond.items()} == {
+        "prompt_embeds": (77, 2048),
+        "pooled_prompt_embeds": (1280,),
+    }
+    from fewstep.models.sdxl import SDXLUNetModel
+
+    with pytest.raises(ArchitectureError, match="model.architecture=sd35_medium is a sd3 SD3Transformer2DModel"):
+        SDXLUNetModel.random_unet("sd35_medium", None, torch.float32)
+    with pytest.raises(ArchitectureError, match="a UNet is built whole"):
+        SDXLUNetModel.random_unet("sdxl_base", 2, torch.float32)

@@ -163,12 +163,17 @@ class SD15ModelConfig:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     schedule_from_pretrained: bool = True
+    # model.random_init: the shipped UNet architecture (fewstep/models/architectures/*.json) with random weights
+    random_init: bool = False
+    architecture: str | None = None
+    num_layers: int | None = None  # (transformers only: a UNet is built whole)
 
 
 @dataclass
 class SDXLModelConfig(SD15ModelConfig):
     _target_: str = "fewstep.models.sdxl.SDXLUNetModel"
     pretrained: str = "stabilityai/stable-diffusion-xl-base-1.0"
+    architecture: str | None = "sdxl_base"
     vae_scale_factor: int | None = None  # None: from <pretrained>/vae (the size/crop ids are in pixels)
 
 

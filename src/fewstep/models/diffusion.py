@@ -192,6 +192,9 @@ class DiffusionUNetModel(nn.Module):
         data_shape: list[int] | tuple[int, ...] | None = None,
         num_classes: int = 0,
         time_pair: bool = False,
+        random_init: bool = False,
+        architecture: str | None = None,
+        num_layers: int | None = None,
     ):
         super().__init__()
         if prediction_type not in DIFFUSION_PREDICTIONS:
@@ -211,7 +214,9 @@ class DiffusionUNetModel(nn.Module):
             "beta_start": beta_start,
             "beta_end": beta_end,
         }
-        found = _scheduler_config(source, sub, revision) if schedule_from_pretrained else None
+        self.random_init = bool(random_init)
+        load_schedule = schedule_from_pretrained and not self.random_init
+        found = _scheduler_config(source, sub, revision) if load_schedule else None
         if found is not None:
             keys = (*schedule, "trained_betas", "rescale_betas_zero_snr")
             schedule.update({k: found[k] for k in keys if found.get(k) is not None})
@@ -229,14 +234,17 @@ class DiffusionUNetModel(nn.Module):
                 f"model.pretrained={pretrained}: a zero terminal SNR schedule (rescale_betas_zero_snr) has no x0 from "
                 "epsilon at the last step; such models predict v (model.prediction_type=v_prediction)"
             )
-        try:
-            unet = UNet2DConditionModel.from_pretrained(
-                source, subfolder=sub, revision=revision, **dtype_kwargs(self.weight_dtype)
-            )
-        except PretrainedNotFound:
-            raise
-        except (OSError, ValueError) as err:
-            raise load_error("model.pretrained", pretrained, err) from err
+        if self.random_init:
+            unet = self.random_unet(architecture, num_layers, self.weight_dtype)
+        else:
+            try:
+                unet = UNet2DConditionModel.from_pretrained(
+                    source, subfolder=sub, revision=revision, **dtype_kwargs(self.weight_dtype)
+                )
+            except PretrainedNotFound:
+                raise
+            except (OSError, ValueError) as err:
+                raise load_error("model.pretrained", pretrained, err) from err
         if data_shape and int(data_shape[0]) != unet.config.in_channels:
             raise ValueError(
                 f"the data has {data_shape[0]}-channel latents but model.pretrained={pretrained} expects "
@@ -258,6 +266,28 @@ class DiffusionUNetModel(nn.Module):
                     p.data = p.data.float()
         if gradient_checkpointing:
             unet.enable_gradient_checkpointing()
+
+    @classmethod
+    def random_unet(cls, architecture: str | None, num_layers: int | None, dtype: torch.dtype) -> nn.Module:
+        """``model.random_init=true``: the shipped UNet architecture ``model.architecture`` (published config, random
+        weights, nothing downloaded; the DDPM schedule from the model config) for step-time and memory measurements."""
+        from fewstep.models import architectures  # not at the top: an export would copy it (export/code.py)
+
+        if not architecture:
+            raise architectures.ArchitectureError(
+                f"model.random_init=true needs model.architecture (one of {', '.join(architectures.names())})"
+            )
+        arch = architectures.load(architecture)
+        if arch.class_name != UNet2DConditionModel.__name__ or arch.family != cls.family:
+            raise architectures.ArchitectureError(
+                f"model.architecture={architecture} is a {arch.family} {arch.class_name}, not the {cls.family} "
+                "family's UNet2DConditionModel; pick one of its architectures or another model"
+            )
+        if num_layers is not None:
+            raise architectures.ArchitectureError(
+                "model.num_layers reduces a transformer's depth; a UNet is built whole"
+            )
+        return architectures.random_transformer(architecture, dtype, cls=UNet2DConditionModel)
 
     def _add_time_pair_embedding(self, module, args, output: torch.Tensor) -> torch.Tensor:
         if self._times is None:

@@ -55,6 +55,10 @@ class SDXLUNetModel(DiffusionUNetModel):
                 f"model.pretrained={pretrained} is not an SDXL UNet (addition_embed_type="
                 f"{self.unet.config.addition_embed_type!r}, not 'text_time'): use model=sd15 for SD 1.x/2.x"
             )
+        if not vae_scale_factor and self.random_init:
+            from fewstep.models import architectures
+
+            vae_scale_factor = architectures.load(kwargs["architecture"]).vae_scale_factor
         self.vae_scale_factor = int(vae_scale_factor or vae_scale_factor_of(pretrained, kwargs.get("revision")))
 
     def time_ids(self, x_t: torch.Tensor) -> torch.Tensor:

@@ -281,7 +281,7 @@ def test_the_sdxl_lora_preset_has_the_quick_config_values():
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:data.batch_size=2 is smaller")
-def test_the_sdxl_lora_preset_trains_on_the_tiny_pipeline(sdxl, sdxl_cache, tmp_path):
+def test_the_sdxl_lora_preset_trains_on_the_tiny_pipeline(sdxl, sdxl_cache, tmp_path, fresh_accelerator_state):
     from fewstep.training.loop import train
 
     cfg = compose(

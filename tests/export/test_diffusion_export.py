@@ -88,7 +88,6 @@ def test_sd15_run_exports_a_pipeline_that_samples_as_the_native_sampler(sd15_ima
     scheduler_config = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler_config["prediction_type"] == prediction_type
     assert scheduler_config["beta_schedule"] == "scaled_linear" and scheduler_config["beta_end"] == 0.012
-    assert (out / "README.md").exists()
 
     import fewstep  # noqa: F401 - registers the exported classes' library names
 
@@ -118,6 +117,19 @@ def test_sd15_run_exports_a_pipeline_that_samples_as_the_native_sampler(sd15_ima
         )  # fmt: skip
     difference = (generated - native).abs().max().item()
     assert difference < 1e-4, difference
+    for steps in (1, 4):  # the other step counts of the issue, on the same grid as the native sampler's
+        mine = pipe(
+            prompt, height=16, width=16, num_inference_steps=steps, guidance_scale=0.0, latents=latents.clone(),
+            output_type="latent",
+        ).images  # fmt: skip
+        with torch.no_grad():
+            theirs = scored.sampler.sample(
+                scored.model_fn("ema"), latents.clone(), {"prompt_embeds": embeds}, steps,
+                generator=torch.Generator().manual_seed(0),
+            )  # fmt: skip
+        assert (mine - theirs).abs().max().item() < 1e-4, steps
+    card = (out / "README.md").read_text()
+    assert "StableDiffusionPipeline" in card and "num_inference_steps=2" in card and "guidance_scale=0.0" in card
     print(f"{prediction_type} lora={lora}: pipeline vs native max |diff| {difference:.3g}")
     # the step's flow times matter: unmarked by the scheduler, the first step's input gets t from its diffusion
     # timestep, clamped to the schedule's noisiest σ (0.936 < 0.999), and the trained embedding answers differently

@@ -1,5 +1,5 @@
 """The default run's speed at the old thread default (torch's: one thread per core) beside the new one
-(``trainer.torch_threads=0``: chosen at start, fewstep/training/threads.py), on a quiet machine and beside one busy
+(``trainer.torch_threads=0``: chosen at start, fewstep/training/threads.py), on the machine as it is and beside one busy
 process, interleaved.
 
     .venv/bin/python scripts/bench_threads.py [--rounds 3] [--seconds 8] [--out docs/raw/bench_threads.txt]
@@ -8,8 +8,9 @@ Each measurement is one ``python -m fewstep`` of the default config (the ``make 
 trained for ``--seconds`` of wall time (``trainer.time_limit_s``) without the final evaluation; its steps/s is
 the summary's (training only, the thread probe excluded) and "wall" the whole command (start-up and the probe
 included). Each round runs every (condition, variant) pair once, the variants' order alternating between rounds;
-"busy" is one ``python -c "while True: pass"`` child started before the run and killed after it. The table
-prints medians over rounds, the per-round values, and the thread count the run logged.
+"one busy child" is one ``python -c "while True: pass"`` child started before the run and killed after it, "no
+busy child" the machine as it is (its 1-minute load average before each run is printed: quiet only if it is
+well under 1). The table prints medians over rounds, the per-round values, and the thread count the run logged.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def main() -> None:
 
     default = torch.get_num_threads()  # what trainer.torch_threads=0 meant before: torch's default
     variants = {f"before (torch default, {default})": [f"trainer.torch_threads={default}"], "after (auto)": []}
-    conditions = ["quiet", "one busy process"]
+    conditions = ["no busy child", "one busy child"]
     results = {(c, v): [] for c in conditions for v in variants}
     lines = [
         f"# scripts/bench_threads.py --rounds {args.rounds} --seconds {args.seconds}",
@@ -78,7 +79,7 @@ def main() -> None:
             for cond in conditions:
                 for name in order:
                     busy = None
-                    if cond != "quiet":
+                    if cond != "no busy child":
                         busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
                         time.sleep(0.5)
                     try:
@@ -89,19 +90,20 @@ def main() -> None:
                             busy.wait()
                     results[(cond, name)].append(r)
                     say(
-                        f"round {rnd} | {cond:16} | {name:26} | {r['steps_per_s']:6.1f} steps/s | wall "
+                        f"round {rnd} | {cond:14} | {name:26} | {r['steps_per_s']:6.1f} steps/s | wall "
                         f"{r['wall_s']:5.1f} s | threads {r['threads']} ({r['why']}) | load1 {r['load1']:.2f}"
                     )
 
     say("")
-    say("| condition | variant | steps/s (median) | per round | threads chosen | wall s (median) |")
-    say("|---|---|---|---|---|---|")
+    say("| condition | variant | steps/s (median) | per round | threads chosen | wall s (median) | load1 |")
+    say("|---|---|---|---|---|---|---|")
     for (cond, name), rs in results.items():
         per = ", ".join(f"{r['steps_per_s']:.1f}" for r in rs)
         threads = ", ".join(str(r["threads"]) for r in rs)
         med = statistics.median(r["steps_per_s"] for r in rs)
         wall = statistics.median(r["wall_s"] for r in rs)
-        say(f"| {cond} | {name} | {med:.1f} | {per} | {threads} | {wall:.1f} |")
+        load = f"{min(r['load1'] for r in rs):.1f}-{max(r['load1'] for r in rs):.1f}"
+        say(f"| {cond} | {name} | {med:.1f} | {per} | {threads} | {wall:.1f} | {load} |")
     for cond in conditions:
         before, after = (statistics.median(r["steps_per_s"] for r in results[(cond, v)]) for v in variants)
         say(f"{cond}: after / before = {after / before:.2f}")

@@ -35,7 +35,8 @@ from fewstep.errors import FewstepError
 USAGE = (
     "usage: python -m fewstep.demo [out=demo_out] [threads=0] [vae_steps=400] [teacher_train_steps=2000] "
     "[twinflow_steps=600] [teacher_lr=1e-3] [twinflow_lr=3e-4] [enhanced_ratio=0.0] [batch_size=64] [eval_n=1000] "
-    "[teacher_steps=50] [twinflow_nfe=[1,2,4]] [lora=false] [progress=true] [picture=true]"
+    "[teacher_lr_schedule=cosine] [teacher_decay=0.99] [teacher_steps=50] [twinflow_nfe=[1,2,4]] [lora=false] "
+    "[progress=true] [picture=true]"
 )
 DEFAULTS = {
     "out": "demo_out",
@@ -43,6 +44,8 @@ DEFAULTS = {
     "vae_steps": 400,
     "teacher_train_steps": 2000,
     "teacher_lr": 1e-3,
+    "teacher_lr_schedule": "cosine",
+    "teacher_decay": 0.99,  # the teacher run's EMA (the weights exported)
     "teacher_cond_dropout": 0.1,  # the teacher learns the empty prompt too: TwinFlow's enhanced target needs it
     "twinflow_steps": 600,
     "twinflow_lr": 3e-4,
@@ -111,7 +114,8 @@ def train_teacher(a, out: Path) -> Path:
                 f"data.path={cache}",
                 f"trainer.max_steps={a.teacher_train_steps}",
                 f"trainer.lr={a.teacher_lr}",
-                "trainer.lr_schedule=cosine",
+                f"trainer.lr_schedule={a.teacher_lr_schedule}",
+                f"teacher.decay={a.teacher_decay}",
                 f"objective.cond_dropout={a.teacher_cond_dropout}",
                 *common_train_args(a, run_dir),
             ],

@@ -31,7 +31,7 @@ def test_wheel_install_runs_from_any_directory(tmp_path):
     )  # fmt: skip
     assert (
         shipped.stdout.split("]")[0] + "]"
-        == "['openuni_l_512', 'qwen_image', 'sana_1600m_1024px', 'sd35_large', 'sd35_medium']"
+        == "['openuni_l_512', 'qwen_image', 'sana_1600m_1024px', 'sd35_large', 'sd35_medium', 'sdxl_base']"
     )
     run = subprocess.run(
         [sys.executable, "-m", "fewstep", "data=toy2d", "model=tiny_toy", "trainer.max_steps=3",

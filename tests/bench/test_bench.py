@@ -182,9 +182,15 @@ def test_trainer_torch_threads_in_the_overrides_sets_the_thread_count():
         torch.set_num_threads(2)
         StepRunner([*TOY, *VARIANTS["flow_matching"], "trainer.torch_threads=1"], CPU, "no")
         assert torch.get_num_threads() == 1
+        from fewstep.bench import runner
+
         torch.set_num_threads(2)
-        StepRunner([*TOY, *VARIANTS["flow_matching"]], CPU, "no")  # 0 (default): left as it was
-        assert torch.get_num_threads() == 2
+        StepRunner([*TOY, *VARIANTS["flow_matching"]], CPU, "no")  # 0 (default): chosen once per process
+        chosen = runner._AUTO_THREADS.count
+        assert torch.get_num_threads() == chosen >= 1
+        torch.set_num_threads(chosen + 1)
+        StepRunner([*TOY, *VARIANTS["flow_matching"]], CPU, "no")  # every variant at the same count
+        assert torch.get_num_threads() == chosen
     finally:
         torch.set_num_threads(before)
 

@@ -69,7 +69,7 @@ def test_every_shipped_architecture_names_its_text_encoders():
 
     counts = {name: architectures.load(name).text_encoder_params for name in architectures.names()}
     assert counts == {"openuni_l_512": 1.54e9, "qwen_image": 8.29e9, "sana_1600m_1024px": 2.61e9,
-                      "sd35_large": 5.58e9, "sd35_medium": 5.58e9}  # fmt: skip
+                      "sd35_large": 5.58e9, "sd35_medium": 5.58e9, "sdxl_base": 8.17e8}  # fmt: skip
 
 
 @pytest.mark.slow

@@ -54,3 +54,11 @@ def test_the_quote_is_cut_at_240_characters_with_an_ellipsis(length, want):
     text = "jvp:" + "".join(chr(ord("a") + i % 26) for i in range(length - 4))
     assert len(text) == length
     assert quoted(text) == (text if want is None else text[:want] + "…")
+
+
+def test_unwrap_returns_the_module_under_data_parallel_wrappers():
+    from fewstep.objectives.jvp import unwrap
+
+    inner = torch.nn.Linear(2, 2)
+    assert unwrap(torch.nn.DataParallel(torch.nn.DataParallel(inner))) is inner
+    assert unwrap(inner) is inner

@@ -7,6 +7,7 @@ import os
 import pickle
 import random
 import shutil
+import signal
 import struct
 import subprocess
 import zipfile
@@ -111,7 +112,8 @@ def _in_tmp(tmp_path, monkeypatch):
 
 @pytest.fixture
 def live_pid():
-    proc = subprocess.Popen(["sleep", "30"])
+    # SIGHUP back to its default (a run under nohup ignores it, and the child inherits that): a stray signal kills it
+    proc = subprocess.Popen(["sleep", "30"], preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     yield proc
     proc.kill()
     proc.wait()

@@ -94,10 +94,16 @@ def test_each_value_of_each_axis_is_composed_once_not_their_product():
     [
         (["-m", "experiment=sweep/objectivs", "trainer.max_steps=2"], "error: " + EXPERIMENT),
         pytest.param(["experiment=sweep/objectivs", "--cfg", "job"], "error: " + EXPERIMENT, marks=pytest.mark.slow),
-        pytest.param(["trainer.max_step=500", "--cfg", "job"], "error: unknown config key trainer.max_step (did you "
-                     "mean", marks=pytest.mark.slow),
-        pytest.param(["model=tiny_wid", "--cfg", "job"], "error: model=tiny_wid is not a choice (did you mean tiny?)",
-                     marks=pytest.mark.slow),
+        pytest.param(
+            ["trainer.max_step=500", "--cfg", "job"],
+            "error: unknown config key trainer.max_step (did you mean",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            ["model=tiny_wid", "--cfg", "job"],
+            "error: model=tiny_wid is not a choice (did you mean tiny?)",
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_the_cli_prints_one_error_line_exits_2_and_runs_nothing(argv, error, tmp_path):

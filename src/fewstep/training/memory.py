@@ -12,8 +12,12 @@ _EARLIER_PEAK = [0.0]  # MB: the host peak before a measurement reset the high-w
 
 
 def peak_host_memory_mb() -> float:
-    """This process's peak resident host memory (RSS) so far."""
-    return max(_EARLIER_PEAK[0], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
+    """This process's peak resident host memory (RSS) so far (since :func:`reset_peak_memory`). Linux: ``VmHWM``,
+    the high-water mark ``clear_refs`` resets; not ``getrusage``'s ``ru_maxrss``, which also keeps the mark each
+    exiting thread (a read-ahead thread, a gloo worker) latched into the process's record, past any reset."""
+    hwm = _status_mb("VmHWM")
+    now = hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # elsewhere: KiB
+    return max(_EARLIER_PEAK[0], now)
 
 
 def _reset_high_water_mark() -> bool:

@@ -59,11 +59,6 @@ def pack(
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def stored_bytes(tensors: dict[str, torch.Tensor]) -> int:
-    """The bytes of the tensors' data (what a shard holds besides its small header)."""
-    return sum(v.numel() * v.element_size() for v in tensors.values())
-
-
 class ShardReader:
     """Rows of one shard file, checked against the manifest on open: ``count`` rows, latents of
     ``latent_shape`` (or none: a prompt-only shard) and embeddings of the same keys and shapes as the rest of
